@@ -1,0 +1,1 @@
+"""Backends: the ``Backend`` protocol, emulated devices (engine + physics) and their catalog."""

@@ -1,0 +1,121 @@
+"""The ``Backend`` protocol: what the gateway asks of a prefill, decode or aggregated worker.
+
+A disaggregated request is two legs::
+
+    result = await prefill_backend.prefill(params)        # first token + KV handle
+    async for chunk in decode_backend.decode(params, result.kv):
+        ...                                               # tokens 2..n
+
+An aggregated request is one: ``async for chunk in backend.generate(params)``.
+
+Streams are async generators; the caller closes them (``contextlib.aclosing``) on every exit
+path, and closing a stream aborts its request on the device. A :class:`KVHandle`'s
+``release()`` frees the prefill side's KV blocks and may be called any number of times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from backends.timing import Link
+
+Api = Literal["chat", "completions"]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """One request as a backend sees it.
+
+    ``prompt_tokens`` is what the device is charged for; ``body`` is the validated OpenAI
+    request (for upstreams that need the original messages); ``sampling`` holds the fields a
+    real engine would apply (temperature, top_p, ...).
+    """
+
+    request_id: str
+    model: str
+    api: Api
+    prompt_tokens: int
+    max_tokens: int
+    seed: int
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    body: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LegStats:
+    """Where a leg's time went, in seconds, as the backend saw it."""
+
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    transfer_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """Text of one or more tokens; the last chunk of a stream has ``finish_reason`` set."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+    stats: LegStats | None = None
+
+
+def _noop() -> None:
+    return None
+
+
+@dataclass(slots=True)
+class KVHandle:
+    """The prefill side's KV for one request, ready to be pulled by a decode instance."""
+
+    source: str
+    prompt_tokens: int
+    kv_bytes: float
+    descriptors: int
+    link: Link | None
+    first_token: str
+    release: Callable[[], None] = _noop
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    first: TokenChunk
+    kv: KVHandle
+    stats: LegStats
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLoad:
+    """A snapshot of an instance's engine state (emulated instances fill every field)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+
+
+class Backend(Protocol):
+    """A worker the gateway can send legs to."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def healthy(self) -> bool: ...
+
+    def load(self) -> BackendLoad: ...
+
+    async def prefill(self, params: GenerationParams) -> PrefillResult: ...
+
+    def decode(
+        self, params: GenerationParams, kv: KVHandle
+    ) -> AsyncGenerator[TokenChunk, None]: ...
+
+    def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]: ...

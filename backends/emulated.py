@@ -1,0 +1,181 @@
+"""An emulated instance as a :class:`~backends.base.Backend`: an engine plus synthetic text.
+
+Example::
+
+    dep = Catalog.load().deployment("h100-sxm", "llama-3.1-8b")
+    backend = EmulatedBackend("prefill-0", dep, LoopClock(), link=catalog.link("roce_200g"))
+    await backend.start()
+    result = await backend.prefill(params)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from backends import synth
+from backends.base import (
+    BackendLoad,
+    GenerationParams,
+    KVHandle,
+    LegStats,
+    PrefillResult,
+    TokenChunk,
+)
+from backends.catalog import Deployment
+from backends.clock import Clock
+from backends.engine import Engine, Sequence
+from backends.errors import BackendOverloaded, BackendUnavailable
+from backends.timing import Link, kv_transfer_time
+
+
+class EmulatedBackend:
+    """One emulated device deployment serving prefill, decode and aggregated legs."""
+
+    def __init__(
+        self,
+        name: str,
+        deployment: Deployment,
+        clock: Clock,
+        *,
+        link: Link | None = None,
+        time_scale: float = 1.0,
+    ) -> None:
+        self.name = name
+        self.deployment = deployment
+        self.link = link
+        self._clock = clock
+        knobs = deployment.engine
+        self.engine = Engine(
+            deployment,
+            clock,
+            max_num_seqs=knobs.max_num_seqs,
+            max_num_batched_tokens=knobs.max_num_batched_tokens,
+            block_size=knobs.block_size,
+            time_scale=time_scale,
+        )
+        self._open = False
+
+    async def start(self) -> None:
+        self.engine.start()
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+        await self.engine.stop()
+
+    def healthy(self) -> bool:
+        return self._open
+
+    def load(self) -> BackendLoad:
+        e = self.engine
+        usage = e.used_blocks / e.total_blocks if e.total_blocks else 0.0
+        return BackendLoad(running=len(e.running), waiting=len(e.waiting), kv_usage=usage)
+
+    # -- legs ------------------------------------------------------------------------------
+
+    async def prefill(self, params: GenerationParams) -> PrefillResult:
+        seq = self._submit(
+            params.prompt_tokens, 1 if params.max_tokens <= 1 else 2, hold=params.max_tokens > 1
+        )
+        try:
+            await seq.wait_beyond(0)
+        except BaseException:
+            self.engine.abort(seq)
+            raise
+        if seq.finish_reason == "abort":
+            raise BackendUnavailable(f"{self.name}: prefill aborted (instance stopping)")
+        matcher = synth.StopMatcher(params.stop if params.min_tokens < 1 else ())
+        first, stopped = matcher.feed(synth.token_text(params.seed, 0))
+        finish = "stop" if stopped else ("length" if params.max_tokens <= 1 else None)
+        if finish is None:
+            first += matcher.flush()
+        else:
+            self.engine.release(seq)
+        dep = self.deployment
+        kv = KVHandle(
+            source=self.name,
+            prompt_tokens=params.prompt_tokens,
+            kv_bytes=params.prompt_tokens * dep.kv_bytes_per_token,
+            descriptors=-(-params.prompt_tokens // self.engine.block_size),
+            link=self.link,
+            first_token=first,
+            release=lambda: self.engine.release(seq),
+        )
+        stats = _stats(seq)
+        return PrefillResult(TokenChunk(first, 1, finish, stats), kv, stats)
+
+    async def decode(
+        self, params: GenerationParams, kv: KVHandle
+    ) -> AsyncGenerator[TokenChunk, None]:
+        transfer = kv_transfer_time(kv.link, kv.kv_bytes, kv.descriptors) if kv.link else 0.0
+        seq = self._submit(kv.prompt_tokens, params.max_tokens, prefilled=True, transfer_s=transfer)
+        try:
+            async for chunk in self._stream(seq, params, start=1):
+                kv.release()  # the transfer has landed: the prefill side may free its blocks
+                yield chunk
+        finally:
+            kv.release()
+
+    async def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
+        seq = self._submit(params.prompt_tokens, params.max_tokens)
+        async for chunk in self._stream(seq, params, start=0):
+            yield chunk
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _submit(
+        self,
+        prompt: int,
+        max_new: int,
+        *,
+        hold: bool = False,
+        prefilled: bool = False,
+        transfer_s: float = 0.0,
+    ) -> Sequence:
+        if not self._open:
+            raise BackendUnavailable(f"{self.name} is not running")
+        try:
+            return self.engine.submit(
+                prompt, max_new, hold_after_prefill=hold, prefilled=prefilled, transfer_s=transfer_s
+            )
+        except ValueError as exc:
+            raise BackendOverloaded(f"{self.name}: {exc}") from exc
+
+    async def _stream(
+        self, seq: Sequence, params: GenerationParams, *, start: int
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Yield the sequence's tokens from index ``start`` as they are produced, coalesced."""
+        stops = params.stop
+        matcher = synth.StopMatcher(stops)
+        seen = start
+        try:
+            while True:
+                await seq.wait_beyond(seen)
+                if seq.finish_reason == "abort":
+                    raise BackendUnavailable(f"{self.name}: request aborted (instance stopping)")
+                new = seq.generated - seen
+                if new <= 0 and seq.finished:
+                    break
+                text = synth.text(params.seed, seen, new)
+                seen += new
+                if stops and seen > params.min_tokens:
+                    text, stopped = matcher.feed(text)
+                    if stopped:
+                        self.engine.abort(seq)
+                        yield TokenChunk(text, new, "stop", _stats(seq))
+                        return
+                if seq.finished:
+                    yield TokenChunk(text + matcher.flush(), new, "length", _stats(seq))
+                    return
+                yield TokenChunk(text, new)
+        finally:
+            self.engine.abort(seq)
+
+
+def _stats(seq: Sequence) -> LegStats:
+    scheduled = seq.first_scheduled if seq.first_scheduled is not None else seq.arrival
+    first = seq.first_token_at if seq.first_token_at is not None else scheduled
+    transfer = seq.ready_at - scheduled if seq.ready_at > scheduled else 0.0
+    return LegStats(
+        queue_s=scheduled - seq.arrival, compute_s=first - scheduled - transfer, transfer_s=transfer
+    )

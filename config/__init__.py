@@ -1,0 +1,1 @@
+"""Configuration data shipped with pdgate: gateway defaults, device and model profiles."""

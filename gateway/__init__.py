@@ -1,0 +1,3 @@
+"""pdgate: a disaggregated prefill/decode serving gateway."""
+
+__version__ = "0.1.0"

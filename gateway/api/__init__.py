@@ -1,0 +1,1 @@
+"""HTTP layer: OpenAI wire format, validation, SSE framing, error envelope."""

@@ -1,0 +1,140 @@
+"""ASGI responses that run the generation themselves, watching for the client leaving.
+
+Both responses commit to a status code only once the first chunk exists, so anything that
+fails before the first byte (no worker, deadline, bad upstream) is an ordinary HTTP error in
+OpenAI's envelope rather than a ``200`` followed by an error. After the first byte, a streaming
+failure becomes one SSE error event, then the stream closes.
+
+While the generation runs, a watcher reads the ASGI ``receive`` channel; on
+``http.disconnect`` it cancels the request task, which closes the generator chain, which
+aborts both legs on their devices and releases every in-flight guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from gateway.api.errors import error_body, sse_error_event
+from gateway.errors import GatewayError
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class _DisconnectWatcher:
+    """Cancels ``task`` when the client disconnects."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.disconnected = False
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watch = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                if self._task is not None:
+                    self._task.cancel()
+                return
+
+    def stop(self) -> None:
+        self._watch.cancel()
+
+    def absorb(self) -> bool:
+        """After a CancelledError: True if it was our disconnect cancel (now undone)."""
+        if self.disconnected and self._task is not None:
+            self._task.uncancel()
+            return True
+        return False
+
+
+async def _start(send: Send, status: int, content_type: bytes, headers: Headers) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), *headers],
+        }
+    )
+
+
+async def _send_error(send: Send, exc: GatewayError, headers: Headers) -> None:
+    body = error_body(exc)
+    await _start(send, exc.status, b"application/json", headers)
+    await send({"type": "http.response.body", "body": body})
+
+
+class EventStreamResponse(Response):
+    """``text/event-stream`` from an async generator of ready-framed SSE bytes."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None], headers: Headers) -> None:
+        super().__init__()
+        self._events = events
+        self._extra = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = _DisconnectWatcher(receive)
+        try:
+            async with aclosing(self._events) as events:
+                await self._stream(events, send)
+        except asyncio.CancelledError:
+            if not watcher.absorb():
+                raise
+        finally:
+            watcher.stop()
+
+    async def _stream(self, events: AsyncGenerator[bytes, None], send: Send) -> None:
+        try:
+            first = await anext(events)
+        except GatewayError as exc:
+            await _send_error(send, exc, self._extra)
+            return
+        await _start(
+            send, 200, b"text/event-stream", [(b"cache-control", b"no-cache"), *self._extra]
+        )
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        try:
+            async for chunk in events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except GatewayError as exc:
+            await send(
+                {"type": "http.response.body", "body": sse_error_event(exc), "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class DeferredJSONResponse(Response):
+    """``application/json`` whose body is computed while the client is watched."""
+
+    def __init__(self, produce: Callable[[], Awaitable[bytes]], headers: Headers) -> None:
+        super().__init__()
+        self._produce = produce
+        self._extra = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = _DisconnectWatcher(receive)
+        try:
+            body = await self._produce()
+        except GatewayError as exc:
+            watcher.stop()
+            await _send_error(send, exc, self._extra)
+            return
+        except asyncio.CancelledError:
+            watcher.stop()
+            if watcher.absorb():
+                return
+            raise
+        watcher.stop()
+        await _start(send, 200, b"application/json", self._extra)
+        await send({"type": "http.response.body", "body": body})
+
+
+def header_list(**headers: Any) -> Headers:
+    return [(k.replace("_", "-").encode(), str(v).encode()) for k, v in headers.items()]

@@ -1,0 +1,231 @@
+"""HTTP endpoints: OpenAI's completions APIs, models, health, readiness and metrics.
+
+Request bodies are read and parsed here (size limit, ``orjson``, one pydantic validation),
+turned into a :class:`~gateway.dispatch.DispatchRequest`, and answered by the responses in
+:mod:`gateway.api.responses`. No routing decisions are made in this layer.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncGenerator
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from backends.base import GenerationParams, TokenChunk
+from gateway.api.errors import invalid_request
+from gateway.api.responses import (
+    DeferredJSONResponse,
+    EventStreamResponse,
+    Headers,
+    header_list,
+)
+from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.api.wire import DONE, WireFormat
+from gateway.dispatch import DispatchRequest
+from gateway.errors import InvalidRequest, ModelNotFound, NoHealthyWorker, PayloadTooLarge
+from gateway.metrics import CONTENT_TYPE
+from gateway.service import Gateway, ServedModel
+
+TIMEOUT_HEADER = "x-pdgate-timeout"
+M = TypeVar("M", bound=BaseModel)
+
+router = APIRouter()
+
+
+def _gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+@router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+async def chat_completions(request: Request) -> Response:
+    gw = _gateway(request)
+    data = await _read_json(request, gw.settings.server.max_body_bytes)
+    body = _validate(ChatCompletionRequest, data)
+    served = _served(gw, body.model)
+    prompt_tokens = served.counter.chat(data["messages"])
+    return _generate(request, gw, served, body, "chat", prompt_tokens, data)
+
+
+@router.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+async def completions(request: Request) -> Response:
+    gw = _gateway(request)
+    data = await _read_json(request, gw.settings.server.max_body_bytes)
+    body = _validate(CompletionRequest, data)
+    served = _served(gw, body.model)
+    prompt_tokens = served.counter.prompt(body.single_prompt())
+    return _generate(request, gw, served, body, "completions", prompt_tokens, data)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    gw = _gateway(request)
+    data = [
+        {"id": m.name, "object": "model", "created": gw.started, "owned_by": "pdgate"}
+        for m in gw.settings.models
+    ]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+@router.get("/health")
+async def health() -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    missing = _gateway(request).unready_pools()
+    if missing:
+        raise NoHealthyWorker("no healthy worker in " + ", ".join(missing))
+    return Response(b'{"status":"ready"}', media_type="application/json")
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_gateway(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+# -- request handling ------------------------------------------------------------------------
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    raw = bytearray()
+    async for part in request.stream():
+        raw += part
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return data
+
+
+def _validate(model: type[M], data: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_request(exc) from exc
+
+
+def _served(gw: Gateway, model: str) -> ServedModel:
+    served = gw.models.get(model)
+    if served is None:
+        raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+    return served
+
+
+def _generate(
+    request: Request,
+    gw: Gateway,
+    served: ServedModel,
+    body: ChatCompletionRequest | CompletionRequest,
+    api: str,
+    prompt_tokens: int,
+    raw: dict[str, Any],
+) -> Response:
+    received = gw.clock.now()
+    request_id = request.headers.get("x-request-id") or secrets.token_hex(12)
+    max_tokens = body.requested_max_tokens() or served.config.default_max_tokens
+    limit = served.max_context
+    if prompt_tokens + max_tokens > limit:
+        raise InvalidRequest(
+            f"this model's maximum context length is {limit} tokens; the request has "
+            f"{prompt_tokens} prompt tokens and asks for {max_tokens} more",
+            param="messages" if api == "chat" else "prompt",
+        )
+    params = GenerationParams(
+        request_id=request_id,
+        model=served.config.profile_name,
+        api="chat" if api == "chat" else "completions",
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        seed=body.seed if body.seed is not None else secrets.randbits(63),
+        stop=body.stop_list(),
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+        sampling=body.sampling(),
+        body=raw,
+    )
+    dreq = DispatchRequest(
+        params,
+        served.route,
+        received,
+        received + _timeout(request, gw.settings.server.request_timeout_s),
+    )
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    fmt = WireFormat(api, request_id, body.model, int(time.time()), include_usage)
+    headers = header_list(x_request_id=request_id)
+    if body.stream:
+        return EventStreamResponse(_sse(gw, dreq, fmt), headers)
+
+    async def produce() -> bytes:
+        return await _complete(gw, dreq, fmt)
+
+    return DeferredJSONResponse(produce, headers)
+
+
+def _timeout(request: Request, default: float) -> float:
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 86400:
+        raise InvalidRequest(
+            f"{TIMEOUT_HEADER} must be seconds in (0, 86400]", param=TIMEOUT_HEADER
+        )
+    return seconds
+
+
+async def _sse(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> AsyncGenerator[bytes, None]:
+    completion = 0
+    finish = "length"
+    async with gw.dispatcher.open(dreq) as chunks:
+        opening = fmt.opening()
+        async for chunk in chunks:
+            completion += chunk.tokens
+            finish = chunk.finish_reason or finish
+            out = fmt.text(chunk.text) if chunk.text else b""
+            if opening:
+                out, opening = opening + out, b""
+            if out:
+                yield out
+    tail = fmt.finish(finish)
+    if fmt.include_usage:
+        tail += fmt.usage(dreq.params.prompt_tokens, completion)
+    yield tail + DONE
+
+
+async def _complete(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> bytes:
+    parts: list[str] = []
+    completion = 0
+    last: TokenChunk | None = None
+    async with gw.dispatcher.open(dreq) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            completion += chunk.tokens
+            last = chunk
+    finish = (last.finish_reason if last else None) or "length"
+    return fmt.body("".join(parts), finish, dreq.params.prompt_tokens, completion)
+
+
+__all__ = ["Headers", "router"]

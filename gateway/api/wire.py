@@ -1,0 +1,111 @@
+"""OpenAI wire format: response bodies and SSE chunks, as bytes.
+
+Streaming chunks are the hot path: each is a precomputed prefix, the JSON-encoded text and a
+precomputed suffix, so a token costs one ``orjson.dumps`` of a string and two concatenations —
+no per-token dicts or pydantic objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+DONE = b"data: [DONE]\n\n"
+
+
+class WireFormat:
+    """Chunks and bodies for one request of one API (``chat`` or ``completions``)."""
+
+    def __init__(
+        self, api: str, request_id: str, model: str, created: int, include_usage: bool
+    ) -> None:
+        self.api = api
+        self.include_usage = include_usage
+        chat = api == "chat"
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.model = model
+        self.created = created
+        self._object = "chat.completion.chunk" if chat else "text_completion"
+        head = orjson.dumps(
+            {"id": self.id, "object": self._object, "created": created, "model": model}
+        )[:-1]
+        usage = b',"usage":null' if include_usage else b""
+        if chat:
+            self._prefix = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":'
+            self._suffix = b'},"logprobs":null,"finish_reason":null}]' + usage + b"}\n\n"
+            self._role = (
+                b"data: " + head + b',"choices":[{"index":0,"delta":{"role":'
+                b'"assistant","content":""},"logprobs":null,"finish_reason":null}]'
+                + usage
+                + b"}\n\n"
+            )
+        else:
+            self._prefix = b"data: " + head + b',"choices":[{"index":0,"text":'
+            self._suffix = b',"logprobs":null,"finish_reason":null}]' + usage + b"}\n\n"
+            self._role = b""
+        self._head = head
+        self._usage_tail = usage
+
+    def opening(self) -> bytes:
+        """Sent before the first text (chat: the assistant role delta)."""
+        return self._role
+
+    def text(self, text: str) -> bytes:
+        return self._prefix + orjson.dumps(text) + self._suffix
+
+    def finish(self, reason: str) -> bytes:
+        empty = b'"delta":{}' if self.api == "chat" else b'"text":""'
+        return (
+            b"data: "
+            + self._head
+            + b',"choices":[{"index":0,'
+            + empty
+            + b',"logprobs":null,"finish_reason":'
+            + orjson.dumps(reason)
+            + b"}]"
+            + self._usage_tail
+            + b"}\n\n"
+        )
+
+    def usage(self, prompt: int, completion: int) -> bytes:
+        return (
+            b"data: "
+            + self._head
+            + b',"choices":[],"usage":'
+            + orjson.dumps(_usage(prompt, completion))
+            + b"}\n\n"
+        )
+
+    def body(self, text: str, finish_reason: str, prompt: int, completion: int) -> bytes:
+        """A whole non-streaming response."""
+        choice: dict[str, Any]
+        if self.api == "chat":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            obj = "text_completion"
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "object": obj,
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice],
+                "usage": _usage(prompt, completion),
+            }
+        )
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }

@@ -1,0 +1,42 @@
+"""``create_app(settings)``: the FastAPI application, its lifespan and its error handling."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from backends.catalog import Catalog
+from gateway import __version__
+from gateway.api import errors
+from gateway.api.routes import router
+from gateway.service import build_gateway
+from gateway.settings import Settings
+
+
+def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI:
+    """Build the app; workers start in the lifespan and stop when it ends.
+
+    Example::
+
+        app = create_app(load_settings())
+        uvicorn.run(app, loop="uvloop", http="httptools")
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = build_gateway(settings, catalog=catalog)
+        await gateway.start()
+        app.state.gateway = gateway
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(
+        title="pdgate", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None
+    )
+    errors.install(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,62 @@
+"""Gateway errors, one tree, rendered to clients in exactly one place (``gateway.api.errors``).
+
+::
+
+    GatewayError                      status  type
+    ├── InvalidRequest                400     invalid_request_error
+    ├── ModelNotFound                 404     invalid_request_error (code model_not_found)
+    ├── PayloadTooLarge               413     invalid_request_error
+    ├── NoHealthyWorker               503     service_unavailable
+    ├── UpstreamFailed                502     upstream_error
+    └── DeadlineExceeded              504     timeout
+
+Backend errors (``backends.errors``) are translated into these by the dispatcher.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class NoHealthyWorker(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "no_healthy_worker"
+
+
+class UpstreamFailed(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_failed"
+
+
+class DeadlineExceeded(GatewayError):
+    status = 504
+    type = "timeout"
+    code = "deadline_exceeded"

@@ -1,0 +1,121 @@
+"""Workers and pools: who can serve what, and how much each is carrying right now.
+
+In-flight counts change only inside :class:`InFlight` (a synchronous context manager, so no
+await can slip between taking and returning a slot): errors, cancellations and client
+disconnects all pass through ``__exit__``.
+
+Example::
+
+    with registry.in_flight(worker, tokens=1200):
+        ...   # the leg runs; the count drops on every exit path
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from backends.base import Backend
+from gateway.policies import Policy
+from gateway.state import StateStore
+
+
+@dataclass(eq=False)
+class Worker:
+    """One backend instance in one pool; ``id`` (``model/name``) is unique across models."""
+
+    name: str
+    model: str
+    role: str
+    backend: Backend
+    in_flight: int = 0
+    draining: bool = False
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.id = f"{self.model}/{self.name}"
+
+    def available(self) -> bool:
+        return not self.draining and self.backend.healthy()
+
+
+@dataclass(eq=False)
+class Pool:
+    model: str
+    role: str
+    policy: Policy
+    workers: list[Worker] = field(default_factory=list)
+
+    def candidates(self) -> list[Worker]:
+        return [w for w in self.workers if w.available()]
+
+    def add(self, worker: Worker) -> None:
+        self.workers.append(worker)
+        self.policy.on_worker_added(worker.id)
+
+    def remove(self, worker: Worker) -> None:
+        self.workers.remove(worker)
+        self.policy.on_worker_removed(worker.id)
+
+
+InFlightHook = Callable[[Worker, int], None]
+
+
+class InFlight:
+    """Holds one request's slot (and its tokens) on a worker for the length of a ``with``."""
+
+    __slots__ = ("_hook", "_store", "_tokens", "_worker")
+
+    def __init__(self, worker: Worker, tokens: int, store: StateStore, hook: InFlightHook) -> None:
+        self._worker = worker
+        self._tokens = tokens
+        self._store = store
+        self._hook = hook
+
+    def __enter__(self) -> Worker:
+        self._change(+1)
+        return self._worker
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._change(-1)
+
+    def _change(self, sign: int) -> None:
+        w = self._worker
+        w.in_flight += sign
+        self._store.add_load(w.id, sign, sign * self._tokens)
+        self._hook(w, w.in_flight)
+
+
+class WorkerRegistry:
+    """All pools of all models, keyed by ``(model, role)``."""
+
+    def __init__(self, store: StateStore, on_in_flight: InFlightHook) -> None:
+        self.store = store
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self._hook = on_in_flight
+
+    def add_pool(self, pool: Pool) -> None:
+        self.pools[(pool.model, pool.role)] = pool
+
+    def pool(self, model: str, role: str) -> Pool:
+        return self.pools[(model, role)]
+
+    def workers(self) -> Iterator[Worker]:
+        for pool in self.pools.values():
+            yield from pool.workers
+
+    def in_flight(self, worker: Worker, tokens: int) -> InFlight:
+        return InFlight(worker, tokens, self.store, self._hook)
+
+    async def start(self) -> None:
+        await self.store.start()
+        for w in self.workers():
+            await w.backend.start()
+
+    async def close(self) -> None:
+        for w in self.workers():
+            await w.backend.close()
+        await self.store.close()

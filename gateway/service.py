@@ -1,0 +1,123 @@
+"""The assembled gateway: catalog → workers and pools → flows → dispatcher, plus metrics.
+
+:func:`build_gateway` wires everything from :class:`~gateway.settings.Settings`; the app's
+lifespan starts and closes it. Nothing here is a module-level singleton.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from backends.base import Backend, BackendLoad
+from backends.catalog import Catalog
+from backends.clock import Clock, LoopClock
+from backends.emulated import EmulatedBackend
+from backends.timing import Link
+from gateway.dispatch import FLOWS, Dispatcher, FlowDeps, Route
+from gateway.metrics import GatewayMetrics
+from gateway.policies import PolicyDeps, make_policy
+from gateway.registry import Pool, Worker, WorkerRegistry
+from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings
+from gateway.state import InMemoryStateStore, StateStore
+from gateway.tokens import TokenCounter
+
+
+@dataclass
+class ServedModel:
+    config: ModelConfig
+    route: Route
+    counter: TokenCounter
+    max_context: int
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    catalog: Catalog
+    clock: Clock
+    metrics: GatewayMetrics
+    registry: WorkerRegistry
+    dispatcher: Dispatcher
+    models: dict[str, ServedModel]
+    started: int
+
+    async def start(self) -> None:
+        await self.registry.start()
+
+    async def close(self) -> None:
+        await self.registry.close()
+
+    def unready_pools(self) -> list[str]:
+        """Pools the serving modes need that have no available worker."""
+        return [
+            f"{pool.model}/{pool.role}"
+            for pool in self.registry.pools.values()
+            if not pool.candidates()
+        ]
+
+    def worker_loads(self) -> Iterator[tuple[str, str, str, BackendLoad]]:
+        for w in self.registry.workers():
+            yield w.model, w.role, w.name, w.backend.load()
+
+
+def build_gateway(
+    settings: Settings,
+    *,
+    catalog: Catalog | None = None,
+    clock: Clock | None = None,
+    store: StateStore | None = None,
+    metrics: GatewayMetrics | None = None,
+) -> Gateway:
+    catalog = catalog or Catalog.load()
+    clock = clock or LoopClock()
+    metrics = metrics or GatewayMetrics()
+    store = store or InMemoryStateStore()
+
+    def on_in_flight(worker: Worker, value: int) -> None:
+        metrics.set_in_flight(worker.model, worker.role, worker.name, value)
+
+    registry = WorkerRegistry(store, on_in_flight)
+    deps = FlowDeps(registry, metrics, clock)
+    models: dict[str, ServedModel] = {}
+    for m in settings.models:
+        for role, pool_cfg in m.pools.items():
+            registry.add_pool(_build_pool(m, role, pool_cfg, catalog, clock, store))
+        route = Route(m.name, m.mode, FLOWS[m.mode](m.name, deps))
+        profile = catalog.model(m.profile_name)
+        models[m.name] = ServedModel(m, route, TokenCounter(m.tokenizer), profile.max_context)
+    gateway = Gateway(
+        settings, catalog, clock, metrics, registry, Dispatcher(deps), models, int(time.time())
+    )
+    metrics.watch_workers(gateway.worker_loads)
+    return gateway
+
+
+def _build_pool(
+    m: ModelConfig, role: str, cfg: PoolConfig, catalog: Catalog, clock: Clock, store: StateStore
+) -> Pool:
+    pool = Pool(m.name, role, make_policy(cfg.policy, PolicyDeps(store)))
+    link = catalog.link(cfg.kv_link)
+    index = 0
+    for spec in cfg.workers:
+        for _ in range(spec.replicas):
+            name = f"{spec.id or role}-{index}"
+            backend = _emulated(name, spec, m, catalog, clock, link)
+            pool.add(Worker(name, m.name, role, backend))
+            index += 1
+    return pool
+
+
+def _emulated(
+    name: str, spec: EmulatedWorker, m: ModelConfig, catalog: Catalog, clock: Clock, link: Link
+) -> Backend:
+    deployment = catalog.deployment(
+        spec.device,
+        m.profile_name,
+        dtype=spec.dtype,
+        count=spec.count,
+        tp=spec.tp,
+        engine=spec.engine,
+    )
+    return EmulatedBackend(name, deployment, clock, link=link, time_scale=spec.time_scale)

@@ -1,0 +1,203 @@
+"""Gateway configuration: typed, validated at start, with the YAML path in every error.
+
+A config serves one or more models; each model has a mode and the pools that mode needs::
+
+    server: {host: 127.0.0.1, port: 8000}
+    models:
+      - name: llama-3.1-8b          # name clients send; also the catalog profile by default
+        mode: disaggregated         # or: aggregated
+        pools:
+          prefill:
+            policy: least_loaded
+            kv_link: roce_200g      # link the prefill instances hand KV over (config/links.yaml)
+            workers: [{device: h100-sxm, replicas: 2}]
+          decode:
+            policy: round_robin
+            workers: [{device: groq-lpu-v1, replicas: 2}]
+
+Structural checks are pydantic's; names that refer to the catalog (devices, models, links,
+policies) and deployments that must fit in memory are checked by :func:`load_settings` against
+the catalog, so a bad config fails before anything starts, e.g.
+``models[0].pools.decode.workers[0].device: unknown device 'h1000'; known: ...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from backends.catalog import Catalog, EngineKnobs, format_validation_error
+from backends.errors import CatalogError
+
+Role = Literal["prefill", "decode", "aggregated"]
+Mode = Literal["disaggregated", "aggregated"]
+
+MODE_POOLS: dict[str, tuple[Role, ...]] = {
+    "disaggregated": ("prefill", "decode"),
+    "aggregated": ("aggregated",),
+}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the YAML path and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmulatedWorker(_Strict):
+    """``replicas`` identical emulated instances of one deployment."""
+
+    type: Literal["emulated"] = "emulated"
+    id: str | None = Field(None, description="instance id prefix (default: '<pool>-<device>')")
+    device: str
+    count: int | None = Field(
+        None,
+        gt=0,
+        description="devices per instance (default: tp, "
+        "or derived from memory for LPU and wafer-scale devices)",
+    )
+    tp: int = Field(1, gt=0)
+    dtype: Literal["bf16", "fp8", "fp4"] = "bf16"
+    replicas: int = Field(1, gt=0)
+    time_scale: float = Field(1.0, ge=0, description="emulated time runs this much faster")
+    engine: EngineKnobs = EngineKnobs()
+
+
+# One worker type so far; more types join as a union discriminated by ``type``.
+WorkerConfig = EmulatedWorker
+
+
+class PoolConfig(_Strict):
+    policy: str = "round_robin"
+    kv_link: str = "roce_200g"
+    workers: list[WorkerConfig] = Field(min_length=1)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1)
+    profile: str | None = Field(None, description="catalog model profile (default: name)")
+    tokenizer: Path | None = Field(None, description="Hugging Face tokenizer.json")
+    mode: Mode = "disaggregated"
+    default_max_tokens: int = Field(256, gt=0)
+    pools: dict[Role, PoolConfig]
+
+    @model_validator(mode="after")
+    def _mode_has_pools(self) -> ModelConfig:
+        missing = [p for p in MODE_POOLS[self.mode] if p not in self.pools]
+        if missing:
+            raise ValueError(
+                f"mode '{self.mode}' needs pools {list(MODE_POOLS[self.mode])}; missing {missing}"
+            )
+        return self
+
+    @property
+    def profile_name(self) -> str:
+        return self.profile or self.name
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    request_timeout_s: float = Field(120.0, gt=0, description="default per-request deadline")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False
+
+
+class Settings(_Strict):
+    server: ServerConfig = ServerConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {dupes}")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def default_config_path() -> Path:
+    """The embedded default config (shipped as package data)."""
+    return Catalog.default_dir() / "default.yaml"
+
+
+def load_settings(
+    path: Path | None = None, *, catalog: Catalog | None = None, policies: set[str] | None = None
+) -> Settings:
+    """Read, validate and cross-check a config file against the catalog."""
+    path = path or default_config_path()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_settings(data, catalog=catalog, policies=policies, source=str(path))
+
+
+def parse_settings(
+    data: object,
+    *,
+    catalog: Catalog | None = None,
+    policies: set[str] | None = None,
+    source: str = "<config>",
+) -> Settings:
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc)}") from exc
+    problems = check_references(settings, catalog or Catalog.load(), policies)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return settings
+
+
+def check_references(settings: Settings, catalog: Catalog, policies: set[str] | None) -> list[str]:
+    """Every catalog/policy name resolves and every emulated deployment fits."""
+    problems: list[str] = []
+    for i, m in enumerate(settings.models):
+        where = f"models[{i}]"
+        if m.profile_name not in catalog.models:
+            problems.append(
+                f"{where}.profile: unknown model '{m.profile_name}'; known: "
+                f"{', '.join(sorted(catalog.models))}"
+            )
+            continue
+        if m.tokenizer is not None and not m.tokenizer.is_file():
+            problems.append(f"{where}.tokenizer: no such file '{m.tokenizer}'")
+        for role, pool in m.pools.items():
+            at = f"{where}.pools.{role}"
+            if policies is not None and pool.policy not in policies:
+                problems.append(
+                    f"{at}.policy: unknown policy '{pool.policy}'; known: "
+                    f"{', '.join(sorted(policies))}"
+                )
+            if pool.kv_link not in catalog.links:
+                problems.append(
+                    f"{at}.kv_link: unknown link '{pool.kv_link}'; known: "
+                    f"{', '.join(sorted(catalog.links))}"
+                )
+            for j, w in enumerate(pool.workers):
+                problems += _check_worker(w, m, catalog, f"{at}.workers[{j}]")
+    return problems
+
+
+def _check_worker(w: EmulatedWorker, m: ModelConfig, catalog: Catalog, at: str) -> list[str]:
+    if w.device not in catalog.devices:
+        return [
+            f"{at}.device: unknown device '{w.device}'; known: {', '.join(sorted(catalog.devices))}"
+        ]
+    try:
+        catalog.deployment(
+            w.device, m.profile_name, dtype=w.dtype, count=w.count, tp=w.tp, engine=w.engine
+        )
+    except CatalogError as exc:
+        return [f"{at}: {exc}"]
+    return []
