@@ -11,11 +11,16 @@ from backends.catalog import Catalog
 from gateway import __version__
 from gateway.api import errors
 from gateway.api.routes import router
-from gateway.service import build_gateway
+from gateway.service import BackendFactory, build_gateway
 from gateway.settings import Settings
 
 
-def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    catalog: Catalog | None = None,
+    backend_factory: BackendFactory | None = None,
+) -> FastAPI:
     """Build the app; workers start in the lifespan and stop when it ends.
 
     Example::
@@ -26,7 +31,7 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = build_gateway(settings, catalog=catalog)
+        gateway = build_gateway(settings, catalog=catalog, backend_factory=backend_factory)
         await gateway.start()
         app.state.gateway = gateway
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from backends.base import Backend, BackendLoad
 from backends.catalog import Catalog
@@ -62,9 +63,18 @@ class Gateway:
             yield w.model, w.role, w.name, w.backend.load()
 
 
+class BackendFactory(Protocol):
+    """Makes the backend of one worker instance (the default builds emulated instances)."""
+
+    def __call__(
+        self, name: str, spec: EmulatedWorker, model: ModelConfig, link: Link
+    ) -> Backend: ...
+
+
 def build_gateway(
     settings: Settings,
     *,
+    backend_factory: BackendFactory | None = None,
     catalog: Catalog | None = None,
     clock: Clock | None = None,
     store: StateStore | None = None,
@@ -74,6 +84,7 @@ def build_gateway(
     clock = clock or LoopClock()
     metrics = metrics or GatewayMetrics()
     store = store or InMemoryStateStore()
+    make_backend = backend_factory or EmulatedFactory(catalog, clock)
 
     def on_in_flight(worker: Worker, value: int) -> None:
         metrics.set_in_flight(worker.model, worker.role, worker.name, value)
@@ -83,7 +94,7 @@ def build_gateway(
     models: dict[str, ServedModel] = {}
     for m in settings.models:
         for role, pool_cfg in m.pools.items():
-            registry.add_pool(_build_pool(m, role, pool_cfg, catalog, clock, store))
+            registry.add_pool(_build_pool(m, role, pool_cfg, catalog, store, make_backend))
         route = Route(m.name, m.mode, FLOWS[m.mode](m.name, deps))
         profile = catalog.model(m.profile_name)
         models[m.name] = ServedModel(m, route, TokenCounter(m.tokenizer), profile.max_context)
@@ -95,7 +106,12 @@ def build_gateway(
 
 
 def _build_pool(
-    m: ModelConfig, role: str, cfg: PoolConfig, catalog: Catalog, clock: Clock, store: StateStore
+    m: ModelConfig,
+    role: str,
+    cfg: PoolConfig,
+    catalog: Catalog,
+    store: StateStore,
+    make_backend: BackendFactory,
 ) -> Pool:
     pool = Pool(m.name, role, make_policy(cfg.policy, PolicyDeps(store)))
     link = catalog.link(cfg.kv_link)
@@ -103,21 +119,25 @@ def _build_pool(
     for spec in cfg.workers:
         for _ in range(spec.replicas):
             name = f"{spec.id or role}-{index}"
-            backend = _emulated(name, spec, m, catalog, clock, link)
-            pool.add(Worker(name, m.name, role, backend))
+            pool.add(Worker(name, m.name, role, make_backend(name, spec, m, link)))
             index += 1
     return pool
 
 
-def _emulated(
-    name: str, spec: EmulatedWorker, m: ModelConfig, catalog: Catalog, clock: Clock, link: Link
-) -> Backend:
-    deployment = catalog.deployment(
-        spec.device,
-        m.profile_name,
-        dtype=spec.dtype,
-        count=spec.count,
-        tp=spec.tp,
-        engine=spec.engine,
-    )
-    return EmulatedBackend(name, deployment, clock, link=link, time_scale=spec.time_scale)
+class EmulatedFactory:
+    """Builds in-process emulated instances from the catalog."""
+
+    def __init__(self, catalog: Catalog, clock: Clock) -> None:
+        self._catalog = catalog
+        self._clock = clock
+
+    def __call__(self, name: str, spec: EmulatedWorker, model: ModelConfig, link: Link) -> Backend:
+        deployment = self._catalog.deployment(
+            spec.device,
+            model.profile_name,
+            dtype=spec.dtype,
+            count=spec.count,
+            tp=spec.tp,
+            engine=spec.engine,
+        )
+        return EmulatedBackend(name, deployment, self._clock, link=link, time_scale=spec.time_scale)

@@ -1,0 +1,121 @@
+"""A scriptable backend for tests of the gateway's logic: knobs instead of physics.
+
+Example::
+
+    fake = FakeBackend("decode-0", token_delay_s=0.001, fail_after_tokens=3)
+    fake.healthy_flag = False     # leaves rotation at once
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+from backends import synth
+from backends.base import (
+    BackendLoad,
+    GenerationParams,
+    KVHandle,
+    LegStats,
+    PrefillResult,
+    TokenChunk,
+)
+from backends.errors import LegFailed
+
+
+class FakeBackend:
+    """Serves every leg with fixed delays; can fail, hang or report itself unhealthy."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        prefill_delay_s: float = 0.0,
+        token_delay_s: float = 0.0,
+        fail_prefill: bool = False,
+        fail_after_tokens: int | None = None,
+        hang_after_tokens: int | None = None,
+    ) -> None:
+        self.name = name
+        self.prefill_delay_s = prefill_delay_s
+        self.token_delay_s = token_delay_s
+        self.fail_prefill = fail_prefill
+        self.fail_after_tokens = fail_after_tokens
+        self.hang_after_tokens = hang_after_tokens
+        self.healthy_flag = True
+        self.running = 0
+        self.held_kv = 0
+        self.calls: list[str] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def healthy(self) -> bool:
+        return self.healthy_flag
+
+    def load(self) -> BackendLoad:
+        return BackendLoad(running=self.running)
+
+    async def prefill(self, params: GenerationParams) -> PrefillResult:
+        self.calls.append("prefill")
+        self.running += 1
+        try:
+            await asyncio.sleep(self.prefill_delay_s)
+            if self.fail_prefill:
+                raise LegFailed(f"{self.name}: injected prefill failure")
+        finally:
+            self.running -= 1
+        self.held_kv += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.held_kv -= 1
+
+        first = synth.token_text(params.seed, 0)
+        finish = "length" if params.max_tokens <= 1 else None
+        if finish:
+            release()
+        kv = KVHandle(self.name, params.prompt_tokens, 0.0, 0, None, first, release)
+        stats = LegStats(compute_s=self.prefill_delay_s)
+        return PrefillResult(TokenChunk(first, 1, finish, stats), kv, stats)
+
+    async def decode(
+        self, params: GenerationParams, kv: KVHandle
+    ) -> AsyncGenerator[TokenChunk, None]:
+        self.calls.append("decode")
+        kv.release()
+        async for chunk in self._tokens(params, start=1):
+            yield chunk
+
+    async def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
+        self.calls.append("generate")
+        await asyncio.sleep(self.prefill_delay_s)
+        async for chunk in self._tokens(params, start=0):
+            yield chunk
+
+    async def _tokens(
+        self, params: GenerationParams, start: int
+    ) -> AsyncGenerator[TokenChunk, None]:
+        self.running += 1
+        try:
+            for i in range(start, params.max_tokens):
+                if self.fail_after_tokens is not None and i >= self.fail_after_tokens:
+                    raise LegFailed(f"{self.name}: injected failure after {i} tokens")
+                if self.hang_after_tokens is not None and i >= self.hang_after_tokens:
+                    await asyncio.Event().wait()
+                await asyncio.sleep(self.token_delay_s)
+                last = i == params.max_tokens - 1
+                yield TokenChunk(
+                    synth.token_text(params.seed, i),
+                    1,
+                    "length" if last else None,
+                    LegStats() if last else None,
+                )
+        finally:
+            self.running -= 1
