@@ -63,7 +63,8 @@ def test_chat_stream_matches_non_stream(client: openai.OpenAI) -> None:
             finish = choice.finish_reason or finish
     assert text == whole.choices[0].message.content
     assert finish == "length"
-    assert usage is not None and whole.usage is not None
+    assert usage is not None
+    assert whole.usage is not None
     assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, 20)
 
 
@@ -104,7 +105,8 @@ def test_timing_follows_the_emulated_schedule(client: openai.OpenAI, catalog: Ca
             usage = chunk.usage
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
-    assert usage is not None and usage.completion_tokens == n
+    assert usage is not None
+    assert usage.completion_tokens == n
     prompt_tokens = usage.prompt_tokens
     assert prompt_tokens <= 8192  # one prefill step, as the expected schedule below assumes
 
@@ -158,5 +160,6 @@ async def test_disconnects_free_every_slot(server: str) -> None:
                 break
             assert time.monotonic() - dropped < 1.0, f"still busy: {running=} {in_flight=}"
             await asyncio.sleep(0.02)
-    assert running and in_flight  # the gauges exist (one per worker)
+    assert running
+    assert in_flight
     assert 'outcome="cancelled"' in metrics
