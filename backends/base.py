@@ -80,6 +80,7 @@ class KVHandle:
     link: Link | None
     first_token: str
     release: Callable[[], None] = _noop
+    pending_text: str = ""  # text the prefill held back: it may begin a stop string
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,6 +112,10 @@ class Backend(Protocol):
     def healthy(self) -> bool: ...
 
     def load(self) -> BackendLoad: ...
+
+    def capacity_tokens(self) -> int | None:
+        """The most tokens (prompt + output) one request can hold here; None if unknown."""
+        ...
 
     async def prefill(self, params: GenerationParams) -> PrefillResult: ...
 

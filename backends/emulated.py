@@ -64,12 +64,15 @@ class EmulatedBackend:
         await self.engine.stop()
 
     def healthy(self) -> bool:
-        return self._open
+        return self._open and not self.engine.failed
 
     def load(self) -> BackendLoad:
         e = self.engine
         usage = e.used_blocks / e.total_blocks if e.total_blocks else 0.0
         return BackendLoad(running=len(e.running), waiting=len(e.waiting), kv_usage=usage)
+
+    def capacity_tokens(self) -> int:
+        return self.engine.total_blocks * self.engine.block_size
 
     # -- legs ------------------------------------------------------------------------------
 
@@ -84,12 +87,12 @@ class EmulatedBackend:
             raise
         if seq.finish_reason == "abort":
             raise BackendUnavailable(f"{self.name}: prefill aborted (instance stopping)")
-        matcher = synth.StopMatcher(params.stop if params.min_tokens < 1 else ())
-        first, stopped = matcher.feed(synth.token_text(params.seed, 0))
+        matcher = synth.StopMatcher(params.stop)
+        first, stopped = matcher.feed(synth.token_text(params.seed, 0), check=params.min_tokens < 1)
         finish = "stop" if stopped else ("length" if params.max_tokens <= 1 else None)
-        if finish is None:
+        if finish == "length":
             first += matcher.flush()
-        else:
+        if finish is not None:
             self.engine.release(seq)
         dep = self.deployment
         kv = KVHandle(
@@ -100,6 +103,7 @@ class EmulatedBackend:
             link=self.link,
             first_token=first,
             release=lambda: self.engine.release(seq),
+            pending_text=matcher.flush(),
         )
         stats = _stats(seq)
         return PrefillResult(TokenChunk(first, 1, finish, stats), kv, stats)
@@ -110,7 +114,7 @@ class EmulatedBackend:
         transfer = kv_transfer_time(kv.link, kv.kv_bytes, kv.descriptors) if kv.link else 0.0
         seq = self._submit(kv.prompt_tokens, params.max_tokens, prefilled=True, transfer_s=transfer)
         try:
-            async for chunk in self._stream(seq, params, start=1):
+            async for chunk in self._stream(seq, params, start=1, held=kv.pending_text):
                 kv.release()  # the transfer has landed: the prefill side may free its blocks
                 yield chunk
         finally:
@@ -142,11 +146,13 @@ class EmulatedBackend:
             raise BackendOverloaded(f"{self.name}: {exc}") from exc
 
     async def _stream(
-        self, seq: Sequence, params: GenerationParams, *, start: int
+        self, seq: Sequence, params: GenerationParams, *, start: int, held: str = ""
     ) -> AsyncGenerator[TokenChunk, None]:
-        """Yield the sequence's tokens from index ``start`` as they are produced, coalesced."""
-        stops = params.stop
-        matcher = synth.StopMatcher(stops)
+        """Yield the sequence's tokens from index ``start`` as they are produced, coalesced.
+
+        ``held`` is text an earlier leg held back because it may begin a stop string.
+        """
+        matcher = synth.StopMatcher(params.stop, held)
         seen = start
         try:
             while True:
@@ -158,12 +164,11 @@ class EmulatedBackend:
                     break
                 text = synth.text(params.seed, seen, new)
                 seen += new
-                if stops and seen > params.min_tokens:
-                    text, stopped = matcher.feed(text)
-                    if stopped:
-                        self.engine.abort(seq)
-                        yield TokenChunk(text, new, "stop", _stats(seq))
-                        return
+                text, stopped = matcher.feed(text, check=seen > params.min_tokens)
+                if stopped:
+                    self.engine.abort(seq)
+                    yield TokenChunk(text, new, "stop", _stats(seq))
+                    return
                 if seq.finished:
                     yield TokenChunk(text + matcher.flush(), new, "length", _stats(seq))
                     return

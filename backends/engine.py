@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 from collections import deque
 from typing import Protocol
 
 from backends.clock import Clock
 from backends.timing import StepShape
+
+log = logging.getLogger("pdgate.engine")
 
 
 class StepTimer(Protocol):
@@ -162,6 +165,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._busy_until: float | None = None
+        self.failed = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -226,12 +230,14 @@ class Engine:
             self.running.remove(seq)
         if seq.state != "finished":
             self._finish(seq, "abort")
+            self._wake.set()
 
     def release(self, seq: Sequence) -> None:
         """Free a held prefill's KV blocks (idempotent)."""
         if seq.state == "held":
             self._free(seq)
             seq.state = "finished"
+            self._wake.set()  # queued requests may fit now
 
     @property
     def used_blocks(self) -> int:
@@ -240,6 +246,22 @@ class Engine:
     # -- the step loop ---------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        except Exception:
+            # A bug in the physics or the scheduler must not leave requests waiting forever.
+            log.exception(
+                "engine step loop failed; aborting its %d sequences",
+                len(self.waiting) + len(self.running),
+            )
+            self.failed = True
+            for seq in [*self.waiting, *self.running]:
+                self._finish(seq, "abort")
+            self.waiting.clear()
+            self.running.clear()
+            raise
+
+    async def _loop(self) -> None:
         while True:
             start = self._step_start()
             batch = self._schedule(start)
@@ -312,7 +334,15 @@ class Engine:
         return batch
 
     def _grow(self, seq: Sequence, n: int) -> bool:
-        """Make room for ``n`` more tokens of a running sequence, preempting the newest."""
+        """Make room for ``n`` more tokens of a running sequence, preempting the newest.
+
+        A sequence that has outgrown the whole cache cannot be helped by preemption: it ends
+        with ``length``, as an engine ends a sequence at its maximum model length.
+        """
+        if self._blocks_for(seq.computed + n) > self.total_blocks:
+            self.running.remove(seq)
+            self._finish(seq, "length")
+            return False
         while not self._allocate(seq, seq.computed + n):
             victim = self.running[-1]
             self._preempt(victim)

@@ -59,6 +59,9 @@ class FakeBackend:
     def load(self) -> BackendLoad:
         return BackendLoad(running=self.running)
 
+    def capacity_tokens(self) -> int | None:
+        return None
+
     async def prefill(self, params: GenerationParams) -> PrefillResult:
         self.calls.append("prefill")
         self.running += 1

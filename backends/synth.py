@@ -180,14 +180,17 @@ class StopMatcher:
     they do not begin a stop string; ``flush()`` releases them at the end of the stream.
     """
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
+    def __init__(self, stops: tuple[str, ...], held: str = "") -> None:
         self._stops = tuple(s for s in stops if s)
         self._keep = max((len(s) for s in self._stops), default=1) - 1
-        self._held = ""
+        self._held = held
 
-    def feed(self, chunk: str) -> tuple[str, bool]:
-        if not self._stops:
-            return chunk, False
+    def feed(self, chunk: str, *, check: bool = True) -> tuple[str, bool]:
+        """``check=False`` (before ``min_tokens``): pass text through, releasing held text."""
+        if not self._stops or not check:
+            out = self._held + chunk
+            self._held = ""
+            return out, False
         window = self._held + chunk
         hits = [i for i in (window.find(s) for s in self._stops) if i >= 0]
         if hits:

@@ -110,6 +110,8 @@ class DisaggregatedFlow:
         registry, metrics = self._deps.registry, self._deps.metrics
         routing = req.routing
         params = req.params
+        if not self._decode.candidates():  # fail before spending a prefill
+            raise NoHealthyWorker(f"no healthy decode worker for model '{self._decode.model}'")
         prefiller = pick(self._prefill, routing)
         try:
             with registry.in_flight(prefiller, params.prompt_tokens):
@@ -169,12 +171,9 @@ class Dispatcher:
                 yield chunks
         except TimeoutError as exc:
             raise DeadlineExceeded("request deadline exceeded") from exc
-        except (BackendUnavailable, BackendOverloaded) as exc:
-            raise NoHealthyWorker(str(exc)) from exc
-        except BackendError as exc:
-            raise UpstreamFailed(str(exc)) from exc
 
     async def _observed(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
+        """The flow's chunks, with metrics, and backend errors translated to gateway errors."""
         metrics, clock = self._deps.metrics, self._deps.clock
         model, mode = req.route.model, req.route.mode
         outcome = "cancelled"
@@ -193,11 +192,21 @@ class Dispatcher:
             outcome = "ok"
             metrics.observe_e2e(model, mode, clock.now() - req.received_at)
         except GatewayError as exc:
-            outcome = type(exc).__name__
+            outcome = exc.code or exc.type
             raise
         except BackendError as exc:
-            outcome = type(exc).__name__
-            raise
+            error = _translate(exc)
+            outcome = error.code or error.type
+            raise error from exc
         finally:
+            if outcome == "cancelled" and clock.now() >= req.deadline:
+                outcome = DeadlineExceeded.code or "deadline"
             metrics.count_request(model, mode, outcome)
-            metrics.count_tokens(model, req.params.prompt_tokens if last else 0, completion)
+            prompt = req.params.prompt_tokens if last is not None else 0
+            metrics.count_tokens(model, prompt, completion)
+
+
+def _translate(exc: BackendError) -> GatewayError:
+    if isinstance(exc, BackendUnavailable | BackendOverloaded):
+        return NoHealthyWorker(str(exc))
+    return UpstreamFailed(str(exc))

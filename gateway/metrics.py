@@ -101,7 +101,7 @@ class GatewayMetrics:
         )
         self.requests = Counter(
             "pdgate_requests",
-            "Finished requests by outcome (ok, client_error, error type).",
+            "Finished requests by outcome: ok, cancelled (client left), or the error code.",
             ["model", "mode", "outcome"],
             registry=r,
         )

@@ -96,13 +96,25 @@ def build_gateway(
         for role, pool_cfg in m.pools.items():
             registry.add_pool(_build_pool(m, role, pool_cfg, catalog, store, make_backend))
         route = Route(m.name, m.mode, FLOWS[m.mode](m.name, deps))
-        profile = catalog.model(m.profile_name)
-        models[m.name] = ServedModel(m, route, TokenCounter(m.tokenizer), profile.max_context)
+        models[m.name] = ServedModel(
+            m, route, TokenCounter(m.tokenizer), _max_context(m, catalog, registry)
+        )
     gateway = Gateway(
         settings, catalog, clock, metrics, registry, Dispatcher(deps), models, int(time.time())
     )
     metrics.watch_workers(gateway.worker_loads)
     return gateway
+
+
+def _max_context(m: ModelConfig, catalog: Catalog, registry: WorkerRegistry) -> int:
+    """The model's context, capped by the smallest KV cache a request of it may land on."""
+    limits = [catalog.model(m.profile_name).max_context]
+    for role in m.pools:
+        for w in registry.pool(m.name, role).workers:
+            cap = w.backend.capacity_tokens()
+            if cap is not None:
+                limits.append(cap)
+    return min(limits)
 
 
 def _build_pool(

@@ -137,4 +137,8 @@ class DeferredJSONResponse(Response):
 
 
 def header_list(**headers: Any) -> Headers:
-    return [(k.replace("_", "-").encode(), str(v).encode()) for k, v in headers.items()]
+    # Header values travel as Latin-1 (ASGI decodes incoming ones that way): round-trip the bytes.
+    return [
+        (k.replace("_", "-").encode(), str(v).encode("latin-1", "replace"))
+        for k, v in headers.items()
+    ]
