@@ -1,66 +1,43 @@
-"""``pdgate`` command line.
+"""``pdgate`` command line: one subcommand per module.
 
-pdgate serve [--config FILE] [--host H] [--port P] [--log-level L]
+    pdgate serve [--config FILE] [--host H] [--port P] [--log-level L]
+
+Each subcommand lives in its own module exposing ``configure(parser)`` and
+``run(args) -> int``; :data:`COMMANDS` maps names to (module, one-line help). Modules are
+imported only when used, so ``pdgate serve`` does not pay for the others' imports.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import sys
-from pathlib import Path
+from types import ModuleType
 
-from backends.errors import CatalogError
-from gateway.policies import POLICIES
-from gateway.settings import ConfigError, Settings, load_settings
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("gateway.commands.serve", "run the gateway"),
+}
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(COMMANDS[name][0])
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="pdgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="pdgate",
+        description="Disaggregated prefill/decode LLM gateway with calibrated device emulation.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", type=Path, help="gateway YAML (default: the embedded one)")
-    serve.add_argument("--host", help="bind address (overrides the config)")
-    serve.add_argument("--port", type=int, help="port (overrides the config)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (_, text) in COMMANDS.items():
+        command = sub.add_parser(name, help=text, description=text, add_help=name == chosen)
+        if name == chosen:
+            _load(name).configure(command)
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config, policies=set(POLICIES))
-    except (ConfigError, CatalogError) as exc:
-        print(f"pdgate: config error: {exc}", file=sys.stderr)
-        return 2
-    return _serve(settings, args)
-
-
-def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.app import create_app
-
-    server = settings.server.model_copy(
-        update={
-            k: v
-            for k, v in {"host": args.host, "port": args.port, "log_level": args.log_level}.items()
-            if v is not None
-        }
-    )
-    settings = settings.model_copy(update={"server": server})
-    logging.basicConfig(
-        level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    uvicorn.run(
-        create_app(settings),
-        host=server.host,
-        port=server.port,
-        loop="uvloop",
-        http="httptools",
-        log_level=server.log_level,
-        access_log=server.access_log,
-        timeout_graceful_shutdown=5,
-    )
-    return 0
+    code: int = _load(args.command).run(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""``pdgate`` subcommands, one module each (see ``gateway.cli``)."""

@@ -1,0 +1,51 @@
+"""``pdgate serve``: run the gateway under uvicorn (uvloop + httptools)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from backends.errors import CatalogError
+from gateway.policies import POLICIES
+from gateway.settings import ConfigError, load_settings
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="gateway YAML (default: the embedded one)")
+    parser.add_argument("--host", help="bind address (overrides the config)")
+    parser.add_argument("--port", type=int, help="port (overrides the config)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config, policies=set(POLICIES))
+    except (ConfigError, CatalogError) as exc:
+        print(f"pdgate: config error: {exc}", file=sys.stderr)
+        return 2
+    overrides = {"host": args.host, "port": args.port, "log_level": args.log_level}
+    server = settings.server.model_copy(
+        update={k: v for k, v in overrides.items() if v is not None}
+    )
+    settings = settings.model_copy(update={"server": server})
+
+    import uvicorn
+
+    from gateway.app import create_app
+
+    logging.basicConfig(
+        level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=server.host,
+        port=server.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=server.log_level,
+        access_log=server.access_log,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
