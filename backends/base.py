@@ -44,6 +44,9 @@ class GenerationParams:
     ignore_eos: bool = False
     sampling: Mapping[str, Any] = field(default_factory=dict)
     body: Mapping[str, Any] = field(default_factory=dict)
+    # Chained hashes of the prompt's leading blocks (hash i covers blocks 0..i), for prefix
+    # caches and prefix-aware routing; empty when unknown.
+    block_hashes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,11 @@ class Backend(Protocol):
 
     def capacity_tokens(self) -> int | None:
         """The most tokens (prompt + output) one request can hold here; None if unknown."""
+        ...
+
+    def estimate_prefill_s(self, prompt_tokens: int) -> float | None:
+        """Predicted time until a prompt of this length would finish prefilling here, counting
+        the work already queued; None when the backend cannot predict (real upstreams)."""
         ...
 
     async def prefill(self, params: GenerationParams) -> PrefillResult: ...

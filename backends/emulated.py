@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 from backends import synth
 from backends.base import (
@@ -25,7 +26,7 @@ from backends.catalog import Deployment
 from backends.clock import Clock
 from backends.engine import Engine, Sequence
 from backends.errors import BackendOverloaded, BackendUnavailable
-from backends.timing import Link, kv_transfer_time
+from backends.timing import Link, StepShape, kv_transfer_time
 
 
 class EmulatedBackend:
@@ -54,6 +55,7 @@ class EmulatedBackend:
             time_scale=time_scale,
         )
         self._open = False
+        self._time_scale_or_one = time_scale or 1.0
 
     async def start(self) -> None:
         self.engine.start()
@@ -73,6 +75,26 @@ class EmulatedBackend:
 
     def capacity_tokens(self) -> int:
         return self.engine.total_blocks * self.engine.block_size
+
+    def estimate_prefill_s(self, prompt_tokens: int) -> float:
+        """Steps to get through the queued prompt tokens plus this prompt, each step carrying a
+        full prefill chunk beside the running decodes (see :meth:`Engine.pending_prefill`)."""
+        e = self.engine
+        queued, decodes, decode_context = e.pending_prefill()
+        tokens = queued + prompt_tokens
+        budget = max(1, e.max_batched_tokens - decodes)
+        steps, rest = divmod(tokens, budget)
+        t = 0.0
+        for chunk, count in ((budget, steps), (rest, 1 if rest else 0)):
+            if count:
+                shape = StepShape(
+                    new_tokens=chunk + decodes,
+                    attn_pairs=chunk * (chunk + 1) / 2 + decode_context,
+                    kv_read_tokens=decode_context,
+                    seqs=1 + decodes,
+                )
+                t += count * self.deployment.step_time(shape) / self._time_scale_or_one
+        return t
 
     # -- legs ------------------------------------------------------------------------------
 
@@ -113,17 +135,19 @@ class EmulatedBackend:
     ) -> AsyncGenerator[TokenChunk, None]:
         transfer = kv_transfer_time(kv.link, kv.kv_bytes, kv.descriptors) if kv.link else 0.0
         seq = self._submit(kv.prompt_tokens, params.max_tokens, prefilled=True, transfer_s=transfer)
-        try:
-            async for chunk in self._stream(seq, params, start=1, held=kv.pending_text):
-                kv.release()  # the transfer has landed: the prefill side may free its blocks
+        # The prefill side's blocks are freed once the transfer has landed (first chunk). If
+        # this leg fails before that, they stay held so the caller can retry the transfer on
+        # another decode instance; the caller releases the handle in the end either way.
+        async with aclosing(self._stream(seq, params, start=1, held=kv.pending_text)) as stream:
+            async for chunk in stream:
+                kv.release()
                 yield chunk
-        finally:
-            kv.release()
 
     async def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
         seq = self._submit(params.prompt_tokens, params.max_tokens)
-        async for chunk in self._stream(seq, params, start=0):
-            yield chunk
+        async with aclosing(self._stream(seq, params, start=0)) as stream:
+            async for chunk in stream:
+                yield chunk
 
     # -- helpers ---------------------------------------------------------------------------
 

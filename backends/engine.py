@@ -180,6 +180,8 @@ class Engine:
             self._task = None
         for seq in [*self.waiting, *self.running]:
             self._finish(seq, "abort")
+        self.waiting.clear()
+        self.running.clear()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -238,6 +240,18 @@ class Engine:
             self._free(seq)
             seq.state = "finished"
             self._wake.set()  # queued requests may fit now
+
+    def pending_prefill(self) -> tuple[int, int, int]:
+        """(prompt tokens still to prefill, decoding sequences, their total context)."""
+        queued = sum(s.missing for s in self.waiting)
+        decodes = context = 0
+        for s in self.running:
+            if s.generated == 0:
+                queued += s.missing
+            else:
+                decodes += 1
+                context += s.computed
+        return queued, decodes, context
 
     @property
     def used_blocks(self) -> int:
@@ -365,11 +379,11 @@ class Engine:
         for seq, n in batch:
             if seq.state != "running":
                 continue  # aborted while the step ran
-            if seq.generated == 0:
-                stats.prompt_tokens += min(n, seq.prompt - seq.computed)
             seq.computed += n
             if seq.missing:
                 continue
+            if seq.generated == 0:
+                stats.prompt_tokens += seq.prompt  # once per request, however often recomputed
             seq.generated += 1
             stats.generation_tokens += 1
             if seq.first_token_at is None:

@@ -62,6 +62,9 @@ class FakeBackend:
     def capacity_tokens(self) -> int | None:
         return None
 
+    def estimate_prefill_s(self, prompt_tokens: int) -> float | None:
+        return self.prefill_delay_s * (1 + self.running)
+
     async def prefill(self, params: GenerationParams) -> PrefillResult:
         self.calls.append("prefill")
         self.running += 1

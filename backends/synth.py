@@ -192,10 +192,12 @@ class StopMatcher:
             self._held = ""
             return out, False
         window = self._held + chunk
-        hits = [i for i in (window.find(s) for s in self._stops) if i >= 0]
+        # The stop that *completes* first wins (then the earliest start): the result must not
+        # depend on how tokens happened to be grouped into chunks.
+        hits = [(i + len(s), i) for s in self._stops if (i := window.find(s)) >= 0]
         if hits:
             self._held = ""
-            return window[: min(hits)], True
+            return window[: min(hits)[1]], True
         split = max(0, len(window) - self._keep)
         self._held = window[split:] if self._keep else ""
         return (window[:split] if self._keep else window), False

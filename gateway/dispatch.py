@@ -1,4 +1,4 @@
-"""One request's life: pick workers, run the legs, hand KV across, stream tokens back.
+"""One request's life: admit, pick workers, run the legs, hand KV across, stream tokens back.
 
 A :class:`Route` binds a served model to its mode's :class:`Flow`:
 
@@ -6,11 +6,19 @@ A :class:`Route` binds a served model to its mode's :class:`Flow`:
   and a KV handle; the first token goes to the client at once; policy D picks a decode worker,
   which pulls the KV (charged at the link's modelled transfer time) and streams the rest.
 * ``aggregated`` — one worker does both (the baseline every comparison needs).
+* ``conditional`` — per request, prefill remotely (as disaggregated) or locally on the decode
+  worker, whichever pays: see :class:`ConditionalFlow`.
 
-The dispatcher owns the request's single deadline and translates backend errors into gateway
-errors. Closing the stream (client gone, deadline, error) closes the legs, which aborts them on
-their devices and frees their slots and KV; in-flight counts are held by
-:meth:`WorkerRegistry.in_flight` guards, so no exit path leaks them.
+Failing fast, the rules every flow follows:
+
+* Each leg runs under its own timeout (seconds, from config) inside the request's deadline.
+* A leg that fails before producing anything is retried on another worker of its pool
+  (bounded attempts, jittered exponential backoff). A decode retry re-transfers the KV the
+  prefill still holds. After the first byte of a leg, a failure ends the request.
+* Every success or failure feeds the worker's circuit breaker; an open breaker takes the worker
+  out of the candidates.
+* Closing the stream (client gone, deadline, error) closes the legs, which aborts them on their
+  devices and frees their slots and KV; in-flight counts live in guards every exit path passes.
 
 Example::
 
@@ -22,18 +30,30 @@ Example::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, TypeVar
 
-from backends.base import GenerationParams, TokenChunk
+from backends.base import GenerationParams, KVHandle, PrefillResult, TokenChunk
 from backends.clock import Clock
-from backends.errors import BackendError, BackendOverloaded, BackendUnavailable
-from gateway.errors import DeadlineExceeded, GatewayError, NoHealthyWorker, UpstreamFailed
+from backends.errors import BackendError, BackendOverloaded, BackendUnavailable, LegFailed
+from gateway.admission import Limiter
+from gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    NoHealthyWorker,
+    Overloaded,
+    UpstreamFailed,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.policies import RouteRequest
-from gateway.registry import Pool, Worker, WorkerRegistry
+from gateway.registry import InFlight, Pool, Worker, WorkerRegistry
+from gateway.settings import ModelConfig
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -42,11 +62,14 @@ class DispatchRequest:
     route: Route
     received_at: float
     deadline: float
+    ttft_target_s: float | None = None
 
     @property
     def routing(self) -> RouteRequest:
         p = self.params
-        return RouteRequest(p.request_id, p.prompt_tokens, p.max_tokens)
+        return RouteRequest(
+            p.request_id, p.prompt_tokens, p.max_tokens, p.block_hashes, self.ttft_target_s
+        )
 
 
 class Flow(Protocol):
@@ -67,75 +90,272 @@ class Route:
     model: str
     mode: str
     flow: Flow
+    config: ModelConfig | None = None
 
 
-def pick(pool: Pool, request: RouteRequest) -> Worker:
-    candidates = pool.candidates()
-    if not candidates:
-        raise NoHealthyWorker(f"no healthy {pool.role} worker for model '{pool.model}'")
-    return pool.policy.choose(candidates, request)
+class Leg:
+    """One leg on one worker: in-flight guard, circuit-breaker verdict, routing metric.
+
+    A backend error marks a failure; a clean exit a success; a cancellation neither (the
+    worker did nothing wrong)."""
+
+    __slots__ = ("_guard", "_worker")
+
+    def __init__(self, worker: Worker, tokens: int, deps: FlowDeps) -> None:
+        self._worker = worker
+        self._guard = InFlight(worker, tokens, deps.registry.store, deps.registry.in_flight_hook)
+
+    def __enter__(self) -> Worker:
+        self._worker.breaker.begin()
+        return self._guard.__enter__()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._guard.__exit__(et, e, tb)
+        breaker = self._worker.breaker
+        if et is None:
+            breaker.record(ok=True)
+        elif issubclass(et, BackendError):
+            breaker.record(ok=False)
+        else:
+            breaker.abandon()
+
+
+class _Legs:
+    """What every flow shares: picking with retries, timeouts and metrics."""
+
+    def __init__(self, model: ModelConfig, deps: FlowDeps) -> None:
+        self.model = model
+        self.deps = deps
+
+    def pick(self, pool: Pool, request: RouteRequest, avoid: set[str]) -> Worker:
+        candidates = pool.candidates(avoid)
+        if not candidates:
+            raise NoHealthyWorker(f"no healthy {pool.role} worker for model '{pool.model}'")
+        worker = pool.policy.choose(candidates, request)
+        self.deps.metrics.count_route(pool.model, pool.role, pool.policy_name, worker.name)
+        return worker
+
+    async def backoff(self, attempt: int) -> None:
+        base = self.model.retries.backoff_s * (2**attempt)
+        await self.deps.clock.sleep(base * random.uniform(0.5, 1.5))
+
+    def retrying(self, pool: Pool, attempt: int, attempts: int, exc: BackendError) -> None:
+        """Count a retry, or re-raise when the budget is spent."""
+        if attempt + 1 >= attempts:
+            raise exc
+        self.deps.metrics.count_retry(pool.model, pool.role, type(exc).__name__)
+
+    async def prefill(self, pool: Pool, req: DispatchRequest) -> PrefillResult:
+        """Prefill on one worker of ``pool``, retried on others while nothing was produced."""
+        routing, params = req.routing, req.params
+        attempts = self.model.retries.prefill + 1
+        tried: set[str] = set()
+        for attempt in range(attempts):
+            async with pool.limiter:
+                worker = self.pick(pool, routing, tried)
+                tried.add(worker.id)
+                try:
+                    with Leg(worker, params.prompt_tokens, self.deps):
+                        return await _timed(
+                            worker.backend.prefill(params),
+                            self.model.timeouts.prefill_s,
+                            f"prefill on {worker.name}",
+                        )
+                except BackendError as exc:
+                    self.retrying(pool, attempt, attempts, exc)
+                finally:
+                    pool.policy.on_request_done(worker.id, routing)
+            await self.backoff(attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def decode(
+        self, pool: Pool, req: DispatchRequest, kv: KVHandle
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Decode on one worker of ``pool``; retried elsewhere until its first chunk."""
+        routing, params = req.routing, req.params
+        timeouts = self.model.timeouts
+        attempts = self.model.retries.decode + 1
+        tried: set[str] = set()
+        for attempt in range(attempts):
+            started = False
+            async with pool.limiter:
+                worker = self.pick(pool, routing, tried)
+                tried.add(worker.id)
+                try:
+                    with Leg(worker, params.prompt_tokens + params.max_tokens, self.deps):
+                        stream = worker.backend.decode(params, kv)
+                        async with aclosing(stream):
+                            limit = timeouts.decode_first_token_s
+                            while (chunk := await _next(stream, limit, worker)) is not None:
+                                started, limit = True, timeouts.decode_idle_s
+                                yield chunk
+                    return
+                except BackendError as exc:
+                    if started:
+                        raise
+                    self.retrying(pool, attempt, attempts, exc)
+                finally:
+                    pool.policy.on_request_done(worker.id, routing)
+            await self.backoff(attempt)
+
+    async def generate(
+        self, pool: Pool, req: DispatchRequest, worker: Worker | None = None
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Prefill and decode on one worker (aggregated, or a conditional local prefill)."""
+        routing, params = req.routing, req.params
+        timeouts = self.model.timeouts
+        attempts = self.model.retries.prefill + 1
+        tried: set[str] = set()
+        for attempt in range(attempts):
+            started = False
+            async with pool.limiter:
+                chosen = worker if worker is not None and attempt == 0 else None
+                chosen = chosen or self.pick(pool, routing, tried)
+                tried.add(chosen.id)
+                try:
+                    with Leg(chosen, params.prompt_tokens + params.max_tokens, self.deps):
+                        stream = chosen.backend.generate(params)
+                        async with aclosing(stream):
+                            limit = timeouts.prefill_s
+                            while (chunk := await _next(stream, limit, chosen)) is not None:
+                                started, limit = True, timeouts.decode_idle_s
+                                yield chunk
+                    return
+                except BackendError as exc:
+                    if started:
+                        raise
+                    self.retrying(pool, attempt, attempts, exc)
+                finally:
+                    pool.policy.on_request_done(chosen.id, routing)
+            await self.backoff(attempt)
+
+
+async def _timed(awaitable: Awaitable[T], seconds: float, what: str) -> T:
+    """Await under a per-leg timeout, which counts as a leg failure (retryable)."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    except TimeoutError as exc:
+        raise LegFailed(f"{what} timed out after {seconds:g} s") from exc
+
+
+async def _next(
+    stream: AsyncGenerator[TokenChunk, None], seconds: float, worker: Worker
+) -> TokenChunk | None:
+    """The stream's next chunk within ``seconds``, or None at its end.
+
+    The timeout wraps only the wait, never a ``yield``: a timeout must not fire while the
+    consumer holds the chunk."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await anext(stream)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError as exc:
+        raise LegFailed(f"{worker.name} produced nothing for {seconds:g} s") from exc
 
 
 class AggregatedFlow:
     """One pool prefills and decodes."""
 
-    def __init__(self, model: str, deps: FlowDeps) -> None:
-        self._pool = deps.registry.pool(model, "aggregated")
-        self._deps = deps
+    def __init__(self, model: ModelConfig, deps: FlowDeps) -> None:
+        self._pool = deps.registry.pool(model.name, "aggregated")
+        self._legs = _Legs(model, deps)
 
     async def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
-        routing = req.routing
-        worker = pick(self._pool, routing)
-        tokens = req.params.prompt_tokens + req.params.max_tokens
-        try:
-            with self._deps.registry.in_flight(worker, tokens):
-                async with aclosing(worker.backend.generate(req.params)) as stream:
-                    async for chunk in stream:
-                        if chunk.stats is not None:
-                            _observe_leg(self._deps.metrics, req, "aggregated", chunk)
-                        yield chunk
-        finally:
-            self._pool.policy.on_request_done(worker.id, routing)
+        async with aclosing(self._legs.generate(self._pool, req)) as stream:
+            async for chunk in stream:
+                if chunk.stats is not None:
+                    _observe_leg(self._legs.deps.metrics, req, "aggregated", chunk)
+                yield chunk
 
 
 class DisaggregatedFlow:
     """Prefill pool → KV handoff → decode pool."""
 
-    def __init__(self, model: str, deps: FlowDeps) -> None:
-        self._prefill = deps.registry.pool(model, "prefill")
-        self._decode = deps.registry.pool(model, "decode")
-        self._deps = deps
+    def __init__(self, model: ModelConfig, deps: FlowDeps) -> None:
+        self._prefill = deps.registry.pool(model.name, "prefill")
+        self._decode = deps.registry.pool(model.name, "decode")
+        self._legs = _Legs(model, deps)
 
     async def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
-        registry, metrics = self._deps.registry, self._deps.metrics
-        routing = req.routing
-        params = req.params
         if not self._decode.candidates():  # fail before spending a prefill
             raise NoHealthyWorker(f"no healthy decode worker for model '{self._decode.model}'")
-        prefiller = pick(self._prefill, routing)
-        try:
-            with registry.in_flight(prefiller, params.prompt_tokens):
-                result = await prefiller.backend.prefill(params)
-        finally:
-            self._prefill.policy.on_request_done(prefiller.id, routing)
+        async with aclosing(self._remote(req)) as stream:
+            async for chunk in stream:
+                yield chunk
+
+    async def _remote(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
+        metrics = self._legs.deps.metrics
+        result = await self._legs.prefill(self._prefill, req)
         try:
             _observe_leg(metrics, req, "prefill", result.first)
             yield result.first
             if result.first.finish_reason is not None:
                 return
-            decoder = pick(self._decode, routing)
-            try:
-                with registry.in_flight(decoder, params.prompt_tokens + params.max_tokens):
-                    stream = decoder.backend.decode(params, result.kv)
-                    async with aclosing(stream):
-                        async for chunk in stream:
-                            if chunk.stats is not None:
-                                _observe_leg(metrics, req, "decode", chunk)
-                            yield chunk
-            finally:
-                self._decode.policy.on_request_done(decoder.id, routing)
+            async with aclosing(self._legs.decode(self._decode, req, result.kv)) as stream:
+                async for chunk in stream:
+                    if chunk.stats is not None:
+                        _observe_leg(metrics, req, "decode", chunk)
+                    yield chunk
         finally:
             result.kv.release()
+
+
+class ConditionalFlow(DisaggregatedFlow):
+    """Disaggregate only when it pays.
+
+    Per request, prefill on the decode worker itself ("local") when:
+
+    * the prompt is short (``conditional.local_max_prompt_tokens``): the KV handoff and the
+      second hop cost more than the prefill saves;
+    * the chosen decode worker already holds at least ``local_min_prefix_hit`` of the prompt's
+      blocks: most of the prefill is a cache hit there;
+    * the prefill pool is saturated: its best predicted wait exceeds ``prefill_busy_wait_s``.
+
+    Otherwise prefill remotely, as ``disaggregated``. Each decision is counted with its reason.
+    """
+
+    def __init__(self, model: ModelConfig, deps: FlowDeps) -> None:
+        super().__init__(model, deps)
+        self._rules = model.conditional
+        self._store = deps.registry.store
+
+    async def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
+        legs = self._legs
+        decoder = legs.pick(self._decode, req.routing, set())
+        reason = self._local_reason(req, decoder)
+        legs.deps.metrics.count_disaggregation(self._decode.model, reason or "remote")
+        local = reason is not None
+        stream = legs.generate(self._decode, req, decoder) if local else self._remote(req)
+        hashes = req.params.block_hashes
+        if hashes:  # the decode worker ends up holding this prompt's KV either way
+            self._store.record_prefix(hashes, decoder.id)
+        async with aclosing(stream) as chunks:
+            async for chunk in chunks:
+                if chunk.stats is not None and local:
+                    _observe_leg(legs.deps.metrics, req, "decode", chunk)
+                yield chunk
+
+    def _local_reason(self, req: DispatchRequest, decoder: Worker) -> str | None:
+        rules, params = self._rules, req.params
+        if params.prompt_tokens <= rules.local_max_prompt_tokens:
+            return "short_prompt"
+        hashes = params.block_hashes
+        if hashes:
+            held = self._store.match_prefix(hashes).get(decoder.id, 0)
+            if held >= rules.local_min_prefix_hit * len(hashes):
+                return "prefix_hit"
+        waits = [
+            w
+            for worker in self._prefill.candidates()
+            if (w := worker.estimate_prefill_s(params.prompt_tokens)) is not None
+        ]
+        if not self._prefill.candidates() or (waits and min(waits) > rules.prefill_busy_wait_s):
+            return "prefill_busy"
+        return None
 
 
 def _observe_leg(metrics: GatewayMetrics, req: DispatchRequest, pool: str, c: TokenChunk) -> None:
@@ -146,51 +366,64 @@ def _observe_leg(metrics: GatewayMetrics, req: DispatchRequest, pool: str, c: To
     metrics.observe_phase(model, mode, pool, "queue", s.queue_s)
     if pool == "decode":
         metrics.observe_phase(model, mode, pool, "kv_transfer", s.transfer_s)
-    metrics.observe_phase(
-        model, mode, pool, "prefill" if pool == "prefill" else "compute", s.compute_s
-    )
+    phase = "prefill" if pool == "prefill" else "compute"
+    metrics.observe_phase(model, mode, pool, phase, s.compute_s)
 
 
-FLOWS: dict[str, Callable[[str, FlowDeps], Flow]] = {
+FLOWS: dict[str, Callable[[ModelConfig, FlowDeps], Flow]] = {
     "disaggregated": DisaggregatedFlow,
     "aggregated": AggregatedFlow,
+    "conditional": ConditionalFlow,
 }
 
 
 class Dispatcher:
-    """Runs requests through their model's flow under one deadline, with metrics."""
+    """Runs requests through their model's flow under one deadline and the global limiter."""
 
-    def __init__(self, deps: FlowDeps) -> None:
+    def __init__(self, deps: FlowDeps, limiter: Limiter | None = None) -> None:
         self._deps = deps
+        self.limiter = limiter or Limiter("gateway", max_active=None)
 
     @asynccontextmanager
     async def open(self, req: DispatchRequest) -> AsyncIterator[AsyncGenerator[TokenChunk, None]]:
         """The request's token stream; leaving the block closes every leg."""
         try:
-            async with asyncio.timeout_at(req.deadline), aclosing(self._observed(req)) as chunks:
+            async with (
+                asyncio.timeout_at(req.deadline),
+                self.limiter,
+                aclosing(self._observed(req)) as chunks,
+            ):
                 yield chunks
         except TimeoutError as exc:
             raise DeadlineExceeded("request deadline exceeded") from exc
+        except Overloaded as exc:
+            self._deps.metrics.count_rejection(req.route.model, exc.reason)
+            raise
 
     async def _observed(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
         """The flow's chunks, with metrics, and backend errors translated to gateway errors."""
         metrics, clock = self._deps.metrics, self._deps.clock
         model, mode = req.route.model, req.route.mode
         outcome = "cancelled"
-        last: float | None = None
+        first: float | None = None
+        last = 0.0
         completion = 0
         try:
-            async for chunk in req.route.flow.run(req):
-                now = clock.now()
-                if last is None:
-                    metrics.observe_ttft(model, mode, now - req.received_at)
-                elif chunk.tokens:
-                    metrics.observe_itl(model, mode, (now - last) / chunk.tokens)
-                last = now
-                completion += chunk.tokens
-                yield chunk
+            async with aclosing(req.route.flow.run(req)) as stream:
+                async for chunk in stream:
+                    now = clock.now()
+                    if first is None:
+                        first = now
+                        metrics.observe_ttft(model, mode, now - req.received_at)
+                    elif chunk.tokens:
+                        metrics.observe_itl(model, mode, (now - last) / chunk.tokens)
+                    last = now
+                    completion += chunk.tokens
+                    yield chunk
             outcome = "ok"
-            metrics.observe_e2e(model, mode, clock.now() - req.received_at)
+            e2e = clock.now() - req.received_at
+            metrics.observe_e2e(model, mode, e2e)
+            self._observe_slo(req, first, last, completion)
         except GatewayError as exc:
             outcome = exc.code or exc.type
             raise
@@ -202,8 +435,23 @@ class Dispatcher:
             if outcome == "cancelled" and clock.now() >= req.deadline:
                 outcome = DeadlineExceeded.code or "deadline"
             metrics.count_request(model, mode, outcome)
-            prompt = req.params.prompt_tokens if last is not None else 0
+            prompt = req.params.prompt_tokens if first is not None else 0
             metrics.count_tokens(model, prompt, completion)
+
+    def _observe_slo(
+        self, req: DispatchRequest, first: float | None, last: float, completion: int
+    ) -> None:
+        cfg = req.route.config
+        if cfg is None or first is None:
+            return
+        ttft = first - req.received_at
+        tpot = (last - first) / (completion - 1) if completion > 1 else 0.0
+        if completion > 1:
+            self._deps.metrics.observe_tpot(req.route.model, req.route.mode, tpot)
+        ttft_ok = ttft <= (req.ttft_target_s or cfg.slo.ttft_s)
+        self._deps.metrics.observe_slo(
+            req.route.model, req.route.mode, ttft_ok=ttft_ok, tpot_ok=tpot <= cfg.slo.tpot_s
+        )
 
 
 def _translate(exc: BackendError) -> GatewayError:

@@ -6,6 +6,7 @@
     ├── InvalidRequest                400     invalid_request_error
     ├── ModelNotFound                 404     invalid_request_error (code model_not_found)
     ├── PayloadTooLarge               413     invalid_request_error
+    ├── Overloaded                    429     rate_limit_error (with Retry-After)
     ├── NoHealthyWorker               503     service_unavailable
     ├── UpstreamFailed                502     upstream_error
     └── DeadlineExceeded              504     timeout
@@ -14,6 +15,8 @@ Backend errors (``backends.errors``) are translated into these by the dispatcher
 """
 
 from __future__ import annotations
+
+import math
 
 
 class GatewayError(Exception):
@@ -25,6 +28,10 @@ class GatewayError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error carries."""
+        return {}
 
 
 class InvalidRequest(GatewayError):
@@ -42,6 +49,22 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class Overloaded(GatewayError):
+    """Refused before any work started: at capacity, or no worker can meet the request's SLO."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float, reason: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.reason = reason
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class NoHealthyWorker(GatewayError):

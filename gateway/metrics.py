@@ -10,6 +10,7 @@ long queue).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -18,38 +19,10 @@ from prometheus_client.registry import Collector
 
 from backends.base import BackendLoad
 
+# 1-2-3-5-7.5 steps from 0.1 ms to 10 minutes.
 LATENCY_BUCKETS = (
-    0.0001,
-    0.0002,
-    0.0005,
-    0.001,
-    0.002,
-    0.003,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.5,
-    0.75,
-    1.0,
-    1.5,
-    2.0,
-    3.0,
-    5.0,
-    7.5,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    60.0,
+    *(round(m * 10.0**e, 6) for e in range(-4, 2) for m in (1.0, 2.0, 3.0, 5.0, 7.5)),
+    100.0,
     120.0,
     300.0,
     600.0,
@@ -105,6 +78,45 @@ class GatewayMetrics:
             ["model", "mode", "outcome"],
             registry=r,
         )
+        self.tpot = Histogram(
+            "pdgate_time_per_output_token_seconds",
+            "Per request: (last token − first token) / (completion tokens − 1).",
+            ["model", "mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.slo = Counter(
+            "pdgate_slo_requests",
+            "Completed requests by whether they met the TTFT and TPOT targets; "
+            'met="both" is goodput.',
+            ["model", "mode", "met"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "pdgate_retries",
+            "Legs retried on another worker, by pool and the error that caused it.",
+            ["model", "pool", "error"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "pdgate_rejections",
+            "Requests refused with 429 before any work, by reason.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.routes = Counter(
+            "pdgate_routing_decisions",
+            "Legs sent to each worker, by pool and policy.",
+            ["model", "pool", "policy", "worker"],
+            registry=r,
+        )
+        self.disaggregation = Counter(
+            "pdgate_disaggregation_decisions",
+            "Conditional mode: remote prefill, or local prefill and why "
+            "(short_prompt, prefix_hit, prefill_busy).",
+            ["model", "decision"],
+            registry=r,
+        )
         self.in_flight_gauge = Gauge(
             "pdgate_worker_in_flight",
             "Legs in flight on a worker (this replica).",
@@ -144,40 +156,101 @@ class GatewayMetrics:
     def set_in_flight(self, model: str, pool: str, worker: str, value: int) -> None:
         self.in_flight_gauge.labels(model, pool, worker).set(value)
 
-    def watch_workers(
-        self, source: Callable[[], Iterable[tuple[str, str, str, BackendLoad]]]
+    def observe_slo(self, model: str, mode: str, *, ttft_ok: bool, tpot_ok: bool) -> None:
+        met = (
+            "both" if ttft_ok and tpot_ok else "ttft" if ttft_ok else "tpot" if tpot_ok else "none"
+        )
+        self._counter(self.slo, model, mode, met).inc()
+
+    def observe_tpot(self, model: str, mode: str, seconds: float) -> None:
+        self._hist(self.tpot, model, mode).observe(seconds)
+
+    def count_retry(self, model: str, pool: str, error: str) -> None:
+        self._counter(self.retries, model, pool, error).inc()
+
+    def count_rejection(self, model: str, reason: str) -> None:
+        self._counter(self.rejections, model, reason).inc()
+
+    def count_route(self, model: str, pool: str, policy: str, worker: str) -> None:
+        self._counter(self.routes, model, pool, policy, worker).inc()
+
+    def count_disaggregation(self, model: str, decision: str) -> None:
+        self._counter(self.disaggregation, model, decision).inc()
+
+    def watch(
+        self,
+        workers: Callable[[], Iterable[WorkerState]],
+        queues: Callable[[], Iterable[tuple[str, str, int, int]]],
     ) -> None:
-        """Export each worker's engine state at scrape time (model, pool, worker, load)."""
-        self.registry.register(_WorkerLoadCollector(source))
+        """Export worker and admission state at scrape time (read, never pushed)."""
+        self.registry.register(_StateCollector(workers, queues))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _WorkerLoadCollector(Collector):
-    def __init__(self, source: Callable[[], Iterable[tuple[str, str, str, BackendLoad]]]) -> None:
-        self._source = source
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    model: str
+    pool: str
+    worker: str
+    load: BackendLoad
+    circuit: int  # 0 closed, 1 half-open, 2 open
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self,
+        workers: Callable[[], Iterable[WorkerState]],
+        queues: Callable[[], Iterable[tuple[str, str, int, int]]],
+    ) -> None:
+        self._workers = workers
+        self._queues = queues
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "pool", "worker"]
-        running = GaugeMetricFamily(
-            "pdgate_worker_running_sequences",
-            "Sequences in the worker's running batch.",
-            labels=labels,
+        families = {
+            "running": GaugeMetricFamily(
+                "pdgate_worker_running_sequences",
+                "Sequences in the worker's running batch.",
+                labels=labels,
+            ),
+            "waiting": GaugeMetricFamily(
+                "pdgate_worker_waiting_sequences", "Sequences queued on the worker.", labels=labels
+            ),
+            "kv": GaugeMetricFamily(
+                "pdgate_worker_kv_usage_ratio",
+                "Fraction of the worker's KV cache in use.",
+                labels=labels,
+            ),
+            "circuit": GaugeMetricFamily(
+                "pdgate_worker_circuit_state",
+                "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+                labels=labels,
+            ),
+        }
+        for w in self._workers():
+            key = [w.model, w.pool, w.worker]
+            families["running"].add_metric(key, w.load.running)
+            families["waiting"].add_metric(key, w.load.waiting)
+            families["kv"].add_metric(key, w.load.kv_usage)
+            families["circuit"].add_metric(key, w.circuit)
+        yield from families.values()
+        active = GaugeMetricFamily(
+            "pdgate_admitted_in_flight",
+            "Requests (pool=gateway) or legs holding an admission slot.",
+            labels=["model", "pool"],
         )
-        waiting = GaugeMetricFamily(
-            "pdgate_worker_waiting_sequences", "Sequences queued on the worker.", labels=labels
+        queued = GaugeMetricFamily(
+            "pdgate_admission_queue_depth",
+            "Requests or legs waiting for an admission slot.",
+            labels=["model", "pool"],
         )
-        kv = GaugeMetricFamily(
-            "pdgate_worker_kv_usage_ratio",
-            "Fraction of the worker's KV cache in use.",
-            labels=labels,
-        )
-        for model, pool, worker, load in self._source():
-            running.add_metric([model, pool, worker], load.running)
-            waiting.add_metric([model, pool, worker], load.waiting)
-            kv.add_metric([model, pool, worker], load.kv_usage)
-        yield from (running, waiting, kv)
+        for model, pool, in_flight, depth in self._queues():
+            active.add_metric([model, pool], in_flight)
+            queued.add_metric([model, pool], depth)
+        yield active
+        yield queued
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

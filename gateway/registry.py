@@ -12,11 +12,13 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
 from backends.base import Backend
+from gateway.admission import Limiter
+from gateway.circuit import CircuitBreaker
 from gateway.policies import Policy
 from gateway.state import StateStore
 
@@ -29,6 +31,7 @@ class Worker:
     model: str
     role: str
     backend: Backend
+    breaker: CircuitBreaker
     in_flight: int = 0
     draining: bool = False
     id: str = field(init=False)
@@ -37,18 +40,30 @@ class Worker:
         self.id = f"{self.model}/{self.name}"
 
     def available(self) -> bool:
-        return not self.draining and self.backend.healthy()
+        return not self.draining and self.breaker.available() and self.backend.healthy()
+
+    def estimate_prefill_s(self, prompt_tokens: int) -> float | None:
+        return self.backend.estimate_prefill_s(prompt_tokens)
 
 
 @dataclass(eq=False)
 class Pool:
+    """A model's workers in one role, with the policy and the admission limit they share."""
+
     model: str
     role: str
     policy: Policy
+    limiter: Limiter
+    policy_name: str = ""
     workers: list[Worker] = field(default_factory=list)
 
-    def candidates(self) -> list[Worker]:
-        return [w for w in self.workers if w.available()]
+    def candidates(self, avoid: Collection[str] = ()) -> list[Worker]:
+        """Available workers, without those in ``avoid`` unless that would leave none."""
+        ready = [w for w in self.workers if w.available()]
+        if avoid:
+            fresh = [w for w in ready if w.id not in avoid]
+            return fresh or ready
+        return ready
 
     def add(self, worker: Worker) -> None:
         self.workers.append(worker)
@@ -95,7 +110,7 @@ class WorkerRegistry:
     def __init__(self, store: StateStore, on_in_flight: InFlightHook) -> None:
         self.store = store
         self.pools: dict[tuple[str, str], Pool] = {}
-        self._hook = on_in_flight
+        self.in_flight_hook = on_in_flight
 
     def add_pool(self, pool: Pool) -> None:
         self.pools[(pool.model, pool.role)] = pool
@@ -108,7 +123,7 @@ class WorkerRegistry:
             yield from pool.workers
 
     def in_flight(self, worker: Worker, tokens: int) -> InFlight:
-        return InFlight(worker, tokens, self.store, self._hook)
+        return InFlight(worker, tokens, self.store, self.in_flight_hook)
 
     async def start(self) -> None:
         await self.store.start()

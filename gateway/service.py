@@ -11,13 +11,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from backends.base import Backend, BackendLoad
+from backends.base import Backend
 from backends.catalog import Catalog
 from backends.clock import Clock, LoopClock
 from backends.emulated import EmulatedBackend
 from backends.timing import Link
+from gateway.admission import Limiter
+from gateway.circuit import CircuitBreaker
 from gateway.dispatch import FLOWS, Dispatcher, FlowDeps, Route
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, WorkerState
 from gateway.policies import PolicyDeps, make_policy
 from gateway.registry import Pool, Worker, WorkerRegistry
 from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings
@@ -58,9 +60,16 @@ class Gateway:
             if not pool.candidates()
         ]
 
-    def worker_loads(self) -> Iterator[tuple[str, str, str, BackendLoad]]:
+    def worker_states(self) -> Iterator[WorkerState]:
         for w in self.registry.workers():
-            yield w.model, w.role, w.name, w.backend.load()
+            yield WorkerState(w.model, w.role, w.name, w.backend.load(), int(w.breaker.state))
+
+    def pool_queues(self) -> Iterator[tuple[str, str, int, int]]:
+        """(model, pool, in flight, queued) per pool, and the gateway-wide limiter."""
+        for pool in self.registry.pools.values():
+            yield pool.model, pool.role, pool.limiter.active, pool.limiter.queued
+        limiter = self.dispatcher.limiter
+        yield "*", "gateway", limiter.active, limiter.queued
 
 
 class BackendFactory(Protocol):
@@ -94,15 +103,31 @@ def build_gateway(
     models: dict[str, ServedModel] = {}
     for m in settings.models:
         for role, pool_cfg in m.pools.items():
-            registry.add_pool(_build_pool(m, role, pool_cfg, catalog, store, make_backend))
-        route = Route(m.name, m.mode, FLOWS[m.mode](m.name, deps))
+            pool = _build_pool(m, role, pool_cfg, catalog, store, clock, make_backend)
+            pool.limiter.retry_after_s = settings.admission.retry_after_s
+            registry.add_pool(pool)
+        route = Route(m.name, m.mode, FLOWS[m.mode](m, deps), m)
         models[m.name] = ServedModel(
             m, route, TokenCounter(m.tokenizer), _max_context(m, catalog, registry)
         )
-    gateway = Gateway(
-        settings, catalog, clock, metrics, registry, Dispatcher(deps), models, int(time.time())
+    admission = settings.admission
+    limiter = Limiter(
+        "gateway",
+        max_active=admission.max_in_flight,
+        max_queue=admission.max_queue,
+        retry_after_s=admission.retry_after_s,
     )
-    metrics.watch_workers(gateway.worker_loads)
+    gateway = Gateway(
+        settings,
+        catalog,
+        clock,
+        metrics,
+        registry,
+        Dispatcher(deps, limiter),
+        models,
+        int(time.time()),
+    )
+    metrics.watch(gateway.worker_states, gateway.pool_queues)
     return gateway
 
 
@@ -123,15 +148,23 @@ def _build_pool(
     cfg: PoolConfig,
     catalog: Catalog,
     store: StateStore,
+    clock: Clock,
     make_backend: BackendFactory,
 ) -> Pool:
-    pool = Pool(m.name, role, make_policy(cfg.policy, PolicyDeps(store)))
+    policy = make_policy(cfg.policy, PolicyDeps(store, cfg.policy_options))
+    limiter = Limiter(f"{m.name}/{role}", max_active=cfg.max_in_flight, max_queue=cfg.max_queue)
+    pool = Pool(m.name, role, policy, limiter, cfg.policy)
     link = catalog.link(cfg.kv_link)
     index = 0
     for spec in cfg.workers:
         for _ in range(spec.replicas):
             name = f"{spec.id or role}-{index}"
-            pool.add(Worker(name, m.name, role, make_backend(name, spec, m, link)))
+            breaker = CircuitBreaker(
+                clock,
+                failure_threshold=m.circuit.failure_threshold,
+                cooldown_s=m.circuit.cooldown_s,
+            )
+            pool.add(Worker(name, m.name, role, make_backend(name, spec, m, link), breaker))
             index += 1
     return pool
 

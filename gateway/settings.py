@@ -33,11 +33,12 @@ from backends.catalog import Catalog, EngineKnobs, format_validation_error
 from backends.errors import CatalogError
 
 Role = Literal["prefill", "decode", "aggregated"]
-Mode = Literal["disaggregated", "aggregated"]
+Mode = Literal["disaggregated", "aggregated", "conditional"]
 
 MODE_POOLS: dict[str, tuple[Role, ...]] = {
     "disaggregated": ("prefill", "decode"),
     "aggregated": ("aggregated",),
+    "conditional": ("prefill", "decode"),
 }
 
 
@@ -74,8 +75,61 @@ WorkerConfig = EmulatedWorker
 
 class PoolConfig(_Strict):
     policy: str = "round_robin"
+    policy_options: dict[str, float | int | str | bool] = Field(
+        default_factory=dict, description="keyword options of the policy (see gateway/policies)"
+    )
     kv_link: str = "roce_200g"
+    max_in_flight: int | None = Field(None, gt=0, description="legs running at once (None: no cap)")
+    max_queue: int = Field(0, ge=0, description="legs waiting beyond max_in_flight before 429")
     workers: list[WorkerConfig] = Field(min_length=1)
+
+
+class RetryConfig(_Strict):
+    """Retries before the first byte of a leg; after it, the client gets an error event."""
+
+    prefill: int = Field(2, ge=0, description="extra prefill attempts on other workers")
+    decode: int = Field(1, ge=0, description="extra decode attempts on other workers")
+    backoff_s: float = Field(0.01, ge=0, description="first backoff; doubles, jittered ±50%")
+
+
+class TimeoutConfig(_Strict):
+    """Per-leg timeouts: seconds, far below engine defaults, so a stuck leg fails fast."""
+
+    prefill_s: float = Field(30.0, gt=0, description="a prefill leg, queue included")
+    decode_first_token_s: float = Field(30.0, gt=0, description="decode leg to its first token")
+    decode_idle_s: float = Field(15.0, gt=0, description="longest gap between decode chunks")
+
+
+class CircuitConfig(_Strict):
+    failure_threshold: int = Field(5, gt=0, description="consecutive failures that open it")
+    cooldown_s: float = Field(10.0, gt=0, description="open this long, then one probe")
+
+
+class SloConfig(_Strict):
+    """Latency targets; requests meeting both count as goodput (MLPerf's server limits)."""
+
+    ttft_s: float = Field(2.0, gt=0)
+    tpot_s: float = Field(0.1, gt=0)
+
+
+class ConditionalConfig(_Strict):
+    """When ``conditional`` mode prefills on the decode worker instead of the prefill pool."""
+
+    local_max_prompt_tokens: int = Field(
+        512, ge=0, description="prompts up to this long prefill locally"
+    )
+    local_min_prefix_hit: float = Field(
+        0.5, ge=0, le=1, description="prefill locally when this share of the prompt is cached"
+    )
+    prefill_busy_wait_s: float = Field(
+        0.5, ge=0, description="prefill locally when the prefill pool's predicted wait exceeds it"
+    )
+
+
+class AdmissionConfig(_Strict):
+    max_in_flight: int | None = Field(None, gt=0, description="requests at once (None: no cap)")
+    max_queue: int = Field(0, ge=0, description="requests waiting beyond that before 429")
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with 429")
 
 
 class ModelConfig(_Strict):
@@ -84,6 +138,11 @@ class ModelConfig(_Strict):
     tokenizer: Path | None = Field(None, description="Hugging Face tokenizer.json")
     mode: Mode = "disaggregated"
     default_max_tokens: int = Field(256, gt=0)
+    slo: SloConfig = SloConfig()
+    retries: RetryConfig = RetryConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
+    circuit: CircuitConfig = CircuitConfig()
+    conditional: ConditionalConfig = ConditionalConfig()
     pools: dict[Role, PoolConfig]
 
     @model_validator(mode="after")
@@ -111,6 +170,7 @@ class ServerConfig(_Strict):
 
 class Settings(_Strict):
     server: ServerConfig = ServerConfig()
+    admission: AdmissionConfig = AdmissionConfig()
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

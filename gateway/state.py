@@ -9,10 +9,14 @@ Example::
     store = InMemoryStateStore()
     store.add_load("decode-0", requests=1, tokens=900)
     store.load("decode-0")        # WorkerLoad(requests=1, tokens=900)
+    store.record_prefix([h0, h1], "decode-0")
+    store.match_prefix([h0, h1, h2])   # {"decode-0": 2}
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,12 +36,27 @@ class StateStore(Protocol):
 
     def load(self, worker_id: str) -> WorkerLoad: ...
 
+    def record_prefix(self, block_hashes: Sequence[int], worker_id: str) -> None:
+        """Remember that ``worker_id`` now holds KV for these (chained) prefix blocks."""
+        ...
+
+    def match_prefix(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        """For each worker known to hold some of these blocks: how many leading blocks."""
+        ...
+
 
 class InMemoryStateStore:
-    """Load counters of this process only."""
+    """Load counters and the prefix index of this process only.
 
-    def __init__(self) -> None:
+    The prefix index maps a chained block hash to the workers that hold it, least recently
+    used first out beyond ``max_prefix_blocks``. Because hash ``i`` covers blocks ``0..i``, a
+    worker holding hash ``i`` holds the whole prefix up to it.
+    """
+
+    def __init__(self, *, max_prefix_blocks: int = 200_000) -> None:
         self._loads: dict[str, WorkerLoad] = {}
+        self._prefix: OrderedDict[int, set[str]] = OrderedDict()
+        self._max_prefix = max_prefix_blocks
 
     async def start(self) -> None:
         return None
@@ -51,6 +70,25 @@ class InMemoryStateStore:
 
     def load(self, worker_id: str) -> WorkerLoad:
         return self._loads.get(worker_id, _ZERO)
+
+    def record_prefix(self, block_hashes: Sequence[int], worker_id: str) -> None:
+        index = self._prefix
+        for h in block_hashes:
+            owners = index.get(h)
+            if owners is None:
+                index[h] = {worker_id}
+            else:
+                owners.add(worker_id)
+                index.move_to_end(h)
+        while len(index) > self._max_prefix:
+            index.popitem(last=False)
+
+    def match_prefix(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        matched: dict[str, int] = {}
+        for i, h in enumerate(block_hashes):
+            for worker in self._prefix.get(h, ()):
+                matched[worker] = i + 1
+        return matched
 
 
 _ZERO = WorkerLoad()

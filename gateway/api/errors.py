@@ -30,7 +30,12 @@ def error_body(exc: GatewayError) -> bytes:
 
 
 def error_response(exc: GatewayError) -> Response:
-    return Response(error_body(exc), status_code=exc.status, media_type="application/json")
+    return Response(
+        error_body(exc),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers(),
+    )
 
 
 def sse_error_event(exc: GatewayError) -> bytes:

@@ -67,7 +67,8 @@ async def _start(send: Send, status: int, content_type: bytes, headers: Headers)
 
 async def _send_error(send: Send, exc: GatewayError, headers: Headers) -> None:
     body = error_body(exc)
-    await _start(send, exc.status, b"application/json", headers)
+    extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+    await _start(send, exc.status, b"application/json", [*headers, *extra])
     await send({"type": "http.response.body", "body": body})
 
 

@@ -10,29 +10,27 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncGenerator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from backends.base import GenerationParams, TokenChunk
 from gateway.api.errors import invalid_request
-from gateway.api.responses import (
-    DeferredJSONResponse,
-    EventStreamResponse,
-    Headers,
-    header_list,
-)
+from gateway.api.responses import DeferredJSONResponse, EventStreamResponse, header_list
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.api.wire import DONE, WireFormat
 from gateway.dispatch import DispatchRequest
 from gateway.errors import InvalidRequest, ModelNotFound, NoHealthyWorker, PayloadTooLarge
 from gateway.metrics import CONTENT_TYPE
+from gateway.prefix import chat_block_hashes, prompt_block_hashes
 from gateway.service import Gateway, ServedModel
 
-TIMEOUT_HEADER = "x-pdgate-timeout"
+TIMEOUT_HEADER = "x-pdgate-timeout"  # the request's deadline, seconds
+TTFT_TARGET_HEADER = "x-pdgate-ttft-target"  # the request's TTFT target, seconds
 M = TypeVar("M", bound=BaseModel)
 
 router = APIRouter()
@@ -54,8 +52,9 @@ async def chat_completions(request: Request) -> Response:
     data = await _read_json(request, gw.settings.server.max_body_bytes)
     body = _validate(ChatCompletionRequest, data)
     served = _served(gw, body.model)
-    prompt_tokens = served.counter.chat(data["messages"])
-    return _generate(request, gw, served, body, "chat", prompt_tokens, data)
+    messages = data["messages"]
+    prompt = _Prompt(served.counter.chat(messages), chat_block_hashes(messages))
+    return _generate(request, gw, served, body, "chat", prompt, data)
 
 
 @router.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
@@ -64,8 +63,9 @@ async def completions(request: Request) -> Response:
     data = await _read_json(request, gw.settings.server.max_body_bytes)
     body = _validate(CompletionRequest, data)
     served = _served(gw, body.model)
-    prompt_tokens = served.counter.prompt(body.single_prompt())
-    return _generate(request, gw, served, body, "completions", prompt_tokens, data)
+    text = body.single_prompt()
+    prompt = _Prompt(served.counter.prompt(text), prompt_block_hashes(text))
+    return _generate(request, gw, served, body, "completions", prompt, data)
 
 
 @router.get("/v1/models")
@@ -131,16 +131,22 @@ def _served(gw: Gateway, model: str) -> ServedModel:
     return served
 
 
+class _Prompt(NamedTuple):
+    tokens: int
+    block_hashes: tuple[int, ...]
+
+
 def _generate(
     request: Request,
     gw: Gateway,
     served: ServedModel,
     body: ChatCompletionRequest | CompletionRequest,
     api: str,
-    prompt_tokens: int,
+    prompt: _Prompt,
     raw: dict[str, Any],
 ) -> Response:
     received = gw.clock.now()
+    prompt_tokens = prompt.tokens
     request_id = request.headers.get("x-request-id") or secrets.token_hex(12)
     max_tokens = body.requested_max_tokens() or served.config.default_max_tokens
     limit = served.max_context
@@ -162,12 +168,15 @@ def _generate(
         ignore_eos=body.ignore_eos,
         sampling=body.sampling(),
         body=raw,
+        block_hashes=prompt.block_hashes,
     )
+    headers_in = request.headers
     dreq = DispatchRequest(
         params,
         served.route,
         received,
-        received + _timeout(request, gw.settings.server.request_timeout_s),
+        received + _seconds(headers_in, TIMEOUT_HEADER, gw.settings.server.request_timeout_s),
+        _seconds(headers_in, TTFT_TARGET_HEADER, served.config.slo.ttft_s),
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     fmt = WireFormat(api, request_id, body.model, int(time.time()), include_usage)
@@ -181,8 +190,8 @@ def _generate(
     return DeferredJSONResponse(produce, headers)
 
 
-def _timeout(request: Request, default: float) -> float:
-    value = request.headers.get(TIMEOUT_HEADER)
+def _seconds(headers: Headers, name: str, default: float) -> float:
+    value = headers.get(name)
     if value is None:
         return default
     try:
@@ -190,9 +199,7 @@ def _timeout(request: Request, default: float) -> float:
     except ValueError:
         seconds = -1.0
     if not 0 < seconds <= 86400:
-        raise InvalidRequest(
-            f"{TIMEOUT_HEADER} must be seconds in (0, 86400]", param=TIMEOUT_HEADER
-        )
+        raise InvalidRequest(f"{name} must be seconds in (0, 86400]", param=name)
     return seconds
 
 
@@ -228,4 +235,4 @@ async def _complete(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> byte
     return fmt.body("".join(parts), finish, dreq.params.prompt_tokens, completion)
 
 
-__all__ = ["Headers", "router"]
+__all__ = ["router"]

@@ -2,7 +2,19 @@
 
 Prefill and decode pools each get their own instance. The dispatcher calls only this
 protocol; it never looks at which policy it holds. Policies are chosen by name in config
-(:data:`POLICIES`) and read shared load through the ``StateStore`` only.
+(:data:`POLICIES`, options from ``policy_options``) and read shared state through the
+``StateStore`` only.
+
+============== =================================================================================
+round_robin    each candidate in turn
+random         uniformly at random
+least_loaded   fewest outstanding requests (``by: tokens``: fewest outstanding tokens)
+power_of_two   the less loaded of two random candidates
+prefix_aware   the worker holding the longest prefix of the prompt's KV, unless that would pile
+               load onto it (balance thresholds); else the least loaded
+slo_aware      lowest predicted TTFT from each worker's device model and queue; 429 at once if
+               no worker can meet the request's TTFT target
+============== =================================================================================
 
 Example::
 
@@ -12,8 +24,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from gateway.state import StateStore
@@ -26,19 +38,26 @@ class RouteRequest:
     request_id: str
     prompt_tokens: int
     max_tokens: int = 0
+    block_hashes: tuple[int, ...] = ()
+    ttft_target_s: float | None = None
 
 
 class Candidate(Protocol):
     @property
     def id(self) -> str: ...
 
+    def estimate_prefill_s(self, prompt_tokens: int) -> float | None: ...
+
 
 C = TypeVar("C", bound=Candidate)
+
+Options = Mapping[str, float | int | str | bool]
 
 
 @dataclass(frozen=True)
 class PolicyDeps:
     store: StateStore
+    options: Options = field(default_factory=dict)
     seed: int | None = None
 
 
@@ -65,10 +84,31 @@ class PolicyBase:
         return None
 
 
-def _registry() -> dict[str, Callable[[PolicyDeps], Policy]]:
-    from gateway.policies.basic import LeastLoaded, RoundRobin
+class PolicyError(ValueError):
+    """Bad policy options (reported as a config error)."""
 
-    return {"round_robin": RoundRobin, "least_loaded": LeastLoaded}
+
+def option(options: Options, name: str, default: float) -> float:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PolicyError(f"option '{name}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _registry() -> dict[str, Callable[[PolicyDeps], Policy]]:
+    from gateway.policies.basic import RandomChoice, RoundRobin
+    from gateway.policies.load import LeastLoaded, PowerOfTwo
+    from gateway.policies.prefix import PrefixAware
+    from gateway.policies.slo import SloAware
+
+    return {
+        "round_robin": RoundRobin,
+        "random": RandomChoice,
+        "least_loaded": LeastLoaded,
+        "power_of_two": PowerOfTwo,
+        "prefix_aware": PrefixAware,
+        "slo_aware": SloAware,
+    }
 
 
 POLICIES: dict[str, Callable[[PolicyDeps], Policy]] = _registry()

@@ -1,11 +1,12 @@
-"""The first policies: round-robin and least-loaded."""
+"""Policies that ignore load: round-robin and random."""
 
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Sequence
 
-from gateway.policies import C, Candidate, PolicyBase, PolicyDeps, RouteRequest
+from gateway.policies import C, PolicyBase, PolicyDeps, RouteRequest
 
 
 class RoundRobin(PolicyBase):
@@ -18,25 +19,11 @@ class RoundRobin(PolicyBase):
         return candidates[next(self._counter) % len(candidates)]
 
 
-class LeastLoaded(PolicyBase):
-    """Fewest outstanding requests, then fewest outstanding tokens; ties rotate."""
+class RandomChoice(PolicyBase):
+    """Uniformly at random (seeded when ``PolicyDeps.seed`` is set)."""
 
     def __init__(self, deps: PolicyDeps) -> None:
-        self._store = deps.store
-        self._counter = itertools.count()
+        self._rng = random.Random(deps.seed)
 
     def choose(self, candidates: Sequence[C], request: RouteRequest) -> C:
-        n = len(candidates)
-        offset = next(self._counter) % n
-        best = candidates[offset]
-        best_key = self._key(best)
-        for i in range(1, n):
-            c = candidates[(offset + i) % n]
-            key = self._key(c)
-            if key < best_key:
-                best, best_key = c, key
-        return best
-
-    def _key(self, c: Candidate) -> tuple[int, int]:
-        load = self._store.load(c.id)
-        return load.requests, load.tokens
+        return candidates[self._rng.randrange(len(candidates))]

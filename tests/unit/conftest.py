@@ -1,0 +1,38 @@
+"""Fixtures shared by the unit tests: running coroutines on a fresh virtual-time event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from backends.clock import virtual_event_loop
+
+T = TypeVar("T")
+
+RunVirtual = Callable[[Callable[[], Awaitable[Any]]], Any]
+
+
+def run_on_virtual_loop(main: Callable[[], Awaitable[T]]) -> T:
+    """Run ``main()`` on a fresh virtual-time loop; cancel leftovers and close the loop."""
+    loop = virtual_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
+@pytest.fixture
+def run_virtual() -> RunVirtual:
+    """``run_virtual(lambda: coro())``: the coroutine's result, computed in virtual time."""
+    return run_on_virtual_loop

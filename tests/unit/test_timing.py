@@ -1,0 +1,325 @@
+"""Device timing physics (backends/timing.py), checked against hand arithmetic from the YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from backends.catalog import Catalog
+from backends.timing import (
+    HbmConstants,
+    Link,
+    PipelineConstants,
+    StepShape,
+    allreduce_time,
+    forward_flops,
+    hbm_step_time,
+    kv_transfer_time,
+    pipeline_step_time,
+    weight_bytes_read,
+)
+
+CONFIG = Catalog.default_dir()
+
+
+def _yaml(rel: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((Path(CONFIG) / rel).read_text())
+    return data
+
+
+def _gqa_kv_bytes(m: dict[str, Any], dtype_bytes: float) -> float:
+    return float(2 * m["layers"] * m["kv_heads"] * m["head_dim"] * dtype_bytes)
+
+
+# -- StepShape ----------------------------------------------------------------------------
+
+
+def _brute_force_pairs(n: int, c: int) -> int:
+    """Causal attention: new token i (1-based) sees the c cached tokens and tokens 1..i."""
+    return sum(c + i for i in range(1, n + 1))
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [(1, 0)],
+        [(1, 1000)],
+        [(512, 0)],
+        [(7, 33), (1, 100), (1, 2048), (300, 700)],
+    ],
+)
+def test_step_shape_of_matches_brute_force_counts(chunks: list[tuple[int, int]]) -> None:
+    shape = StepShape.of(chunks)
+    assert shape.new_tokens == sum(n for n, _ in chunks)
+    assert shape.kv_read_tokens == sum(c for _, c in chunks)
+    assert shape.seqs == len(chunks)
+    assert shape.attn_pairs == pytest.approx(sum(_brute_force_pairs(n, c) for n, c in chunks))
+
+
+def test_step_shape_of_empty_batch_is_zero() -> None:
+    assert StepShape.of([]) == StepShape(0, 0.0, 0, 0)
+
+
+# -- HBM roofline -------------------------------------------------------------------------
+
+
+def test_batch1_decode_8b_h100_is_memory_bound_and_matches_hand_arithmetic(
+    catalog: Catalog,
+) -> None:
+    dev = _yaml("devices/h100-sxm.yaml")
+    mod = _yaml("models/llama-3.1-8b.yaml")
+    eff = dev["efficiency"]
+    ctx = 1000
+    params = mod["params_b"] * 1e9
+    kv_per_token = _gqa_kv_bytes(mod, 2.0)
+
+    bytes_moved = params * 2.0 + (ctx + 1) * kv_per_token  # weights + KV read + one KV written
+    t_memory = bytes_moved / (eff["bandwidth"] * dev["memory_bandwidth_tb_s"] * 1e12)
+    flops = 2 * params + 4 * mod["layers"] * mod["q_heads"] * mod["head_dim"] * (ctx + 1)
+    t_compute = flops / (eff["mfu"] * dev["peak_tflops"]["bf16"] * 1e12)
+    overhead = eff["step_overhead_s"] + mod["layers"] * eff["layer_overhead_s"]
+    assert t_compute < t_memory / 10  # clearly memory-bound
+
+    dep = catalog.deployment("h100-sxm", "llama-3.1-8b")
+    shape = StepShape.of([(1, ctx)])
+    assert dep.step_time(shape) == pytest.approx(t_memory + overhead, rel=1e-9)
+    # The pure function agrees with the deployment it backs.
+    m = dep.model_shape
+    assert forward_flops(m, shape) == pytest.approx(flops, rel=1e-12)
+
+
+def test_large_prefill_8b_h100_is_compute_bound_and_matches_hand_arithmetic(
+    catalog: Catalog,
+) -> None:
+    dev = _yaml("devices/h100-sxm.yaml")
+    mod = _yaml("models/llama-3.1-8b.yaml")
+    eff = dev["efficiency"]
+    n = 8192
+    params = mod["params_b"] * 1e9
+    attn_width = mod["q_heads"] * mod["head_dim"]
+    flops = 2 * params * n + 4 * mod["layers"] * attn_width * n * (n + 1) / 2
+    t_compute = flops / (eff["mfu"] * dev["peak_tflops"]["bf16"] * 1e12)
+    bytes_moved = params * 2.0 + n * _gqa_kv_bytes(mod, 2.0)
+    t_memory = bytes_moved / (eff["bandwidth"] * dev["memory_bandwidth_tb_s"] * 1e12)
+    overhead = eff["step_overhead_s"] + mod["layers"] * eff["layer_overhead_s"]
+    assert t_memory < t_compute / 2  # clearly compute-bound
+
+    dep = catalog.deployment("h100-sxm", "llama-3.1-8b")
+    assert dep.step_time(StepShape.of([(n, 0)])) == pytest.approx(t_compute + overhead, rel=1e-9)
+
+
+def test_decode_step_time_grows_with_batch_once_kv_reads_dominate(catalog: Catalog) -> None:
+    dev = _yaml("devices/h100-sxm.yaml")
+    mod = _yaml("models/llama-3.1-8b.yaml")
+    dep = catalog.deployment("h100-sxm", "llama-3.1-8b")
+    ctx = 1000
+    batches = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    times = [dep.step_time(StepShape.of([(1, ctx)] * b)) for b in batches]
+    assert all(a < b for a, b in itertools.pairwise(times))
+    # Both 128 and 256 are memory-bound: the difference is exactly 128 more sequences' KV.
+    extra_kv = 128 * (ctx + 1) * _gqa_kv_bytes(mod, 2.0)
+    bw = dev["efficiency"]["bandwidth"] * dev["memory_bandwidth_tb_s"] * 1e12
+    assert times[-1] - times[-2] == pytest.approx(extra_kv / bw, rel=1e-9)
+    # At 256 sequences KV traffic exceeds the weights, and the step is over twice batch 1.
+    assert 256 * (ctx + 1) * _gqa_kv_bytes(mod, 2.0) > mod["params_b"] * 1e9 * 2
+    assert times[-1] > 2 * times[0]
+
+
+def test_allreduce_term_matches_formula_for_tp2_70b_fp8(catalog: Catalog) -> None:
+    dev = _yaml("devices/h100-sxm.yaml")
+    mod = _yaml("models/llama-3.1-70b.yaml")
+    eff = dev["efficiency"]
+    dep = catalog.deployment("h100-sxm", "llama-3.1-70b", dtype="fp8", tp=2)
+    shape = StepShape.of([(1, 1000)])
+    tp = 2
+    payload = 2 * (tp - 1) / tp * 1 * mod["hidden"] * 2.0  # activations stay 16-bit
+    expected_ar = (
+        2
+        * mod["layers"]
+        * (eff["allreduce_latency_s"] + payload / (dev["interconnect_gb_s"] * 1e9))
+    )
+    c = dep._constants
+    assert isinstance(c, HbmConstants)
+    assert allreduce_time(dep.model_shape, shape, c) == pytest.approx(expected_ar, rel=1e-12)
+
+    bytes_moved = mod["params_b"] * 1e9 * 1.0 + 1001 * _gqa_kv_bytes(mod, 1.0)
+    t_memory = bytes_moved / (eff["bandwidth"] * dev["memory_bandwidth_tb_s"] * 1e12 * tp)
+    overhead = eff["step_overhead_s"] + mod["layers"] * eff["layer_overhead_s"]
+    assert dep.step_time(shape) == pytest.approx(t_memory + overhead + expected_ar, rel=1e-9)
+
+
+def test_no_allreduce_without_tensor_parallelism(catalog: Catalog) -> None:
+    dep = catalog.deployment("h100-sxm", "llama-3.1-8b")
+    c = dep._constants
+    assert isinstance(c, HbmConstants)
+    assert allreduce_time(dep.model_shape, StepShape.of([(4096, 0)]), c) == 0.0
+
+
+@pytest.mark.parametrize("chunks", [[(1, 1000)], [(1, 1000)] * 32, [(4096, 0)]])
+def test_tensor_parallel_two_h100s_beat_one_for_70b_fp8(
+    catalog: Catalog, chunks: list[tuple[int, int]]
+) -> None:
+    shape = StepShape.of(chunks)
+    tp1 = catalog.deployment("h100-sxm", "llama-3.1-70b", dtype="fp8", tp=1)
+    tp2 = catalog.deployment("h100-sxm", "llama-3.1-70b", dtype="fp8", tp=2)
+    assert tp2.step_time(shape) < tp1.step_time(shape)
+
+
+def test_hbm_step_time_with_synthetic_constants_takes_the_max_of_both_roofs(
+    catalog: Catalog,
+) -> None:
+    m = catalog.model("llama-3.1-8b").shape("bf16")
+    shape = StepShape.of([(1, 10)])
+    base = HbmConstants(
+        peak_flops=1e15,
+        bandwidth=1e12,
+        mfu=1.0,
+        bandwidth_efficiency=1.0,
+        step_overhead_s=0.0,
+        layer_overhead_s=0.0,
+        tp=1,
+        interconnect=1e11,
+        allreduce_latency_s=0.0,
+    )
+    flops = forward_flops(m, shape)
+    mem = m.dense_weight_bytes + 11 * m.kv_bytes_per_token
+    assert hbm_step_time(m, shape, base) == pytest.approx(max(flops / 1e15, mem / 1e12))
+    # Slash the bandwidth 1000x: still memory-bound, 1000x slower.
+    slow = dataclasses.replace(base, bandwidth=1e9)
+    assert hbm_step_time(m, shape, slow) == pytest.approx(mem / 1e9)
+    # Overheads are additive.
+    over = dataclasses.replace(base, step_overhead_s=1e-3, layer_overhead_s=1e-5)
+    assert hbm_step_time(m, shape, over) == pytest.approx(
+        hbm_step_time(m, shape, base) + 1e-3 + m.layers * 1e-5
+    )
+
+
+# -- MoE weight reads ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype_bytes"),
+    [("mixtral-8x7b", 2.0), ("qwen3-30b-a3b", 2.0), ("deepseek-v3", 1.0)],
+)
+def test_moe_weight_bytes_grow_with_tokens_and_saturate(
+    catalog: Catalog, model: str, dtype_bytes: float
+) -> None:
+    y = _yaml(f"models/{model}.yaml")
+    dtype = {2.0: "bf16", 1.0: "fp8"}[dtype_bytes]
+    m = catalog.model(model).shape(dtype)
+    experts, k = y["experts"], y["top_k"]
+    total = y["params_b"] * 1e9 * dtype_bytes
+    active = y["active_params_b"] * 1e9 * dtype_bytes
+
+    # One token reads exactly the active parameters; every expert read is the whole model.
+    assert weight_bytes_read(m, 1) == pytest.approx(active, rel=1e-9)
+    assert weight_bytes_read(m, 100_000) == pytest.approx(total, rel=1e-9)
+
+    # In between, the expected number of experts touched is E·(1 − (1 − k/E)^N).
+    per_expert = (total - active) / (1 - k / experts) / experts
+    dense = total - per_expert * experts
+    previous = 0.0
+    for n in [1, 2, 3, 5, 8, 16, 64, 256, 1024]:
+        touched = experts * (1 - (1 - k / experts) ** n)
+        expected = dense + per_expert * touched
+        got = weight_bytes_read(m, n)
+        assert got == pytest.approx(expected, rel=1e-9)
+        assert got >= previous
+        assert got <= total * (1 + 1e-12)
+        previous = got
+
+
+def test_dense_model_reads_all_weights_regardless_of_tokens(catalog: Catalog) -> None:
+    y = _yaml("models/llama-3.1-8b.yaml")
+    m = catalog.model("llama-3.1-8b").shape("bf16")
+    for n in [1, 7, 4096]:
+        assert weight_bytes_read(m, n) == pytest.approx(y["params_b"] * 1e9 * 2.0)
+
+
+# -- SRAM pipelines -----------------------------------------------------------------------
+
+
+def test_pipeline_step_time_flat_until_slots_fill_then_doubles_synthetic(
+    catalog: Catalog,
+) -> None:
+    m = catalog.model("llama-3.1-8b").shape("bf16")
+    c = PipelineConstants(latency_s=2e-3, slots=4, compute_flops=math.inf)
+    times = {b: pipeline_step_time(m, StepShape.of([(1, 100)] * b), c) for b in range(1, 10)}
+    assert times[1] == times[2] == times[3] == times[4] == pytest.approx(2e-3)
+    assert times[5] == times[8] == pytest.approx(4e-3)
+    assert times[9] == pytest.approx(6e-3)
+
+
+def test_groq_pipeline_slots_and_latency_from_yaml(catalog: Catalog) -> None:
+    dev = _yaml("devices/groq-lpu-v1.yaml")
+    mod = _yaml("models/llama-3.1-8b.yaml")
+    dep = catalog.deployment("groq-lpu-v1", "llama-3.1-8b")
+    weights = mod["params_b"] * 1e9 * 2.0
+    usable = dev["memory_gb"] * 1e9 * 0.9 * (1 - dev["kv_reserve_fraction"])
+    chips = math.ceil(weights / usable)
+    assert dep.count == chips
+    slots = int(chips * dev["slots_per_device"])
+    latency = dev["tau0_s"] + mod["layers"] * dev["tau_layer_s"]
+    compute = dev["mfu"] * dev["peak_tflops"]["bf16"] * 1e12 * chips
+
+    def expected(b: int) -> float:
+        shape = StepShape.of([(1, 1000)] * b)
+        return float(
+            math.ceil(b / slots) * latency + forward_flops(dep.model_shape, shape) / compute
+        )
+
+    for b in [1, slots // 2, slots, slots + 1, 2 * slots, 2 * slots + 1]:
+        t = dep.step_time(StepShape.of([(1, 1000)] * b))
+        assert t == pytest.approx(expected(b), rel=1e-9)
+    t1 = dep.step_time(StepShape.of([(1, 1000)]))
+    t_full = dep.step_time(StepShape.of([(1, 1000)] * slots))
+    t_over = dep.step_time(StepShape.of([(1, 1000)] * (slots + 1)))
+    assert t_full - t1 < 0.15 * latency  # flat while the slots last (only FLOPs grow)
+    assert t_over - t_full > 0.95 * latency  # one more wave through the pipeline
+
+
+def test_pipeline_prefill_adds_compute_time_on_top_of_latency(catalog: Catalog) -> None:
+    dep = catalog.deployment("groq-lpu-v1", "llama-3.1-8b")
+    short = dep.step_time(StepShape.of([(16, 0)]))
+    long = dep.step_time(StepShape.of([(8192, 0)]))
+    assert long > short
+    c = dep._constants
+    assert isinstance(c, PipelineConstants)
+    assert long - short == pytest.approx(
+        (
+            forward_flops(dep.model_shape, StepShape.of([(8192, 0)]))
+            - forward_flops(dep.model_shape, StepShape.of([(16, 0)]))
+        )
+        / c.compute_flops
+    )
+
+
+# -- KV transfer --------------------------------------------------------------------------
+
+
+def test_kv_transfer_time_formula_from_links_yaml(catalog: Catalog) -> None:
+    links = _yaml("links.yaml")
+    mod = _yaml("models/llama-3.1-8b.yaml")
+    tokens = 1000
+    kv_bytes = tokens * _gqa_kv_bytes(mod, 2.0)
+    descriptors = math.ceil(tokens / 16)
+    for name, spec in links.items():
+        expected = (
+            spec["setup_s"]
+            + descriptors * spec["per_descriptor_s"]
+            + kv_bytes / (spec["efficiency"] * spec["bandwidth_gb_s"] * 1e9)
+        )
+        got = kv_transfer_time(catalog.link(name), kv_bytes, descriptors)
+        assert got == pytest.approx(expected, rel=1e-12), name
+
+
+def test_kv_transfer_time_synthetic_link() -> None:
+    link = Link("x", bandwidth=1e9, efficiency=0.5, setup_s=0.01, per_descriptor_s=1e-4)
+    assert kv_transfer_time(link, 0.0, 0) == pytest.approx(0.01)
+    assert kv_transfer_time(link, 1e9, 10) == pytest.approx(0.01 + 10 * 1e-4 + 2.0)
