@@ -2,8 +2,18 @@
 
 Device and model profiles are YAML files (``config/devices/*.yaml``, ``config/models/*.yaml``);
 KV-transfer links are presets in ``config/links.yaml``. Every number carries its source in the
-file's ``sources`` map. A device's ``family`` selects its physics (:mod:`backends.timing`);
-nothing else in the code branches on a device's name or family.
+file's ``sources`` map. A device's ``family`` selects its class, and the class its physics
+(:mod:`backends.timing`) and its memory plan; nothing else in the code branches on a device's
+name or family:
+
+* ``hbm`` → :class:`HbmDevice`: roofline over HBM (GPUs, TPUs, Trainium, Gaudi, ...),
+* ``sram_pipeline`` / ``wafer_scale`` → :class:`PipelineDevice`: SRAM-resident pipeline across
+  chips (Groq, Graphcore) or wafers (Cerebras),
+* ``lpddr_sram`` → :class:`LpddrSramDevice`: LPDDR roofline, SRAM speed when the weights fit
+  there (MTIA v2),
+* ``in_memory`` → :class:`InMemoryDevice`: in-memory compute over SRAM + LPDDR (d-Matrix Corsair),
+* ``dataflow`` → :class:`DataflowDevice`: SRAM + HBM + DDR dataflow (SambaNova SN40L),
+* ``hardwired`` → :class:`HardwiredDevice`: one model wired into the chip (Taalas HC1).
 
 Example::
 
@@ -19,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeAlias, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -27,12 +37,22 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from backends.errors import CatalogError
 from backends.timing import (
     DTYPE_BYTES,
+    DataflowConstants,
+    DramSramConstants,
+    HardwiredConstants,
     HbmConstants,
+    InMemoryConstants,
     Link,
+    MemoryTiers,
     ModelShape,
     PipelineConstants,
     StepShape,
+    dataflow_step_time,
+    dram_sram_step_time,
+    hardwired_step_time,
     hbm_step_time,
+    in_memory_step_time,
+    model_switch_time,
     pipeline_step_time,
 )
 
@@ -127,6 +147,31 @@ class _DeviceBase(_Data):
             raise CatalogError(f"device '{self.name}' has no {dtype} throughput; known: {known}")
         return self.peak_tflops[dtype] * TFLOPS
 
+    # Memory plan (see plan_deployment). The defaults are the HBM plan: weights and KV share
+    # ``memory_gb`` per device, and an instance has ``tp`` devices unless told otherwise.
+
+    def check_serves(self, model: ModelProfile, dtype: str) -> None:
+        """Raise :class:`CatalogError` unless this device can run ``model`` at ``dtype``."""
+        self.peak_flops(dtype)
+
+    def resident_weight_bytes(self, model: ModelProfile, dtype: str) -> float:
+        """Bytes of weights the deployment's memory has to hold."""
+        return model.params_b * 1e9 * DTYPE_BYTES[dtype]
+
+    def default_count(self, weights: float, util: float, tp: int) -> int:
+        return tp
+
+    def capacity_bytes(self, count: int, util: float) -> float:
+        """Memory for weights and KV on ``count`` devices."""
+        return count * (self.memory_gb * GB * util)
+
+    def capacity_text(self, count: int, util: float) -> str:
+        return f"{count} × {self.memory_gb:g} GB × {util:g} utilisation"
+
+    def model_switch_s(self, dep: Deployment) -> float | None:
+        """Seconds to bring another model into the deployment; None where it is not modelled."""
+        return None
+
 
 class HbmEfficiency(_Data):
     mfu: float = Field(gt=0, le=1)
@@ -143,6 +188,20 @@ class HbmDevice(_DeviceBase):
     memory_bandwidth_tb_s: float = Field(gt=0)
     interconnect_gb_s: float = Field(gt=0, description="scale-up bandwidth per direction")
     efficiency: HbmEfficiency
+
+    def constants(self, dep: Deployment) -> HbmConstants:
+        e = self.efficiency
+        return HbmConstants(
+            peak_flops=self.peak_flops(dep.dtype),
+            bandwidth=self.memory_bandwidth_tb_s * TB,
+            mfu=e.mfu,
+            bandwidth_efficiency=e.bandwidth,
+            step_overhead_s=e.step_overhead_s,
+            layer_overhead_s=e.layer_overhead_s,
+            tp=dep.tp,
+            interconnect=self.interconnect_gb_s * GB,
+            allreduce_latency_s=e.allreduce_latency_s,
+        )
 
 
 class PipelineDevice(_DeviceBase):
@@ -164,8 +223,214 @@ class PipelineDevice(_DeviceBase):
         gt=0, lt=1, description="share of memory kept for KV when the device count is derived"
     )
 
+    def default_count(self, weights: float, util: float, tp: int) -> int:
+        """The fewest devices whose memory holds the weights with the KV reserve left over."""
+        return _devices_for(weights, self.memory_gb * GB * util, self.kv_reserve_fraction)
 
-DeviceProfile = Annotated[HbmDevice | PipelineDevice, Field(discriminator="family")]
+    def constants(self, dep: Deployment) -> PipelineConstants:
+        hops = dep.count - 1 if self.family == "wafer_scale" else 0
+        return PipelineConstants(
+            latency_s=self.tau0_s + dep.model.layers * self.tau_layer_s + hops * self.tau_hop_s,
+            slots=max(1, int(dep.count * self.slots_per_device)),
+            compute_flops=self.mfu * self.peak_flops(dep.dtype) * dep.count,
+        )
+
+
+def _devices_for(weights: float, per_device: float, reserve: float) -> int:
+    """``max(1, ceil(weights / (per_device · (1 − reserve))))``."""
+    return max(1, math.ceil(weights / (per_device * (1.0 - reserve))))
+
+
+class _TieredDevice(_DeviceBase):
+    """A device with an on-chip SRAM tier and an off-chip LPDDR tier (``memory_gb``).
+
+    Weights go to SRAM when all of them fit there (``weights ≤ count · sram · utilisation``),
+    else to LPDDR; KV takes the rest of both tiers, SRAM first.
+    """
+
+    sram_gb: float = Field(gt=0, description="on-chip SRAM per device")
+    sram_bandwidth_tb_s: float = Field(gt=0)
+    dram_bandwidth_tb_s: float = Field(gt=0, description="LPDDR bandwidth per device")
+
+    def capacity_bytes(self, count: int, util: float) -> float:
+        return count * ((self.sram_gb + self.memory_gb) * GB * util)
+
+    def capacity_text(self, count: int, util: float) -> str:
+        return (
+            f"{count} × ({self.sram_gb:g} GB SRAM + {self.memory_gb:g} GB LPDDR) × {util:g} "
+            "utilisation"
+        )
+
+    def tiers(self, dep: Deployment, devices: int, sram_eff: float, dram_eff: float) -> MemoryTiers:
+        """Where ``dep`` keeps its weights and KV; ``devices`` share each step's traffic."""
+        sram_total = dep.count * (self.sram_gb * GB * dep.engine.gpu_memory_utilization)
+        weights = self.resident_weight_bytes(dep.model, dep.dtype)
+        in_sram = weights <= sram_total
+        return MemoryTiers(
+            sram_bandwidth=self.sram_bandwidth_tb_s * TB,
+            dram_bandwidth=self.dram_bandwidth_tb_s * TB,
+            sram_efficiency=sram_eff,
+            dram_efficiency=dram_eff,
+            devices=devices,
+            weights_in_sram=in_sram,
+            sram_kv_bytes=sram_total - weights if in_sram else sram_total,
+        )
+
+
+class TieredEfficiency(_Data):
+    mfu: float = Field(gt=0, le=1)
+    sram_bandwidth: float = Field(gt=0, le=1)
+    dram_bandwidth: float = Field(gt=0, le=1)
+    step_overhead_s: float = Field(ge=0)
+    layer_overhead_s: float = Field(ge=0)
+    allreduce_latency_s: float = Field(ge=0)
+
+
+class LpddrSramDevice(_TieredDevice):
+    """LPDDR roofline chip with a large SRAM (``lpddr_sram``, MTIA v2): an HBM-style roofline whose
+    memory roof is SRAM bandwidth when the weights fit in SRAM and LPDDR bandwidth otherwise.
+    ``tp`` chips share each step (all-reduce over ``interconnect_gb_s``); ``count`` defaults to
+    ``tp``."""
+
+    family: Literal["lpddr_sram"]
+    interconnect_gb_s: float = Field(gt=0, description="chip-to-chip bandwidth per direction")
+    efficiency: TieredEfficiency
+
+    def constants(self, dep: Deployment) -> DramSramConstants:
+        e = self.efficiency
+        return DramSramConstants(
+            peak_flops=self.peak_flops(dep.dtype),
+            mfu=e.mfu,
+            tiers=self.tiers(dep, dep.tp, e.sram_bandwidth, e.dram_bandwidth),
+            step_overhead_s=e.step_overhead_s,
+            layer_overhead_s=e.layer_overhead_s,
+            interconnect=self.interconnect_gb_s * GB,
+            allreduce_latency_s=e.allreduce_latency_s,
+        )
+
+
+class InMemoryDevice(_TieredDevice):
+    """In-/near-memory compute card (``in_memory``, d-Matrix Corsair).
+
+    ``count`` defaults to the fewest cards whose SRAM holds the weights with
+    ``kv_reserve_fraction`` left for KV (the vendor's "performance mode"); fewer cards put the
+    weights in LPDDR ("capacity mode"). Per-token latency ``tau0_s + layers · tau_layer_s``; all
+    ``count`` cards share each step's compute and memory traffic.
+    """
+
+    family: Literal["in_memory"]
+    mfu: float = Field(gt=0, le=1)
+    sram_efficiency: float = Field(gt=0, le=1)
+    dram_efficiency: float = Field(gt=0, le=1)
+    tau0_s: float = Field(ge=0)
+    tau_layer_s: float = Field(ge=0)
+    kv_reserve_fraction: float = Field(
+        gt=0, lt=1, description="share of SRAM kept for KV when the card count is derived"
+    )
+
+    def default_count(self, weights: float, util: float, tp: int) -> int:
+        return _devices_for(weights, self.sram_gb * GB * util, self.kv_reserve_fraction)
+
+    def constants(self, dep: Deployment) -> InMemoryConstants:
+        return InMemoryConstants(
+            latency_s=self.tau0_s + dep.model.layers * self.tau_layer_s,
+            compute_flops=self.mfu * self.peak_flops(dep.dtype) * dep.count,
+            tiers=self.tiers(dep, dep.count, self.sram_efficiency, self.dram_efficiency),
+        )
+
+
+class DataflowEfficiency(_Data):
+    mfu: float = Field(gt=0, le=1)
+    bandwidth: float = Field(gt=0, le=1)
+    step_overhead_s: float = Field(ge=0)
+    layer_overhead_s: float = Field(ge=0)
+
+
+class DataflowDevice(_DeviceBase):
+    """Three-tier dataflow socket (``dataflow``, SambaNova SN40L).
+
+    ``sram_gb`` holds the fused decoder's working set, ``memory_gb`` of HBM the hot model and its
+    KV, ``ddr_gb`` the model library. ``tp`` sockets stream each step's weights from HBM; another
+    model loads from DDR in ``weights / (tp · ddr_bandwidth)``.
+    """
+
+    family: Literal["dataflow"]
+    memory_bandwidth_tb_s: float = Field(gt=0, description="HBM bandwidth per socket")
+    sram_gb: float = Field(gt=0)
+    ddr_gb: float = Field(gt=0)
+    ddr_bandwidth_tb_s: float = Field(gt=0, description="DDR bandwidth per socket")
+    efficiency: DataflowEfficiency
+
+    def constants(self, dep: Deployment) -> DataflowConstants:
+        e = self.efficiency
+        return DataflowConstants(
+            peak_flops=self.peak_flops(dep.dtype),
+            hbm_bandwidth=self.memory_bandwidth_tb_s * TB,
+            mfu=e.mfu,
+            hbm_efficiency=e.bandwidth,
+            step_overhead_s=e.step_overhead_s,
+            layer_overhead_s=e.layer_overhead_s,
+            sockets=dep.tp,
+            ddr_bandwidth=self.ddr_bandwidth_tb_s * TB,
+        )
+
+    def model_switch_s(self, dep: Deployment) -> float | None:
+        weights = self.resident_weight_bytes(dep.model, dep.dtype)
+        return model_switch_time(weights, self.constants(dep))
+
+
+class HardwiredDevice(_DeviceBase):
+    """A chip with one model wired into it (``hardwired``, Taalas HC1).
+
+    The weights are the chip, so they take no memory; ``memory_gb`` is the on-die SRAM for KV,
+    which bounds context and concurrency. Deploying any other model is a configuration error.
+    """
+
+    family: Literal["hardwired"]
+    model: str = Field(description="the one model the chip runs")
+    peak_tflops: dict[str, float] = Field(
+        default_factory=dict, description="not published; the chip's speed is its latency"
+    )
+    kv_dtypes: list[str] = Field(min_length=1, description="KV-cache dtypes the chip accepts")
+    token_latency_s: float = Field(gt=0)
+    prompt_token_s: float = Field(ge=0)
+    slots_per_device: int = Field(gt=0, description="sequences in flight per chip")
+
+    def check_serves(self, model: ModelProfile, dtype: str) -> None:
+        if model.name != self.model:
+            raise CatalogError(
+                f"device '{self.name}' is hard-wired to {self.model} and cannot serve "
+                f"{model.name}; deploy {self.model} on it, or {model.name} on another device"
+            )
+        if dtype not in self.kv_dtypes:
+            raise CatalogError(
+                f"device '{self.name}' keeps its KV cache in {', '.join(self.kv_dtypes)}, "
+                f"not {dtype}"
+            )
+
+    def resident_weight_bytes(self, model: ModelProfile, dtype: str) -> float:
+        return 0.0
+
+    def constants(self, dep: Deployment) -> HardwiredConstants:
+        return HardwiredConstants(
+            token_latency_s=self.token_latency_s,
+            prompt_token_s=self.prompt_token_s,
+            slots=dep.count * self.slots_per_device,
+        )
+
+
+AnyDevice: TypeAlias = (
+    HbmDevice | PipelineDevice | LpddrSramDevice | InMemoryDevice | DataflowDevice | HardwiredDevice
+)
+PhysicsConstants: TypeAlias = (
+    HbmConstants
+    | PipelineConstants
+    | DramSramConstants
+    | InMemoryConstants
+    | DataflowConstants
+    | HardwiredConstants
+)
+DeviceProfile = Annotated[AnyDevice, Field(discriminator="family")]
 
 
 class LinkProfile(_Data):
@@ -189,13 +454,27 @@ class EngineKnobs(_Data):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     block_size: int = Field(16, gt=0)
     enable_prefix_caching: bool = False
+    # Speculative decoding: each decode step verifies ``speculative_tokens`` draft tokens, each
+    # accepted with probability ``acceptance_rate`` until the first rejection; the drafter's k
+    # passes cost ``draft_cost_fraction`` of a plain decode step each. Defaults when enabled:
+    # 0.7 acceptance (typical per-token acceptance of EAGLE-style and small draft models on chat
+    # text, 0.6-0.8; assumption, trust C) and 0.1 per draft pass (a 1B drafter beside a 70B
+    # target is latency-bound, not 1/70 of it; assumption, trust C).
+    speculative_tokens: int = Field(0, ge=0, le=16, description="draft tokens per step; 0: off")
+    acceptance_rate: float = Field(0.7, ge=0, le=1)
+    draft_cost_fraction: float = Field(0.1, ge=0, le=1)
+    # KV admission, in TensorRT-LLM's names: ``max_utilization`` admits a request when its
+    # prompt fits and preempts the newest when decodes outgrow the cache (vLLM's behaviour);
+    # ``guaranteed_no_evict`` admits it only when prompt + max_tokens fit, reserved up front,
+    # so nothing is ever preempted (TensorRT-LLM's default).
+    scheduler_policy: Literal["max_utilization", "guaranteed_no_evict"] = "max_utilization"
 
 
 @dataclass(frozen=True)
 class Deployment:
     """One emulated instance: device × count × tp × dtype × engine knobs, with its physics."""
 
-    device: HbmDevice | PipelineDevice
+    device: AnyDevice
     model: ModelProfile
     dtype: str
     count: int
@@ -208,34 +487,29 @@ class Deployment:
         return self.model.shape(self.dtype)
 
     @cached_property
-    def _constants(self) -> HbmConstants | PipelineConstants:
-        d = self.device
-        if isinstance(d, HbmDevice):
-            e = d.efficiency
-            return HbmConstants(
-                peak_flops=d.peak_flops(self.dtype),
-                bandwidth=d.memory_bandwidth_tb_s * TB,
-                mfu=e.mfu,
-                bandwidth_efficiency=e.bandwidth,
-                step_overhead_s=e.step_overhead_s,
-                layer_overhead_s=e.layer_overhead_s,
-                tp=self.tp,
-                interconnect=d.interconnect_gb_s * GB,
-                allreduce_latency_s=e.allreduce_latency_s,
-            )
-        hops = self.count - 1 if d.family == "wafer_scale" else 0
-        return PipelineConstants(
-            latency_s=d.tau0_s + self.model.layers * d.tau_layer_s + hops * d.tau_hop_s,
-            slots=max(1, int(self.count * d.slots_per_device)),
-            compute_flops=d.mfu * d.peak_flops(self.dtype) * self.count,
-        )
+    def _constants(self) -> PhysicsConstants:
+        return self.device.constants(self)
 
     def step_time(self, shape: StepShape) -> float:
         """Seconds one engine step of this composition takes on this deployment."""
-        c = self._constants
+        c, m = self._constants, self.model_shape
         if isinstance(c, HbmConstants):
-            return hbm_step_time(self.model_shape, shape, c)
-        return pipeline_step_time(self.model_shape, shape, c)
+            return hbm_step_time(m, shape, c)
+        if isinstance(c, PipelineConstants):
+            return pipeline_step_time(m, shape, c)
+        if isinstance(c, DramSramConstants):
+            return dram_sram_step_time(m, shape, c)
+        if isinstance(c, InMemoryConstants):
+            return in_memory_step_time(m, shape, c)
+        if isinstance(c, DataflowConstants):
+            return dataflow_step_time(m, shape, c)
+        return hardwired_step_time(m, shape, c)
+
+    @property
+    def model_switch_s(self) -> float | None:
+        """Seconds to load this model from the device's model library (dataflow devices' DDR
+        tier); None for devices whose model loading is not modelled."""
+        return self.device.model_switch_s(self)
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -243,7 +517,7 @@ class Deployment:
 
 
 def plan_deployment(
-    device: HbmDevice | PipelineDevice,
+    device: AnyDevice,
     model: ModelProfile,
     dtype: str,
     count: int | None,
@@ -252,30 +526,29 @@ def plan_deployment(
 ) -> Deployment:
     """Size a deployment and its KV capacity; raise :class:`CatalogError` if it cannot fit.
 
-    HBM devices: ``count`` defaults to ``tp``. Pipeline devices: ``count`` defaults to the
-    fewest devices whose memory holds the weights with ``kv_reserve_fraction`` left for KV.
-    KV capacity = ``count · memory · utilisation − weights``.
+    ``count`` defaults to ``tp`` (HBM, LPDDR, dataflow and hard-wired devices), or to the fewest
+    devices whose memory holds the weights with ``kv_reserve_fraction`` left for KV (pipelines
+    and wafers: all memory; in-memory compute: SRAM).
+    KV capacity = ``(capacity − resident weights) / kv_bytes_per_token`` where capacity is
+    ``count · memory · utilisation`` (SRAM + LPDDR for tiered devices) and hard-wired weights
+    take no memory.
     """
-    device.peak_flops(dtype)
-    weights = model.params_b * 1e9 * DTYPE_BYTES[dtype]
-    per_device = device.memory_gb * GB * engine.gpu_memory_utilization
+    device.check_serves(model, dtype)
+    util = engine.gpu_memory_utilization
+    weights = device.resident_weight_bytes(model, dtype)
     if count is None:
-        if isinstance(device, PipelineDevice):
-            usable = per_device * (1.0 - device.kv_reserve_fraction)
-            count = max(1, math.ceil(weights / usable))
-        else:
-            count = tp
+        count = device.default_count(weights, util, tp)
     if count < tp or count % tp:
         raise CatalogError(f"count {count} must be a positive multiple of tp {tp}")
-    free = count * per_device - weights
+    total = device.capacity_bytes(count, util)
+    free = total - weights
     kv_per_token = model.kv_bytes_per_token(dtype)
     capacity = int(free // kv_per_token) if free > 0 else 0
     if capacity < engine.block_size:
         raise CatalogError(
             f"{model.name} ({dtype}) does not fit on {count} × {device.name}: weights "
             f"{weights / GB:.1f} GB + one KV block {engine.block_size * kv_per_token / GB:.3f} GB "
-            f"> {count} × {device.memory_gb:g} GB × {engine.gpu_memory_utilization:g} utilisation "
-            f"= {count * per_device / GB:.1f} GB"
+            f"> {device.capacity_text(count, util)} = {total / GB:.1f} GB"
         )
     return Deployment(device, model, dtype, count, tp, engine, capacity)
 
@@ -285,7 +558,7 @@ class Catalog:
 
     def __init__(
         self,
-        devices: dict[str, HbmDevice | PipelineDevice],
+        devices: dict[str, AnyDevice],
         models: dict[str, ModelProfile],
         links: dict[str, LinkProfile],
     ) -> None:
@@ -309,7 +582,7 @@ class Catalog:
                 raise CatalogError(f"{root}: file '{key}.yaml' declares name '{item.name}'")
         return cls(devices, models, links)
 
-    def device(self, name: str) -> HbmDevice | PipelineDevice:
+    def device(self, name: str) -> AnyDevice:
         return _lookup(self.devices, name, "device")
 
     def model(self, name: str) -> ModelProfile:
@@ -333,7 +606,7 @@ class Catalog:
         )
 
 
-_DEVICE = TypeAdapter[HbmDevice | PipelineDevice](DeviceProfile)
+_DEVICE = TypeAdapter[AnyDevice](DeviceProfile)
 _MODEL = TypeAdapter(ModelProfile)
 _LINKS = TypeAdapter(dict[str, LinkProfile])
 T = TypeVar("T")
@@ -356,7 +629,17 @@ def _parse(adapter: TypeAdapter[T], path: Path) -> T:
 
 
 # Discriminated unions put the chosen tag into an error's location; it is not a YAML key.
-_UNION_TAGS = {"hbm", "sram_pipeline", "wafer_scale"}
+_UNION_TAGS = {
+    "hbm",
+    "sram_pipeline",
+    "wafer_scale",
+    "lpddr_sram",
+    "in_memory",
+    "dataflow",
+    "hardwired",
+    "emulated",  # gateway worker types
+    "http",
+}
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:

@@ -8,11 +8,17 @@ by :class:`StepShape`: how many new tokens are computed (prefill chunk tokens pl
 decoding sequence), how much attention work they do over their context, how many context
 tokens' KV must be read, and how many sequences take part.
 
-Three device families are modelled, each by one function:
+Each device family is modelled by one function:
 
 * :func:`hbm_step_time` — GPUs and other HBM accelerators (roofline),
-* :func:`pipeline_step_time` — SRAM-resident pipelines (Groq LPU) and wafer-scale engines
-  (Cerebras WSE), whose per-token latency is a sum of per-layer and per-hop latencies,
+* :func:`pipeline_step_time` — SRAM-resident pipelines (Groq LPU, Graphcore IPU) and wafer-scale
+  engines (Cerebras WSE), whose per-token latency is a sum of per-layer and per-hop latencies,
+* :func:`dram_sram_step_time` — LPDDR roofline chips with a large SRAM (MTIA v2): SRAM speed when
+  the weights fit there, LPDDR speed when they do not,
+* :func:`in_memory_step_time` — in-memory compute over SRAM + LPDDR tiers (d-Matrix Corsair),
+* :func:`dataflow_step_time` — three-tier SRAM + HBM + DDR dataflow (SambaNova SN40L), with
+  :func:`model_switch_time` for loading another model from DDR,
+* :func:`hardwired_step_time` — one model wired into the chip (Taalas HC1),
 * :func:`kv_transfer_time` — the prefill→decode KV handoff over a link.
 """
 
@@ -168,6 +174,7 @@ class Link:
     efficiency: float  # achieved fraction of nominal bandwidth (η)
     setup_s: float  # per-transfer fixed cost (handshake, registration)
     per_descriptor_s: float  # cost of posting one transfer descriptor (one KV block)
+    layerwise: bool = False  # send each layer's KV as soon as its prefill is done
 
 
 def kv_transfer_time(link: Link, kv_bytes: float, descriptors: int) -> float:
@@ -177,3 +184,196 @@ def kv_transfer_time(link: Link, kv_bytes: float, descriptors: int) -> float:
         + descriptors * link.per_descriptor_s
         + kv_bytes / (link.efficiency * link.bandwidth)
     )
+
+
+def exposed_kv_transfer_time(
+    link: Link, kv_bytes: float, descriptors: int, layers: int, prefill_compute_s: float
+) -> float:
+    """KV handoff time left after the prefill ends.
+
+    Without overlap it is :func:`kv_transfer_time`. With layer-wise transfer each layer's share
+    ``T / layers`` (``T`` = descriptors and bytes) leaves as soon as that layer is prefilled,
+    so the first ``layers − 1`` shares overlap the remaining prefill compute ``C``::
+
+        t = setup + max(T / layers, T − C · (layers − 1) / layers)
+
+    i.e. only the last layer's share is exposed while the link keeps up with the compute.
+    """
+    if not link.layerwise or layers <= 1:
+        return kv_transfer_time(link, kv_bytes, descriptors)
+    body = descriptors * link.per_descriptor_s + kv_bytes / (link.efficiency * link.bandwidth)
+    hidden = prefill_compute_s * (layers - 1) / layers
+    return link.setup_s + max(body / layers, body - hidden)
+
+
+def ring_allreduce_time(
+    m: ModelShape, s: StepShape, devices: int, bandwidth: float, latency_s: float
+) -> float:
+    """Two ring all-reduces per layer over ``devices`` chips joined by ``bandwidth`` bytes/s::
+
+        2 · layers · (latency + 2 · (n − 1) / n · new_tokens · hidden · act_bytes / bandwidth)
+
+    The same traffic as :func:`allreduce_time`, for families whose constants are not
+    :class:`HbmConstants`.
+    """
+    if devices <= 1:
+        return 0.0
+    payload = 2.0 * (devices - 1) / devices * s.new_tokens * m.hidden * m.act_bytes
+    return 2 * m.layers * (latency_s + payload / bandwidth)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryTiers:
+    """On-chip SRAM and off-chip DRAM (LPDDR) of a deployment, per device, plus the placement.
+
+    The planner puts the weights in SRAM when all of them fit there (``weights_in_sram``), else
+    in DRAM; KV fills the SRAM left over (``sram_kv_bytes``, all devices together) first and
+    DRAM after it.
+    """
+
+    sram_bandwidth: float  # bytes/s of one device
+    dram_bandwidth: float  # bytes/s of one device
+    sram_efficiency: float  # achieved fraction of SRAM bandwidth
+    dram_efficiency: float  # achieved fraction of DRAM bandwidth
+    devices: int  # devices whose bandwidth one step uses
+    weights_in_sram: bool
+    sram_kv_bytes: float  # SRAM left for KV, all devices together
+
+
+def tiered_memory_time(m: ModelShape, s: StepShape, t: MemoryTiers) -> float:
+    """Memory time of one step over two tiers::
+
+        W / (η_w · BW_w · n) + KV_sram / (η_s · BW_sram · n) + KV_dram / (η_d · BW_dram · n)
+
+    ``W`` is the weights the step reads (:func:`weight_bytes_read`), served by SRAM when they
+    live there and by DRAM otherwise. ``KV = (kv_read_tokens + new_tokens) · kv_bytes_per_token``;
+    ``KV_sram = min(KV, sram_kv_bytes)`` and ``KV_dram = KV − KV_sram`` (the step's KV is taken
+    to fill SRAM first). The parts add up rather than overlap: a layer needs its weights and its
+    KV before it can finish.
+    """
+    sram = t.sram_efficiency * t.sram_bandwidth * t.devices
+    dram = t.dram_efficiency * t.dram_bandwidth * t.devices
+    weights = weight_bytes_read(m, s.new_tokens) / (sram if t.weights_in_sram else dram)
+    kv = (s.kv_read_tokens + s.new_tokens) * m.kv_bytes_per_token
+    kv_sram = min(kv, t.sram_kv_bytes)
+    return weights + kv_sram / sram + (kv - kv_sram) / dram
+
+
+@dataclass(frozen=True, slots=True)
+class DramSramConstants:
+    """A DRAM (LPDDR) roofline device with a large on-chip SRAM (MTIA v2), over ``tiers.devices``
+    tensor-parallel chips."""
+
+    peak_flops: float  # dense FLOP/s of one device at the serving dtype
+    mfu: float
+    tiers: MemoryTiers
+    step_overhead_s: float
+    layer_overhead_s: float
+    interconnect: float  # bytes/s per direction between the devices
+    allreduce_latency_s: float
+
+
+def dram_sram_step_time(m: ModelShape, s: StepShape, c: DramSramConstants) -> float:
+    """Roofline step time with the memory roof split over SRAM and DRAM::
+
+        t = max(FLOPs / (MFU · peak · n), t_tiers) + step_overhead + layers · layer_overhead
+            + t_allreduce
+
+    ``t_tiers`` is :func:`tiered_memory_time`: a model whose weights fit in SRAM decodes at SRAM
+    speed; one that does not is bound by DRAM bandwidth, as an HBM device is by HBM.
+    """
+    n = c.tiers.devices
+    t_compute = forward_flops(m, s) / (c.mfu * c.peak_flops * n)
+    overhead = c.step_overhead_s + m.layers * c.layer_overhead_s
+    comm = ring_allreduce_time(m, s, n, c.interconnect, c.allreduce_latency_s)
+    return max(t_compute, tiered_memory_time(m, s, c.tiers)) + overhead + comm
+
+
+@dataclass(frozen=True, slots=True)
+class InMemoryConstants:
+    """An in-/near-memory compute device (d-Matrix Corsair): weights computed on in place in SRAM
+    when they fit, streamed from LPDDR when they do not.
+
+    ``latency_s = τ0 + layers · τ_layer`` is the fixed time a token takes through the chain of
+    cards and chiplets; ``compute_flops`` the achieved FLOP/s of all devices together.
+    """
+
+    latency_s: float
+    compute_flops: float
+    tiers: MemoryTiers
+
+
+def in_memory_step_time(m: ModelShape, s: StepShape, c: InMemoryConstants) -> float:
+    """Step time of an in-memory compute deployment::
+
+        t = latency + max(FLOPs / compute_flops, t_tiers)
+
+    With the weights in SRAM the memory term is tiny (the matrix work happens where the weights
+    sit, at SRAM bandwidth) and the per-token latency of the card chain dominates; spilled to
+    LPDDR, weight reads are hundreds of times slower and bound the step.
+    """
+    return c.latency_s + max(
+        forward_flops(m, s) / c.compute_flops, tiered_memory_time(m, s, c.tiers)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DataflowConstants:
+    """A three-tier dataflow device (SambaNova SN40L) over ``sockets`` sockets: SRAM holds the fused
+    decoder's working set, HBM the hot model and its KV, DDR the model library."""
+
+    peak_flops: float  # dense FLOP/s of one socket
+    hbm_bandwidth: float  # bytes/s of one socket
+    mfu: float
+    hbm_efficiency: float  # achieved fraction of HBM bandwidth in decode
+    step_overhead_s: float
+    layer_overhead_s: float
+    sockets: int
+    ddr_bandwidth: float  # bytes/s of one socket's DDR, for model switches
+
+
+def dataflow_step_time(m: ModelShape, s: StepShape, c: DataflowConstants) -> float:
+    """Step time of a dataflow device streaming the active weights from HBM::
+
+        t = max(FLOPs / (MFU · peak · n), bytes / (η · BW_hbm · n))
+            + step_overhead + layers · layer_overhead
+
+    ``bytes`` as in :func:`step_bytes`. The whole decoder runs as one on-chip pipeline, so η is
+    high and the per-layer cost small; socket-to-socket traffic overlaps inside that pipeline,
+    so there is no separate all-reduce term.
+    """
+    n = c.sockets
+    t_compute = forward_flops(m, s) / (c.mfu * c.peak_flops * n)
+    t_memory = step_bytes(m, s) / (c.hbm_efficiency * c.hbm_bandwidth * n)
+    return max(t_compute, t_memory) + c.step_overhead_s + m.layers * c.layer_overhead_s
+
+
+def model_switch_time(weight_bytes: float, c: DataflowConstants) -> float:
+    """Time to bring another model from the DDR library into HBM: ``weights / (n · BW_ddr)``."""
+    return weight_bytes / (c.sockets * c.ddr_bandwidth)
+
+
+@dataclass(frozen=True, slots=True)
+class HardwiredConstants:
+    """A chip with one model wired into it (Taalas HC1).
+
+    ``token_latency_s`` is the time one token takes through the fixed pipeline; further prompt
+    tokens of a sequence stream in behind the first one, ``prompt_token_s`` apart. ``slots`` is how
+    many sequences the pipeline carries at once (bounded by its on-die KV SRAM as well).
+    """
+
+    token_latency_s: float
+    prompt_token_s: float
+    slots: int
+
+
+def hardwired_step_time(m: ModelShape, s: StepShape, c: HardwiredConstants) -> float:
+    """Step time of a hard-wired model::
+
+        t = ceil(seqs / slots) · token_latency + (new_tokens − seqs) · prompt_token
+
+    Flat in batch while the slots last; each prompt token beyond a sequence's first adds one
+    pipeline beat. The model's shape does not enter: the chip's latency is what it is.
+    """
+    waves = max(1, math.ceil(s.seqs / c.slots))
+    return waves * c.token_latency_s + max(0, s.new_tokens - s.seqs) * c.prompt_token_s
