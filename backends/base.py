@@ -56,6 +56,7 @@ class LegStats:
     queue_s: float = 0.0
     compute_s: float = 0.0
     transfer_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens a prefix cache served instead of computing
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,10 +30,11 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, TypeVar
 
@@ -54,6 +55,7 @@ from gateway.registry import InFlight, Pool, Worker, WorkerRegistry
 from gateway.settings import ModelConfig
 
 T = TypeVar("T")
+log = logging.getLogger("pdgate.dispatch")
 
 
 @dataclass(slots=True)
@@ -63,6 +65,7 @@ class DispatchRequest:
     received_at: float
     deadline: float
     ttft_target_s: float | None = None
+    pools: list[str] = field(default_factory=list)  # pools whose legs finished, for goodput
 
     @property
     def routing(self) -> RouteRequest:
@@ -146,6 +149,7 @@ class _Legs:
         if attempt + 1 >= attempts:
             raise exc
         self.deps.metrics.count_retry(pool.model, pool.role, type(exc).__name__)
+        log.warning("%s leg failed, retrying on another worker: %s", pool.role, exc)
 
     async def prefill(self, pool: Pool, req: DispatchRequest) -> PrefillResult:
         """Prefill on one worker of ``pool``, retried on others while nothing was produced."""
@@ -299,6 +303,9 @@ class DisaggregatedFlow:
                 async for chunk in stream:
                     if chunk.stats is not None:
                         _observe_leg(metrics, req, "decode", chunk)
+                        metrics.observe_kv_transfer(
+                            req.route.model, req.route.mode, result.kv.kv_bytes
+                        )
                     yield chunk
         finally:
             result.kv.release()
@@ -368,6 +375,19 @@ def _observe_leg(metrics: GatewayMetrics, req: DispatchRequest, pool: str, c: To
         metrics.observe_phase(model, mode, pool, "kv_transfer", s.transfer_s)
     phase = "prefill" if pool == "prefill" else "compute"
     metrics.observe_phase(model, mode, pool, phase, s.compute_s)
+    req.pools.append(pool)
+    if s.cached_tokens or pool != "decode":  # a remote decode never prefills: no cache to hit
+        metrics.count_cached_tokens(model, pool, s.cached_tokens)
+
+
+def _pool_met(pool: str, pools: list[str], *, ttft_ok: bool, tpot_ok: bool) -> bool:
+    """The target a pool answers for: a prefill pool the TTFT, a decode pool after a remote
+    prefill the TPOT, a pool that ran both phases (aggregated, conditional local) both."""
+    if pool == "prefill":
+        return ttft_ok
+    if pool == "decode" and "prefill" in pools:
+        return tpot_ok
+    return ttft_ok and tpot_ok
 
 
 FLOWS: dict[str, Callable[[ModelConfig, FlowDeps], Flow]] = {
@@ -428,6 +448,7 @@ class Dispatcher:
             outcome = exc.code or exc.type
             raise
         except BackendError as exc:
+            log.warning("request failed: %s", exc)
             error = _translate(exc)
             outcome = error.code or error.type
             raise error from exc
@@ -449,9 +470,12 @@ class Dispatcher:
         if completion > 1:
             self._deps.metrics.observe_tpot(req.route.model, req.route.mode, tpot)
         ttft_ok = ttft <= (req.ttft_target_s or cfg.slo.ttft_s)
-        self._deps.metrics.observe_slo(
-            req.route.model, req.route.mode, ttft_ok=ttft_ok, tpot_ok=tpot <= cfg.slo.tpot_s
-        )
+        tpot_ok = tpot <= cfg.slo.tpot_s
+        metrics = self._deps.metrics
+        metrics.observe_slo(req.route.model, req.route.mode, ttft_ok=ttft_ok, tpot_ok=tpot_ok)
+        for pool in dict.fromkeys(req.pools):
+            met = _pool_met(pool, req.pools, ttft_ok=ttft_ok, tpot_ok=tpot_ok)
+            metrics.observe_pool_slo(req.route.model, req.route.mode, pool, met=met)
 
 
 def _translate(exc: BackendError) -> GatewayError:

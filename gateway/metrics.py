@@ -28,6 +28,9 @@ LATENCY_BUCKETS = (
     600.0,
 )
 
+# ×4 steps from 64 KiB (a few tokens of a small model) to 64 GiB (a long prompt of a large one).
+BYTE_BUCKETS = tuple(float(65536 * 4**e) for e in range(11))
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -117,6 +120,27 @@ class GatewayMetrics:
             ["model", "decision"],
             registry=r,
         )
+        self.kv_transfer = Histogram(
+            "pdgate_kv_transfer_bytes",
+            "KV cache bytes handed from a prefill to a decode worker, per completed decode leg.",
+            ["model", "mode"],
+            buckets=BYTE_BUCKETS,
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "pdgate_cached_prompt_tokens",
+            "Prompt tokens a worker's prefix cache served instead of computing them.",
+            ["model", "pool"],
+            registry=r,
+        )
+        self.pool_slo = Counter(
+            "pdgate_pool_slo_requests",
+            "Completed requests by whether their part in a pool met its target: a prefill pool "
+            "owns TTFT, a decode pool after a remote prefill owns TPOT, a pool that did both "
+            'owns both; met="true" is the pool\'s goodput.',
+            ["model", "mode", "pool", "met"],
+            registry=r,
+        )
         self.in_flight_gauge = Gauge(
             "pdgate_worker_in_flight",
             "Legs in flight on a worker (this replica).",
@@ -176,6 +200,15 @@ class GatewayMetrics:
 
     def count_disaggregation(self, model: str, decision: str) -> None:
         self._counter(self.disaggregation, model, decision).inc()
+
+    def observe_kv_transfer(self, model: str, mode: str, nbytes: float) -> None:
+        self._hist(self.kv_transfer, model, mode).observe(nbytes)
+
+    def count_cached_tokens(self, model: str, pool: str, tokens: int) -> None:
+        self._counter(self.cached_tokens, model, pool).inc(tokens)
+
+    def observe_pool_slo(self, model: str, mode: str, pool: str, *, met: bool) -> None:
+        self._counter(self.pool_slo, model, mode, pool, "true" if met else "false").inc()
 
     def watch(
         self,

@@ -165,6 +165,9 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     request_timeout_s: float = Field(120.0, gt=0, description="default per-request deadline")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per line, with the request id"
+    )
     access_log: bool = False
 
 

@@ -25,6 +25,7 @@ from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.api.wire import DONE, WireFormat
 from gateway.dispatch import DispatchRequest
 from gateway.errors import InvalidRequest, ModelNotFound, NoHealthyWorker, PayloadTooLarge
+from gateway.logs import REQUEST_ID
 from gateway.metrics import CONTENT_TYPE
 from gateway.prefix import chat_block_hashes, prompt_block_hashes
 from gateway.service import Gateway, ServedModel
@@ -148,6 +149,7 @@ def _generate(
     received = gw.clock.now()
     prompt_tokens = prompt.tokens
     request_id = request.headers.get("x-request-id") or secrets.token_hex(12)
+    REQUEST_ID.set(request_id)  # logs while this request is served carry its id
     max_tokens = body.requested_max_tokens() or served.config.default_max_tokens
     limit = served.max_context
     if prompt_tokens + max_tokens > limit:

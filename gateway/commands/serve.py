@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from backends.errors import CatalogError
+from gateway.logs import configure_logging
 from gateway.policies import POLICIES
 from gateway.settings import ConfigError, load_settings
 
@@ -17,6 +17,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (overrides the config)")
     parser.add_argument("--port", type=int, help="port (overrides the config)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help="json: JSON lines with the request id"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,19 +28,23 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, CatalogError) as exc:
         print(f"pdgate: config error: {exc}", file=sys.stderr)
         return 2
-    overrides = {"host": args.host, "port": args.port, "log_level": args.log_level}
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
     server = settings.server.model_copy(
         update={k: v for k, v in overrides.items() if v is not None}
     )
     settings = settings.model_copy(update={"server": server})
 
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from gateway.app import create_app
 
-    logging.basicConfig(
-        level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(server.log_level, server.log_format)
     uvicorn.run(
         create_app(settings),
         host=server.host,
@@ -47,5 +54,7 @@ def run(args: argparse.Namespace) -> int:
         log_level=server.log_level,
         access_log=server.access_log,
         timeout_graceful_shutdown=5,
+        # JSON lines: uvicorn's loggers propagate to the root handler instead of its own.
+        log_config=None if server.log_format == "json" else LOGGING_CONFIG,
     )
     return 0
