@@ -60,13 +60,25 @@ class LegStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportedUsage:
+    """Prompt accounting an upstream reported (real engines count with their own tokenizer)."""
+
+    prompt_tokens: int
+    cached_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TokenChunk:
-    """Text of one or more tokens; the last chunk of a stream has ``finish_reason`` set."""
+    """Text of one or more tokens; the last chunk of a stream has ``finish_reason`` set.
+
+    ``usage``: set on a last chunk by backends whose upstream reports its own prompt count.
+    """
 
     text: str
     tokens: int
     finish_reason: str | None = None
     stats: LegStats | None = None
+    usage: ReportedUsage | None = None
 
 
 def _noop() -> None:

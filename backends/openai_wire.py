@@ -22,7 +22,8 @@ def error_envelope(
     message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> bytes:
     """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+    error = {"message": message, "type": type_, "param": param, "code": code}
+    return orjson.dumps({"error": error})
 
 
 def usage_dict(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:

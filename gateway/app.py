@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from backends.catalog import Catalog
 from gateway import __version__
+from gateway.admin import router as admin_router
 from gateway.api import errors
 from gateway.api.routes import router
 from gateway.service import BackendFactory, build_gateway
@@ -44,4 +45,5 @@ def create_app(
     )
     errors.install(app)
     app.include_router(router)
+    app.include_router(admin_router)
     return app

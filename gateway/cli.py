@@ -1,6 +1,7 @@
 """``pdgate`` command line: one subcommand per module.
 
     pdgate serve [--config FILE] [--host H] [--port P] [--log-level L]
+    pdgate backend --device D --model M [--role prefill|decode|both] [--port P] ...
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and
 ``run(args) -> int``; :data:`COMMANDS` maps names to (module, one-line help). Modules are
@@ -16,6 +17,10 @@ from types import ModuleType
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.commands.serve", "run the gateway"),
+    "backend": (
+        "gateway.commands.backend",
+        "run one emulated instance as an OpenAI server speaking vLLM's and SGLang's P/D protocols",
+    ),
 }
 
 

@@ -15,14 +15,16 @@ from backends.base import Backend
 from backends.catalog import Catalog
 from backends.clock import Clock, LoopClock
 from backends.emulated import EmulatedBackend
+from backends.http import HttpBackend, HttpOptions
 from backends.timing import Link
 from gateway.admission import Limiter
 from gateway.circuit import CircuitBreaker
 from gateway.dispatch import FLOWS, Dispatcher, FlowDeps, Route
+from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics, WorkerState
 from gateway.policies import PolicyDeps, make_policy
 from gateway.registry import Pool, Worker, WorkerRegistry
-from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings
+from gateway.settings import EmulatedWorker, HttpWorker, ModelConfig, PoolConfig, Settings
 from gateway.state import InMemoryStateStore, StateStore
 from gateway.tokens import TokenCounter
 
@@ -45,11 +47,17 @@ class Gateway:
     dispatcher: Dispatcher
     models: dict[str, ServedModel]
     started: int
+    factory: BackendFactory | None = None  # builds workers added at run time (admin API)
+    health: HealthChecker | None = None
 
     async def start(self) -> None:
         await self.registry.start()
+        if self.health is not None:
+            self.health.start()
 
     async def close(self) -> None:
+        if self.health is not None:
+            await self.health.close()
         await self.registry.close()
 
     def unready_pools(self) -> list[str]:
@@ -76,7 +84,7 @@ class BackendFactory(Protocol):
     """Makes the backend of one worker instance (the default builds emulated instances)."""
 
     def __call__(
-        self, name: str, spec: EmulatedWorker, model: ModelConfig, link: Link
+        self, name: str, spec: EmulatedWorker | HttpWorker, model: ModelConfig, link: Link
     ) -> Backend: ...
 
 
@@ -93,7 +101,7 @@ def build_gateway(
     clock = clock or LoopClock()
     metrics = metrics or GatewayMetrics()
     store = store or InMemoryStateStore()
-    make_backend = backend_factory or EmulatedFactory(catalog, clock)
+    make_backend = backend_factory or WorkerFactory(catalog, clock)
 
     def on_in_flight(worker: Worker, value: int) -> None:
         metrics.set_in_flight(worker.model, worker.role, worker.name, value)
@@ -126,6 +134,8 @@ def build_gateway(
         Dispatcher(deps, limiter),
         models,
         int(time.time()),
+        make_backend,
+        HealthChecker(registry, settings.health_checks),
     )
     metrics.watch(gateway.worker_states, gateway.pool_queues)
     return gateway
@@ -169,6 +179,32 @@ def _build_pool(
     return pool
 
 
+class WorkerFactory:
+    """The default factory: emulated instances in-process, HTTP workers as upstream adapters."""
+
+    def __init__(self, catalog: Catalog, clock: Clock) -> None:
+        self._emulated = EmulatedFactory(catalog, clock)
+
+    def __call__(
+        self, name: str, spec: EmulatedWorker | HttpWorker, model: ModelConfig, link: Link
+    ) -> Backend:
+        if isinstance(spec, HttpWorker):
+            return http_backend(name, spec)
+        return self._emulated(name, spec, model, link)
+
+
+def http_backend(name: str, spec: HttpWorker) -> HttpBackend:
+    options = HttpOptions(
+        max_connections=spec.max_connections,
+        connect_timeout_s=spec.connect_timeout_s,
+        prefill_timeout_s=spec.prefill_timeout_s,
+        read_timeout_s=spec.read_timeout_s,
+    )
+    return HttpBackend(
+        name, spec.url, spec.protocol, bootstrap_port=spec.bootstrap_port, options=options
+    )
+
+
 class EmulatedFactory:
     """Builds in-process emulated instances from the catalog."""
 
@@ -176,7 +212,11 @@ class EmulatedFactory:
         self._catalog = catalog
         self._clock = clock
 
-    def __call__(self, name: str, spec: EmulatedWorker, model: ModelConfig, link: Link) -> Backend:
+    def __call__(
+        self, name: str, spec: EmulatedWorker | HttpWorker, model: ModelConfig, link: Link
+    ) -> Backend:
+        if not isinstance(spec, EmulatedWorker):
+            raise TypeError(f"{name}: EmulatedFactory builds emulated workers only")
         deployment = self._catalog.deployment(
             spec.device,
             model.profile_name,

@@ -24,10 +24,18 @@ the catalog, so a bad config fails before anything starts, e.g.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from backends.catalog import Catalog, EngineKnobs, format_validation_error
 from backends.errors import CatalogError
@@ -69,8 +77,44 @@ class EmulatedWorker(_Strict):
     engine: EngineKnobs = EngineKnobs()
 
 
-# One worker type so far; more types join as a union discriminated by ``type``.
-WorkerConfig = EmulatedWorker
+class HttpWorker(_Strict):
+    """One real upstream server (vLLM, SGLang or any OpenAI-compatible server) at ``url``.
+
+    ``protocol`` says how the legs talk to it: ``vllm-nixl`` (kv_transfer_params),
+    ``sglang-bootstrap`` (bootstrap rooms; prefill workers need ``bootstrap_port``) or
+    ``openai`` (aggregated pools only).
+    """
+
+    type: Literal["http"]
+    id: str | None = Field(None, description="instance id prefix (default: the pool's role)")
+    url: str = Field(pattern=r"^https?://", description="base URL, e.g. http://10.0.0.5:8000")
+    protocol: Literal["vllm-nixl", "sglang-bootstrap", "openai"]
+    bootstrap_port: int | None = Field(None, gt=0, le=65535)
+    max_connections: int = Field(512, gt=0, description="pooled connections to this upstream")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    prefill_timeout_s: float = Field(300.0, gt=0, description="a whole prefill leg")
+    read_timeout_s: float = Field(120.0, gt=0, description="longest silence within a stream")
+
+    @property
+    def replicas(self) -> int:
+        return 1
+
+
+def _worker_type(value: object) -> str:
+    """``type`` selects the worker model; absent means ``emulated``."""
+    if isinstance(value, dict):
+        return str(value.get("type", "emulated"))
+    return str(getattr(value, "type", "emulated"))
+
+
+WorkerConfig = Annotated[
+    Annotated[EmulatedWorker, Tag("emulated")] | Annotated[HttpWorker, Tag("http")],
+    Discriminator(
+        _worker_type,
+        custom_error_type="worker_type",
+        custom_error_message="worker type must be 'emulated' or 'http'",
+    ),
+]
 
 
 class PoolConfig(_Strict):
@@ -171,8 +215,29 @@ class ServerConfig(_Strict):
     access_log: bool = False
 
 
+class AdminConfig(_Strict):
+    """The admin API (``/admin/workers``): off unless a key is set here or in the environment."""
+
+    api_key: str | None = Field(None, description="key for the admin API")
+    api_key_env: str = Field("PDGATE_ADMIN_KEY", description="environment variable with the key")
+    drain_timeout_s: float = Field(
+        60.0, gt=0, description="DELETE waits this long for in-flight legs to finish"
+    )
+
+
+class HealthCheckConfig(_Strict):
+    """Active health checks of HTTP workers (``GET /health``)."""
+
+    interval_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(2.0, gt=0)
+    failure_threshold: int = Field(2, gt=0, description="failed checks that take it out")
+    success_threshold: int = Field(1, gt=0, description="passed checks that bring it back")
+
+
 class Settings(_Strict):
     server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    health_checks: HealthCheckConfig = HealthCheckConfig()
     admission: AdmissionConfig = AdmissionConfig()
     models: list[ModelConfig] = Field(min_length=1)
 
@@ -248,8 +313,25 @@ def check_references(settings: Settings, catalog: Catalog, policies: set[str] | 
                     f"{', '.join(sorted(catalog.links))}"
                 )
             for j, w in enumerate(pool.workers):
-                problems += _check_worker(w, m, catalog, f"{at}.workers[{j}]")
+                problems += check_worker(w, m, role, catalog, f"{at}.workers[{j}]")
     return problems
+
+
+def check_worker(
+    w: EmulatedWorker | HttpWorker, m: ModelConfig, role: str, catalog: Catalog, at: str
+) -> list[str]:
+    """Problems with one worker of a ``role`` pool (empty if none)."""
+    if isinstance(w, HttpWorker):
+        return _check_http_worker(w, role, at)
+    return _check_worker(w, m, catalog, at)
+
+
+def _check_http_worker(w: HttpWorker, role: str, at: str) -> list[str]:
+    if w.protocol == "openai" and role != "aggregated":
+        return [f"{at}.protocol: 'openai' upstreams serve aggregated pools only, not '{role}'"]
+    if w.protocol == "sglang-bootstrap" and role == "prefill" and w.bootstrap_port is None:
+        return [f"{at}.bootstrap_port: sglang-bootstrap prefill workers need their bootstrap port"]
+    return []
 
 
 def _check_worker(w: EmulatedWorker, m: ModelConfig, catalog: Catalog, at: str) -> list[str]:

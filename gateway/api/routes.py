@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
-from backends.base import GenerationParams, TokenChunk
+from backends.base import GenerationParams, ReportedUsage, TokenChunk
 from gateway.api.errors import invalid_request
 from gateway.api.responses import DeferredJSONResponse, EventStreamResponse, header_list
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -208,11 +208,13 @@ def _seconds(headers: Headers, name: str, default: float) -> float:
 async def _sse(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> AsyncGenerator[bytes, None]:
     completion = 0
     finish = "length"
+    reported: ReportedUsage | None = None
     async with gw.dispatcher.open(dreq) as chunks:
         opening = fmt.opening()
         async for chunk in chunks:
             completion += chunk.tokens
             finish = chunk.finish_reason or finish
+            reported = chunk.usage or reported
             out = fmt.text(chunk.text) if chunk.text else b""
             if opening:
                 out, opening = opening + out, b""
@@ -220,7 +222,8 @@ async def _sse(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> AsyncGene
                 yield out
     tail = fmt.finish(finish)
     if fmt.include_usage:
-        tail += fmt.usage(dreq.params.prompt_tokens, completion)
+        prompt, cached = _prompt_usage(dreq, reported)
+        tail += fmt.usage(prompt, completion, cached)
     yield tail + DONE
 
 
@@ -228,13 +231,23 @@ async def _complete(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> byte
     parts: list[str] = []
     completion = 0
     last: TokenChunk | None = None
+    reported: ReportedUsage | None = None
     async with gw.dispatcher.open(dreq) as chunks:
         async for chunk in chunks:
             parts.append(chunk.text)
             completion += chunk.tokens
             last = chunk
+            reported = chunk.usage or reported
     finish = (last.finish_reason if last else None) or "length"
-    return fmt.body("".join(parts), finish, dreq.params.prompt_tokens, completion)
+    prompt, cached = _prompt_usage(dreq, reported)
+    return fmt.body("".join(parts), finish, prompt, completion, cached)
+
+
+def _prompt_usage(dreq: DispatchRequest, reported: ReportedUsage | None) -> tuple[int, int | None]:
+    """Prompt tokens (and cached ones) as the upstream counted them, else as charged here."""
+    if reported is None:
+        return dreq.params.prompt_tokens, None
+    return reported.prompt_tokens, reported.cached_tokens
 
 
 __all__ = ["router"]

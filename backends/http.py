@@ -1,0 +1,432 @@
+"""Real upstreams as :class:`~backends.base.Backend`: vLLM (NIXL), SGLang (bootstrap), OpenAI.
+
+One :class:`HttpBackend` is one upstream server. Its ``protocol`` says how a disaggregated
+request's two legs talk to it (design.md §4):
+
+* ``vllm-nixl`` — sequential. The prefill leg is the request with ``max_tokens=1``,
+  ``stream=false`` and ``kv_transfer_params={"do_remote_decode": true}``; the
+  ``kv_transfer_params`` it answers go into the decode leg, which streams every output token.
+* ``sglang-bootstrap`` — concurrent. ``bootstrap_host``/``bootstrap_port`` (the prefill
+  server's) and a random 63-bit ``bootstrap_room`` go into one body, sent to the prefill and
+  the decode server at once; the decode server streams. If the prefill leg fails, the decode
+  leg is cancelled at once rather than left waiting for KV that will never come.
+* ``openai`` — any OpenAI-compatible server, aggregated only.
+
+With real engines the decode server produces every token, the first included, so the prefill
+leg yields an empty first chunk (no tokens) and all text comes from the decode leg. Both legs
+carry the same ``X-Request-Id``. Usage is merged: prompt (and cached) tokens as the prefill
+server counted them, completion tokens as the decode server produced them (per chunk, from
+vLLM's ``continuous_usage_stats``, reconciled with the final ``usage``).
+
+The client is aiohttp (pooled, TCP_NODELAY — aiohttp sets it on every connection it opens):
+httpx's default transport collapses under concurrency (encode/httpx#3215); figures in the
+README. aiohttp's errors never leave this module: they become :mod:`backends.errors`.
+
+Example::
+
+    up = HttpBackend("prefill-0", "http://10.0.0.5:8000", "vllm-nixl")
+    await up.start()
+    result = await up.prefill(params)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from backends.base import (
+    BackendLoad,
+    GenerationParams,
+    KVHandle,
+    LegStats,
+    PrefillResult,
+    ReportedUsage,
+    TokenChunk,
+)
+from backends.errors import BackendUnavailable, LegFailed
+
+Protocol = Literal["vllm-nixl", "sglang-bootstrap", "openai"]
+PROTOCOLS: tuple[Protocol, ...] = ("vllm-nixl", "sglang-bootstrap", "openai")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpOptions:
+    """Connection pool and per-leg timeouts of one upstream."""
+
+    max_connections: int = 512
+    connect_timeout_s: float = 5.0
+    prefill_timeout_s: float = 300.0  # a whole prefill leg, queueing included
+    read_timeout_s: float = 120.0  # longest silence within a streamed leg
+
+
+class HttpBackend:
+    """One upstream server speaking ``protocol`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        protocol: Protocol,
+        *,
+        bootstrap_port: int | None = None,
+        options: HttpOptions | None = None,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol '{protocol}'; known: {', '.join(PROTOCOLS)}")
+        self.name = name
+        self.url = url.rstrip("/")
+        self.protocol = protocol
+        self.bootstrap_port = bootstrap_port
+        self.options = options or HttpOptions()
+        self.host = urlsplit(self.url).hostname or "127.0.0.1"
+        self._session: aiohttp.ClientSession | None = None
+        self._healthy = True
+        self._continuous = protocol != "openai"  # vLLM and SGLang report usage per chunk
+
+    # -- lifecycle and health ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        o = self.options
+        connector = aiohttp.TCPConnector(
+            limit=o.max_connections, limit_per_host=o.max_connections, ttl_dns_cache=300
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=o.connect_timeout_s, sock_read=o.read_timeout_s
+            ),
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            auto_decompress=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def healthy(self) -> bool:
+        return self._session is not None and self._healthy
+
+    def set_healthy(self, value: bool) -> None:
+        self._healthy = value
+
+    async def probe(self, limit_s: float) -> bool:
+        """``GET /health`` answered 2xx within ``limit_s``."""
+        try:
+            async with self._http().get(
+                self.url + "/health", timeout=aiohttp.ClientTimeout(total=limit_s)
+            ) as resp:
+                await resp.read()
+                return 200 <= resp.status < 300
+        except (aiohttp.ClientError, TimeoutError, BackendUnavailable):
+            return False
+
+    def load(self) -> BackendLoad:
+        return BackendLoad()
+
+    def capacity_tokens(self) -> int | None:
+        return None
+
+    def estimate_prefill_s(self, prompt_tokens: int) -> float | None:
+        return None
+
+    # -- legs ----------------------------------------------------------------------------------
+
+    async def prefill(self, params: GenerationParams) -> PrefillResult:
+        if self.protocol == "openai":
+            raise BackendUnavailable(f"{self.name}: protocol 'openai' is aggregated only")
+        if self.protocol == "sglang-bootstrap":
+            return self._sglang_prefill(params)
+        return await self._vllm_prefill(params)
+
+    async def decode(
+        self, params: GenerationParams, kv: KVHandle
+    ) -> AsyncGenerator[TokenChunk, None]:
+        if self.protocol == "openai":
+            raise BackendUnavailable(f"{self.name}: protocol 'openai' is aggregated only")
+        prior = kv.params.get("usage")
+        if self.protocol == "sglang-bootstrap":
+            body = _body(params, stream=True, continuous=True, **kv.params["bootstrap"])
+            task: asyncio.Task[dict[str, Any]] = kv.params["prefill"]
+            stream = _fail_with(task, self._stream(params, body), self.name)
+        else:
+            body = _body(
+                params, stream=True, continuous=True, kv_transfer_params=kv.params.get("ktp")
+            )
+            stream = self._stream(params, body)
+        async with aclosing(stream) as chunks:
+            async for chunk in chunks:
+                if chunk.usage is not None and isinstance(prior, ReportedUsage):
+                    chunk = _with_usage(chunk, prior)
+                elif chunk.usage is not None and "prefill" in kv.params:
+                    chunk = _with_usage(chunk, _task_usage(kv.params["prefill"]) or chunk.usage)
+                yield chunk
+
+    async def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
+        body = _body(params, stream=True, continuous=self._continuous)
+        async with aclosing(self._stream(params, body)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _vllm_prefill(self, params: GenerationParams) -> PrefillResult:
+        started = time.monotonic()
+        if params.max_tokens <= 1:  # nothing to decode: one ordinary request
+            data = await self._post(params, _body(params, stream=False))
+            text, finish = _message(data)
+            stats = LegStats(compute_s=time.monotonic() - started)
+            usage = _usage(data)
+            chunk = TokenChunk(text, 1, finish or "length", stats, usage)
+            kv = KVHandle(self.name, params.prompt_tokens, 0.0, 0, None, text)
+            return PrefillResult(chunk, kv, stats)
+        ktp = {
+            "do_remote_decode": True,
+            "do_remote_prefill": False,
+            "remote_engine_id": None,
+            "remote_block_ids": None,
+            "remote_host": None,
+            "remote_port": None,
+        }
+        body = _body(params, stream=False, max_tokens=1, kv_transfer_params=ktp)
+        data = await self._post(params, body)
+        answered = data.get("kv_transfer_params")
+        usage = _usage(data)
+        stats = LegStats(compute_s=time.monotonic() - started)
+        blocks = answered.get("remote_block_ids") if isinstance(answered, dict) else None
+        kv = KVHandle(
+            source=self.name,
+            prompt_tokens=usage.prompt_tokens if usage else params.prompt_tokens,
+            kv_bytes=0.0,
+            descriptors=len(blocks) if isinstance(blocks, list) else 0,
+            link=None,
+            first_token="",
+            params={"ktp": answered if isinstance(answered, dict) else None, "usage": usage},
+        )
+        return PrefillResult(TokenChunk("", 0, None, stats), kv, stats)
+
+    def _sglang_prefill(self, params: GenerationParams) -> PrefillResult:
+        if self.bootstrap_port is None:
+            raise BackendUnavailable(f"{self.name}: sglang-bootstrap needs a bootstrap_port")
+        fields: dict[str, Any] = {
+            "bootstrap_host": self.host,
+            "bootstrap_port": self.bootstrap_port,
+            "bootstrap_room": secrets.randbits(63),
+        }
+        body = _body(params, stream=False, **fields)
+        task = asyncio.get_running_loop().create_task(self._post(params, body))
+        task.add_done_callback(_consume)
+
+        def release() -> None:
+            task.cancel()  # no-op once done: the decode side frees the KV on the server
+
+        kv = KVHandle(
+            self.name, params.prompt_tokens, 0.0, 0, None, "", release,
+            params={"bootstrap": fields, "prefill": task},
+        )  # fmt: skip
+        stats = LegStats()
+        return PrefillResult(TokenChunk("", 0, None, stats), kv, stats)
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise BackendUnavailable(f"{self.name} is not running")
+        return self._session
+
+    def _path(self, params: GenerationParams) -> str:
+        return self.url + ("/v1/chat/completions" if params.api == "chat" else "/v1/completions")
+
+    async def _post(self, params: GenerationParams, body: dict[str, Any]) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(
+            total=self.options.prefill_timeout_s, sock_connect=self.options.connect_timeout_s
+        )
+        try:
+            async with self._http().post(
+                self._path(params), data=orjson.dumps(body), headers=_headers(params),
+                timeout=timeout,
+            ) as resp:  # fmt: skip
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
+        except aiohttp.ClientConnectorError as exc:
+            raise BackendUnavailable(f"{self.name}: cannot connect: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise LegFailed(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise LegFailed(f"{self.name}: upstream answered invalid JSON") from exc
+        if not isinstance(data, dict):
+            raise LegFailed(f"{self.name}: upstream answered a non-object")
+        return data
+
+    async def _stream(
+        self, params: GenerationParams, body: dict[str, Any]
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """The upstream's SSE stream as token chunks; the last carries finish and usage."""
+        started = time.monotonic()
+        try:
+            async with self._http().post(
+                self._path(params), data=orjson.dumps(body), headers=_headers(params)
+            ) as resp:
+                if resp.status >= 400:
+                    raw = await resp.read()
+                    raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
+                parser = _StreamState()
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        break
+                    chunk = parser.feed(payload, self.name)
+                    if chunk is not None:
+                        yield chunk
+                yield parser.last(LegStats(compute_s=time.monotonic() - started))
+        except aiohttp.ClientConnectorError as exc:
+            raise BackendUnavailable(f"{self.name}: cannot connect: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise LegFailed(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+
+
+class _StreamState:
+    """Turns SSE events into chunks, counting tokens from running or final usage."""
+
+    __slots__ = ("counted", "finish", "reported", "usage")
+
+    def __init__(self) -> None:
+        self.counted = 0
+        self.reported: int | None = None
+        self.finish: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, payload: bytes, name: str) -> TokenChunk | None:
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise LegFailed(f"{name}: invalid SSE event: {_text(payload)}") from exc
+        if not isinstance(obj, dict):
+            return None
+        if "error" in obj:
+            raise LegFailed(f"{name}: upstream stream failed: {_text(orjson.dumps(obj['error']))}")
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        text = ""
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta")
+            part = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            text += part or ""
+            self.finish = choice.get("finish_reason") or self.finish
+        if not text:
+            return None
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            tokens = usage["completion_tokens"] - self.counted
+        else:
+            tokens = 1
+        self.counted += tokens
+        return TokenChunk(text, tokens)
+
+    def last(self, stats: LegStats) -> TokenChunk:
+        usage = self.usage or {}
+        total = usage.get("completion_tokens")
+        extra = total - self.counted if isinstance(total, int) and total > self.counted else 0
+        prompt = usage.get("prompt_tokens")
+        reported = None
+        if isinstance(prompt, int):
+            details = usage.get("prompt_tokens_details")
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+            reported = ReportedUsage(prompt, cached if isinstance(cached, int) else None)
+        return TokenChunk("", extra, self.finish or "length", stats, reported)
+
+
+def _body(
+    params: GenerationParams, *, stream: bool, continuous: bool = False, **fields: Any
+) -> dict[str, Any]:
+    """The client's body for an upstream leg: explicit ``max_tokens``, our stream options."""
+    body = dict(params.body)
+    body.pop("max_completion_tokens", None)
+    body["max_tokens"] = params.max_tokens
+    body["stream"] = stream
+    if stream:
+        options: dict[str, Any] = {"include_usage": True}
+        if continuous:
+            options["continuous_usage_stats"] = True
+        body["stream_options"] = options
+    else:
+        body.pop("stream_options", None)
+    body.update(fields)
+    return body
+
+
+def _headers(params: GenerationParams) -> dict[str, str]:
+    return {"Content-Type": "application/json", "X-Request-Id": params.request_id}
+
+
+def _message(data: Mapping[str, Any]) -> tuple[str, str | None]:
+    choices = data.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return (text or ""), choice.get("finish_reason")
+
+
+def _usage(data: Mapping[str, Any]) -> ReportedUsage | None:
+    usage = data.get("usage")
+    if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return ReportedUsage(usage["prompt_tokens"], cached if isinstance(cached, int) else None)
+
+
+def _with_usage(chunk: TokenChunk, prompt: ReportedUsage) -> TokenChunk:
+    return TokenChunk(chunk.text, chunk.tokens, chunk.finish_reason, chunk.stats, prompt)
+
+
+def _task_usage(task: asyncio.Task[dict[str, Any]]) -> ReportedUsage | None:
+    if task.done() and not task.cancelled() and task.exception() is None:
+        return _usage(task.result())
+    return None
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved here; the decode side reports it
+
+
+async def _fail_with(
+    task: asyncio.Task[dict[str, Any]], stream: AsyncGenerator[TokenChunk, None], name: str
+) -> AsyncGenerator[TokenChunk, None]:
+    """``stream``, cancelled at once if the concurrent prefill leg ``task`` fails."""
+    async with aclosing(stream):
+        while not task.done():  # race each step against the prefill until it has answered
+            step = asyncio.ensure_future(anext(stream))
+            await asyncio.wait((step, task), return_when=asyncio.FIRST_COMPLETED)
+            if task.done() and (task.cancelled() or task.exception() is not None):
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
+                cause = None if task.cancelled() else task.exception()
+                raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
+            try:
+                chunk = await step
+            except StopAsyncIteration:
+                return
+            yield chunk
+        if task.cancelled() or task.exception() is not None:
+            cause = None if task.cancelled() else task.exception()
+            raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
+        async for chunk in stream:
+            yield chunk
+
+
+def _text(raw: bytes, limit: int = 300) -> str:
+    return raw[:limit].decode("utf-8", "replace")
