@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from types import TracebackType
 
@@ -54,11 +55,7 @@ class Limiter:
             self.active += 1
             return
         if len(self._waiters) >= self.max_queue:
-            raise Overloaded(
-                f"{self.name} is at capacity ({self.active} in flight, {self.queued} queued)",
-                retry_after_s=self.retry_after_s,
-                reason=f"{self.name}_full",
-            )
+            raise self._refusal()
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -67,8 +64,16 @@ class Limiter:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # granted and cancelled in the same breath: pass it on
             else:
-                self._waiters.remove(waiter)
+                # release() may already have dropped this cancelled waiter from the queue.
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
             raise
+
+    def check(self) -> None:
+        """Raise :class:`Overloaded` now if :meth:`acquire` would refuse (reserves nothing)."""
+        full = self.max_active is not None and self.active >= self.max_active
+        if full and len(self._waiters) >= self.max_queue:
+            raise self._refusal()
 
     def release(self) -> None:
         while self._waiters:
@@ -77,3 +82,10 @@ class Limiter:
                 waiter.set_result(None)  # the slot moves to the waiter; active is unchanged
                 return
         self.active -= 1
+
+    def _refusal(self) -> Overloaded:
+        return Overloaded(
+            f"{self.name} is at capacity ({self.active} in flight, {self.queued} queued)",
+            retry_after_s=self.retry_after_s,
+            reason=f"{self.name}_full",
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -11,7 +12,7 @@ from backends.catalog import Catalog
 from gateway import __version__
 from gateway.admin import router as admin_router
 from gateway.api import errors
-from gateway.api.routes import router
+from gateway.api.routes import BODY_COMPONENTS, router
 from gateway.service import BackendFactory, build_gateway
 from gateway.settings import Settings
 
@@ -45,5 +46,20 @@ def create_app(
     )
     errors.install(app)
     app.include_router(router)
+    _publish_body_schemas(app)
     app.include_router(admin_router)
     return app
+
+
+def _publish_body_schemas(app: FastAPI) -> None:
+    """Add the hand-declared request-body schemas to the generated OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(BODY_COMPONENTS)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

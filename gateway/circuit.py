@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 
 from backends.clock import Clock
@@ -31,16 +32,29 @@ class CircuitState(IntEnum):
 
 
 class CircuitBreaker:
-    def __init__(self, clock: Clock, *, failure_threshold: int, cooldown_s: float) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        failure_threshold: int,
+        cooldown_s: float,
+        on_open: Callable[[float], None] | None = None,
+        opened_elsewhere: Callable[[], bool] | None = None,
+    ) -> None:
+        """``on_open(cooldown_s)`` tells other replicas; ``opened_elsewhere()`` asks them."""
         self._clock = clock
         self.failure_threshold = failure_threshold
         self.cooldown_s = cooldown_s
+        self._on_open = on_open
+        self._opened_elsewhere = opened_elsewhere
         self.failures = 0
         self._opened_at: float | None = None
         self._probing = False
 
     @property
     def state(self) -> CircuitState:
+        if self._opened_elsewhere is not None and self._opened_elsewhere():
+            return CircuitState.OPEN
         if self._opened_at is None:
             return CircuitState.CLOSED
         if self._clock.now() - self._opened_at >= self.cooldown_s:
@@ -72,3 +86,5 @@ class CircuitBreaker:
         self.failures += 1
         if self._opened_at is not None or self.failures >= self.failure_threshold:
             self._opened_at = self._clock.now()  # (re)open: a failed probe restarts the cooldown
+            if self._on_open is not None:
+                self._on_open(self.cooldown_s)

@@ -65,6 +65,7 @@ class DispatchRequest:
     received_at: float
     deadline: float
     ttft_target_s: float | None = None
+    on_complete: Callable[[int], None] | None = None  # told the completion tokens, at the end
     pools: list[str] = field(default_factory=list)  # pools whose legs finished, for goodput
 
     @property
@@ -174,26 +175,62 @@ class _Legs:
             await self.backoff(attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def decode(
-        self, pool: Pool, req: DispatchRequest, kv: KVHandle
+    def decode(
+        self, pool: Pool, req: DispatchRequest, kv: KVHandle, worker: Worker | None = None
     ) -> AsyncGenerator[TokenChunk, None]:
-        """Decode on one worker of ``pool``; retried elsewhere until its first chunk."""
+        """Decode on one worker of ``pool`` (``worker`` first, when already chosen); retried
+        elsewhere until its first chunk."""
+        return self._stream(
+            pool,
+            req,
+            lambda w: w.backend.decode(req.params, kv),
+            self.model.retries.decode,
+            self.model.timeouts.decode_first_token_s,
+            first=worker,
+        )
+
+    def generate(
+        self, pool: Pool, req: DispatchRequest, worker: Worker | None = None
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Prefill and decode on one worker (aggregated, or a conditional local prefill on
+        ``worker``); retried elsewhere until its first chunk."""
+        return self._stream(
+            pool,
+            req,
+            lambda w: w.backend.generate(req.params),
+            self.model.retries.prefill,
+            self.model.timeouts.prefill_s,
+            first=worker,
+        )
+
+    async def _stream(
+        self,
+        pool: Pool,
+        req: DispatchRequest,
+        open_leg: Callable[[Worker], AsyncGenerator[TokenChunk, None]],
+        retries: int,
+        first_chunk_s: float,
+        first: Worker | None = None,
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """A streaming leg: ``first_chunk_s`` to its first chunk, ``decode_idle_s`` between
+        chunks; a failure before the first chunk moves it to another worker."""
         routing, params = req.routing, req.params
-        timeouts = self.model.timeouts
-        attempts = self.model.retries.decode + 1
+        idle_s = self.model.timeouts.decode_idle_s
+        attempts = retries + 1
         tried: set[str] = set()
         for attempt in range(attempts):
             started = False
             async with pool.limiter:
-                worker = self.pick(pool, routing, tried)
+                worker = first if first is not None and attempt == 0 else None
+                worker = worker or self.pick(pool, routing, tried)
                 tried.add(worker.id)
                 try:
                     with Leg(worker, params.prompt_tokens + params.max_tokens, self.deps):
-                        stream = worker.backend.decode(params, kv)
+                        stream = open_leg(worker)
                         async with aclosing(stream):
-                            limit = timeouts.decode_first_token_s
+                            limit = first_chunk_s
                             while (chunk := await _next(stream, limit, worker)) is not None:
-                                started, limit = True, timeouts.decode_idle_s
+                                started, limit = True, idle_s
                                 yield chunk
                     return
                 except BackendError as exc:
@@ -202,37 +239,6 @@ class _Legs:
                     self.retrying(pool, attempt, attempts, exc)
                 finally:
                     pool.policy.on_request_done(worker.id, routing)
-            await self.backoff(attempt)
-
-    async def generate(
-        self, pool: Pool, req: DispatchRequest, worker: Worker | None = None
-    ) -> AsyncGenerator[TokenChunk, None]:
-        """Prefill and decode on one worker (aggregated, or a conditional local prefill)."""
-        routing, params = req.routing, req.params
-        timeouts = self.model.timeouts
-        attempts = self.model.retries.prefill + 1
-        tried: set[str] = set()
-        for attempt in range(attempts):
-            started = False
-            async with pool.limiter:
-                chosen = worker if worker is not None and attempt == 0 else None
-                chosen = chosen or self.pick(pool, routing, tried)
-                tried.add(chosen.id)
-                try:
-                    with Leg(chosen, params.prompt_tokens + params.max_tokens, self.deps):
-                        stream = chosen.backend.generate(params)
-                        async with aclosing(stream):
-                            limit = timeouts.prefill_s
-                            while (chunk := await _next(stream, limit, chosen)) is not None:
-                                started, limit = True, timeouts.decode_idle_s
-                                yield chunk
-                    return
-                except BackendError as exc:
-                    if started:
-                        raise
-                    self.retrying(pool, attempt, attempts, exc)
-                finally:
-                    pool.policy.on_request_done(chosen.id, routing)
             await self.backoff(attempt)
 
 
@@ -287,11 +293,15 @@ class DisaggregatedFlow:
     async def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
         if not self._decode.candidates():  # fail before spending a prefill
             raise NoHealthyWorker(f"no healthy decode worker for model '{self._decode.model}'")
+        self._decode.limiter.check()  # likewise: a full decode pool refuses before the prefill
         async with aclosing(self._remote(req)) as stream:
             async for chunk in stream:
                 yield chunk
 
-    async def _remote(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
+    async def _remote(
+        self, req: DispatchRequest, decoder: Worker | None = None
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Prefill remotely, then decode (on ``decoder`` first, when already chosen)."""
         metrics = self._legs.deps.metrics
         result = await self._legs.prefill(self._prefill, req)
         try:
@@ -299,7 +309,8 @@ class DisaggregatedFlow:
             yield result.first
             if result.first.finish_reason is not None:
                 return
-            async with aclosing(self._legs.decode(self._decode, req, result.kv)) as stream:
+            decode = self._legs.decode(self._decode, req, result.kv, decoder)
+            async with aclosing(decode) as stream:
                 async for chunk in stream:
                     if chunk.stats is not None:
                         _observe_leg(metrics, req, "decode", chunk)
@@ -336,7 +347,7 @@ class ConditionalFlow(DisaggregatedFlow):
         reason = self._local_reason(req, decoder)
         legs.deps.metrics.count_disaggregation(self._decode.model, reason or "remote")
         local = reason is not None
-        stream = legs.generate(self._decode, req, decoder) if local else self._remote(req)
+        stream = legs.generate(self._decode, req, decoder) if local else self._remote(req, decoder)
         hashes = req.params.block_hashes
         if hashes:  # the decode worker ends up holding this prompt's KV either way
             self._store.record_prefix(hashes, decoder.id)
@@ -408,11 +419,7 @@ class Dispatcher:
     async def open(self, req: DispatchRequest) -> AsyncIterator[AsyncGenerator[TokenChunk, None]]:
         """The request's token stream; leaving the block closes every leg."""
         try:
-            async with (
-                asyncio.timeout_at(req.deadline),
-                self.limiter,
-                aclosing(self._observed(req)) as chunks,
-            ):
+            async with asyncio.timeout_at(req.deadline), aclosing(self._observed(req)) as chunks:
                 yield chunks
         except TimeoutError as exc:
             raise DeadlineExceeded("request deadline exceeded") from exc
@@ -429,16 +436,19 @@ class Dispatcher:
         last = 0.0
         completion = 0
         try:
-            async with aclosing(req.route.flow.run(req)) as stream:
+            # The global slot is taken here, inside the accounting: refusals and deadlines
+            # while queued are finished requests too.
+            async with self.limiter, aclosing(req.route.flow.run(req)) as stream:
                 async for chunk in stream:
-                    now = clock.now()
-                    if first is None:
-                        first = now
-                        metrics.observe_ttft(model, mode, now - req.received_at)
-                    elif chunk.tokens:
-                        metrics.observe_itl(model, mode, (now - last) / chunk.tokens)
-                    last = now
-                    completion += chunk.tokens
+                    if chunk.tokens:  # a real upstream's prefill leg may yield no token
+                        now = clock.now()
+                        if first is None:
+                            first = now
+                            metrics.observe_ttft(model, mode, now - req.received_at)
+                        else:
+                            metrics.observe_itl(model, mode, (now - last) / chunk.tokens)
+                        last = now
+                        completion += chunk.tokens
                     yield chunk
             outcome = "ok"
             e2e = clock.now() - req.received_at
@@ -458,6 +468,8 @@ class Dispatcher:
             metrics.count_request(model, mode, outcome)
             prompt = req.params.prompt_tokens if first is not None else 0
             metrics.count_tokens(model, prompt, completion)
+            if req.on_complete is not None:
+                req.on_complete(completion)
 
     def _observe_slo(
         self, req: DispatchRequest, first: float | None, last: float, completion: int

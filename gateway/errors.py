@@ -4,6 +4,7 @@
 
     GatewayError                      status  type
     ├── InvalidRequest                400     invalid_request_error
+    ├── Unauthorized                  401     invalid_request_error (code invalid_api_key)
     ├── ModelNotFound                 404     invalid_request_error (code model_not_found)
     ├── PayloadTooLarge               413     invalid_request_error
     ├── Overloaded                    429     rate_limit_error (with Retry-After)
@@ -37,6 +38,12 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
 
 
 class ModelNotFound(GatewayError):

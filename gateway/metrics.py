@@ -13,11 +13,19 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from backends.base import BackendLoad
+from gateway.state import StoreStatus
 
 # 1-2-3-5-7.5 steps from 0.1 ms to 10 minutes.
 LATENCY_BUCKETS = (
@@ -40,6 +48,7 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds
         self.ttft = Histogram(
             "pdgate_time_to_first_token_seconds",
             "Request arrival to first token.",
@@ -214,9 +223,10 @@ class GatewayMetrics:
         self,
         workers: Callable[[], Iterable[WorkerState]],
         queues: Callable[[], Iterable[tuple[str, str, int, int]]],
+        store: Callable[[], StoreStatus],
     ) -> None:
-        """Export worker and admission state at scrape time (read, never pushed)."""
-        self.registry.register(_StateCollector(workers, queues))
+        """Export worker, admission and shared-state status at scrape time (read, never pushed)."""
+        self.registry.register(_StateCollector(workers, queues, store))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -236,9 +246,11 @@ class _StateCollector(Collector):
         self,
         workers: Callable[[], Iterable[WorkerState]],
         queues: Callable[[], Iterable[tuple[str, str, int, int]]],
+        store: Callable[[], StoreStatus],
     ) -> None:
         self._workers = workers
         self._queues = queues
+        self._store = store
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "pool", "worker"]
@@ -284,6 +296,22 @@ class _StateCollector(Collector):
             queued.add_metric([model, pool], depth)
         yield active
         yield queued
+        status = self._store()
+        up = GaugeMetricFamily(
+            "pdgate_state_store_up",
+            "1 while shared state is reachable (always 1 for local state), 0 while serving "
+            "local state because the shared store is down.",
+            labels=["shared"],
+        )
+        up.add_metric([str(status.shared).lower()], 1 if status.up else 0)
+        yield up
+        failures = CounterMetricFamily(
+            "pdgate_state_store_fallbacks",
+            "Shared-state syncs that failed, each answered from local state.",
+            labels=["shared"],
+        )
+        failures.add_metric([str(status.shared).lower()], status.failures)
+        yield failures
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

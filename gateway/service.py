@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
+
+import redis.asyncio as aioredis
 
 from backends.base import Backend
 from backends.catalog import Catalog
@@ -18,6 +21,16 @@ from backends.emulated import EmulatedBackend
 from backends.http import HttpBackend, HttpOptions
 from backends.timing import Link
 from gateway.admission import Limiter
+from gateway.auth import (
+    ApiKey,
+    Authenticator,
+    KeyRing,
+    LocalRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    digest,
+    resolve_secret,
+)
 from gateway.circuit import CircuitBreaker
 from gateway.dispatch import FLOWS, Dispatcher, FlowDeps, Route
 from gateway.health import HealthChecker
@@ -26,6 +39,7 @@ from gateway.policies import PolicyDeps, make_policy
 from gateway.registry import Pool, Worker, WorkerRegistry
 from gateway.settings import EmulatedWorker, HttpWorker, ModelConfig, PoolConfig, Settings
 from gateway.state import InMemoryStateStore, StateStore
+from gateway.state_redis import RedisStateStore, redis_client
 from gateway.tokens import TokenCounter
 
 
@@ -47,18 +61,24 @@ class Gateway:
     dispatcher: Dispatcher
     models: dict[str, ServedModel]
     started: int
+    auth: Authenticator
+    redis: aioredis.Redis | None = None
     factory: BackendFactory | None = None  # builds workers added at run time (admin API)
     health: HealthChecker | None = None
 
     async def start(self) -> None:
         await self.registry.start()
+        await self.auth.start()
         if self.health is not None:
             self.health.start()
 
     async def close(self) -> None:
         if self.health is not None:
             await self.health.close()
+        await self.auth.close()
         await self.registry.close()
+        if self.redis is not None:
+            await self.redis.aclose()
 
     def unready_pools(self) -> list[str]:
         """Pools the serving modes need that have no available worker."""
@@ -100,7 +120,9 @@ def build_gateway(
     catalog = catalog or Catalog.load()
     clock = clock or LoopClock()
     metrics = metrics or GatewayMetrics()
-    store = store or InMemoryStateStore()
+    redis = _redis(settings) if store is None else None
+    if store is None:
+        store = _store(settings, redis)
     make_backend = backend_factory or WorkerFactory(catalog, clock)
 
     def on_in_flight(worker: Worker, value: int) -> None:
@@ -125,6 +147,7 @@ def build_gateway(
         max_queue=admission.max_queue,
         retry_after_s=admission.retry_after_s,
     )
+    store.register_workers(w.id for w in registry.workers())
     gateway = Gateway(
         settings,
         catalog,
@@ -134,11 +157,60 @@ def build_gateway(
         Dispatcher(deps, limiter),
         models,
         int(time.time()),
+        _authenticator(settings, redis),
+        redis,
         make_backend,
         HealthChecker(registry, settings.health_checks),
     )
-    metrics.watch(gateway.worker_states, gateway.pool_queues)
+    metrics.watch(gateway.worker_states, gateway.pool_queues, store.status)
     return gateway
+
+
+def _redis(settings: Settings) -> aioredis.Redis | None:
+    cfg = settings.state
+    return redis_client(cfg.redis_url, cfg.op_timeout_s) if cfg.backend == "redis" else None
+
+
+def _store(settings: Settings, redis: aioredis.Redis | None) -> StateStore:
+    cfg = settings.state
+    if redis is None:
+        return InMemoryStateStore()
+    return RedisStateStore(
+        redis,
+        replica_id=cfg.replica_id,
+        key_prefix=cfg.key_prefix,
+        sync_interval_s=cfg.sync_interval_s,
+        lease_s=cfg.lease_s,
+        op_timeout_s=cfg.op_timeout_s,
+    )
+
+
+def _authenticator(settings: Settings, redis: aioredis.Redis | None) -> Authenticator:
+    cfg, state = settings.auth, settings.state
+    keys = KeyRing(
+        [
+            ApiKey(
+                name=k.name,
+                digest=digest(resolve_secret(k.key, k.key_env, f"auth.api_keys[{k.name}]") or ""),
+                requests_per_minute=k.requests_per_minute,
+                tokens_per_minute=k.tokens_per_minute,
+            )
+            for k in cfg.api_keys
+        ]
+    )
+    limiter: RateLimiter = (
+        RedisRateLimiter(redis, key_prefix=state.key_prefix, op_timeout_s=state.op_timeout_s)
+        if redis is not None
+        else LocalRateLimiter()
+    )
+    return Authenticator(
+        keys,
+        limiter,
+        enabled=cfg.enabled,
+        admin_key=resolve_secret(cfg.admin_key, cfg.admin_key_env, "auth.admin_key"),
+        redis=redis if cfg.keys_from_redis else None,
+        key_prefix=state.key_prefix,
+    )
 
 
 def _max_context(m: ModelConfig, catalog: Catalog, registry: WorkerRegistry) -> int:
@@ -169,10 +241,13 @@ def _build_pool(
     for spec in cfg.workers:
         for _ in range(spec.replicas):
             name = f"{spec.id or role}-{index}"
+            worker_id = f"{m.name}/{name}"
             breaker = CircuitBreaker(
                 clock,
                 failure_threshold=m.circuit.failure_threshold,
                 cooldown_s=m.circuit.cooldown_s,
+                on_open=partial(store.set_circuit_open, worker_id),
+                opened_elsewhere=partial(store.circuit_open, worker_id),
             )
             pool.add(Worker(name, m.name, role, make_backend(name, spec, m, link), breaker))
             index += 1

@@ -215,6 +215,45 @@ class ServerConfig(_Strict):
     access_log: bool = False
 
 
+class StateConfig(_Strict):
+    """Where shared state lives: this process (``memory``) or Redis, shared by replicas."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "pdgate"
+    replica_id: str | None = Field(None, description="default: hostname-pid")
+    sync_interval_s: float = Field(0.05, gt=0, description="how often the local view syncs")
+    lease_s: float = Field(10.0, gt=0, description="a replica's counts expire this long after it")
+    op_timeout_s: float = Field(0.05, gt=0, description="Redis round trips give up after this")
+
+
+class ApiKeyConfig(_Strict):
+    name: str = Field(min_length=1, description="shown in logs and metrics instead of the key")
+    key: str | None = Field(None, min_length=8)
+    key_env: str | None = Field(None, description="read the key from this environment variable")
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key and key_env")
+        return self
+
+
+class AuthConfig(_Strict):
+    """Bearer API keys for /v1 endpoints (none configured: open), and the admin key."""
+
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    keys_from_redis: bool = Field(False, description="also accept keys provisioned in Redis")
+    admin_key: str | None = Field(None, min_length=8)
+    admin_key_env: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys) or self.keys_from_redis
+
+
 class AdminConfig(_Strict):
     """The admin API (``/admin/workers``): off unless a key is set here or in the environment."""
 
@@ -239,7 +278,15 @@ class Settings(_Strict):
     admin: AdminConfig = AdminConfig()
     health_checks: HealthCheckConfig = HealthCheckConfig()
     admission: AdmissionConfig = AdmissionConfig()
+    state: StateConfig = StateConfig()
+    auth: AuthConfig = AuthConfig()
     models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _redis_for_redis_keys(self) -> Settings:
+        if self.auth.keys_from_redis and self.state.backend != "redis":
+            raise ValueError("auth.keys_from_redis needs state.backend: redis")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -302,6 +349,9 @@ def check_references(settings: Settings, catalog: Catalog, policies: set[str] | 
             problems.append(f"{where}.tokenizer: no such file '{m.tokenizer}'")
         for role, pool in m.pools.items():
             at = f"{where}.pools.{role}"
+            problem = _check_policy_options(pool) if policies and pool.policy in policies else None
+            if problem:
+                problems.append(f"{at}.policy_options: {problem}")
             if policies is not None and pool.policy not in policies:
                 problems.append(
                     f"{at}.policy: unknown policy '{pool.policy}'; known: "
@@ -332,6 +382,18 @@ def _check_http_worker(w: HttpWorker, role: str, at: str) -> list[str]:
     if w.protocol == "sglang-bootstrap" and role == "prefill" and w.bootstrap_port is None:
         return [f"{at}.bootstrap_port: sglang-bootstrap prefill workers need their bootstrap port"]
     return []
+
+
+def _check_policy_options(pool: PoolConfig) -> str | None:
+    """Build the pool's policy once, so bad options fail at load, not at start."""
+    from gateway.policies import PolicyDeps, PolicyError, make_policy
+    from gateway.state import InMemoryStateStore
+
+    try:
+        make_policy(pool.policy, PolicyDeps(InMemoryStateStore(), pool.policy_options))
+    except PolicyError as exc:
+        return str(exc)
+    return None
 
 
 def _check_worker(w: EmulatedWorker, m: ModelConfig, catalog: Catalog, at: str) -> list[str]:

@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +25,13 @@ from typing import Protocol
 class WorkerLoad:
     requests: int = 0
     tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    shared: bool  # backed by something other replicas see
+    up: bool  # the backing store answers (always True for local state)
+    failures: int  # sync attempts that failed so far (each means: served local state)
 
 
 class StateStore(Protocol):
@@ -43,6 +50,20 @@ class StateStore(Protocol):
     def match_prefix(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
         """For each worker known to hold some of these blocks: how many leading blocks."""
         ...
+
+    def register_workers(self, worker_ids: Iterable[str]) -> None:
+        """The workers whose shared state (e.g. circuit) this replica should follow."""
+        ...
+
+    def set_circuit_open(self, worker_id: str, seconds: float) -> None:
+        """This replica opened the worker's circuit for ``seconds``."""
+        ...
+
+    def circuit_open(self, worker_id: str) -> bool:
+        """Has *another* replica opened this worker's circuit (still within its cooldown)?"""
+        ...
+
+    def status(self) -> StoreStatus: ...
 
 
 class InMemoryStateStore:
@@ -89,6 +110,18 @@ class InMemoryStateStore:
             for worker in self._prefix.get(h, ()):
                 matched[worker] = i + 1
         return matched
+
+    def register_workers(self, worker_ids: Iterable[str]) -> None:
+        return None
+
+    def set_circuit_open(self, worker_id: str, seconds: float) -> None:
+        return None
+
+    def circuit_open(self, worker_id: str) -> bool:
+        return False
+
+    def status(self) -> StoreStatus:
+        return StoreStatus(shared=False, up=True, failures=0)
 
 
 _ZERO = WorkerLoad()

@@ -93,6 +93,15 @@ def run_server(data: dict[str, Any], *, ready_timeout: float = 30.0) -> Iterator
 
     Readiness is polled on ``/health``; the process is terminated (then killed) on exit.
     """
+    with run_server_process(data, ready_timeout=ready_timeout) as (base, _):
+        yield base
+
+
+@contextlib.contextmanager
+def run_server_process(
+    data: dict[str, Any], *, ready_timeout: float = 30.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """:func:`run_server`, also yielding the process (to kill it, say)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pdgate.yaml"
@@ -116,7 +125,7 @@ def run_server(data: dict[str, Any], *, ready_timeout: float = 30.0) -> Iterator
         base = f"http://127.0.0.1:{port}"
         try:
             _wait_healthy(base, proc, ready_timeout, log)
-            yield base
+            yield base, proc
         finally:
             proc.terminate()
             try:

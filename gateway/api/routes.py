@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncGenerator
+from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
@@ -23,8 +24,15 @@ from gateway.api.errors import invalid_request
 from gateway.api.responses import DeferredJSONResponse, EventStreamResponse, header_list
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.api.wire import DONE, WireFormat
+from gateway.auth import ApiKey
 from gateway.dispatch import DispatchRequest
-from gateway.errors import InvalidRequest, ModelNotFound, NoHealthyWorker, PayloadTooLarge
+from gateway.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    NoHealthyWorker,
+    Overloaded,
+    PayloadTooLarge,
+)
 from gateway.logs import REQUEST_ID
 from gateway.metrics import CONTENT_TYPE
 from gateway.prefix import chat_block_hashes, prompt_block_hashes
@@ -42,31 +50,41 @@ def _gateway(request: Request) -> Gateway:
     return gw
 
 
+# Request-body schemas are declared by hand (bodies are parsed here, not by FastAPI); the
+# models they reference go to the document's components, where "#/components/..." resolves.
+BODY_COMPONENTS: dict[str, Any] = {}
+
+
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    schema = model.model_json_schema()
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    BODY_COMPONENTS.update(schema.pop("$defs", {}))
+    BODY_COMPONENTS[model.__name__] = schema
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 @router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     gw = _gateway(request)
+    key = gw.auth.authenticate(request.headers.get("authorization"))
     data = await _read_json(request, gw.settings.server.max_body_bytes)
     body = _validate(ChatCompletionRequest, data)
     served = _served(gw, body.model)
     messages = data["messages"]
-    prompt = _Prompt(served.counter.chat(messages), chat_block_hashes(messages))
-    return _generate(request, gw, served, body, "chat", prompt, data)
+    prompt = _Prompt(served.counter.chat(messages), chat_block_hashes(messages), key)
+    return await _generate(request, gw, served, body, "chat", prompt, data)
 
 
 @router.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
     gw = _gateway(request)
+    key = gw.auth.authenticate(request.headers.get("authorization"))
     data = await _read_json(request, gw.settings.server.max_body_bytes)
     body = _validate(CompletionRequest, data)
     served = _served(gw, body.model)
     text = body.single_prompt()
-    prompt = _Prompt(served.counter.prompt(text), prompt_block_hashes(text))
-    return _generate(request, gw, served, body, "completions", prompt, data)
+    prompt = _Prompt(served.counter.prompt(text), prompt_block_hashes(text), key)
+    return await _generate(request, gw, served, body, "completions", prompt, data)
 
 
 @router.get("/v1/models")
@@ -135,9 +153,10 @@ def _served(gw: Gateway, model: str) -> ServedModel:
 class _Prompt(NamedTuple):
     tokens: int
     block_hashes: tuple[int, ...]
+    key: ApiKey | None  # the caller's API key (None: auth is off)
 
 
-def _generate(
+async def _generate(
     request: Request,
     gw: Gateway,
     served: ServedModel,
@@ -158,6 +177,11 @@ def _generate(
             f"{prompt_tokens} prompt tokens and asks for {max_tokens} more",
             param="messages" if api == "chat" else "prompt",
         )
+    try:
+        await gw.auth.admit(prompt.key, prompt_tokens)
+    except Overloaded as exc:
+        gw.metrics.count_rejection(body.model, exc.reason)
+        raise
     params = GenerationParams(
         request_id=request_id,
         model=served.config.profile_name,
@@ -179,6 +203,7 @@ def _generate(
         received,
         received + _seconds(headers_in, TIMEOUT_HEADER, gw.settings.server.request_timeout_s),
         _seconds(headers_in, TTFT_TARGET_HEADER, served.config.slo.ttft_s),
+        None if prompt.key is None else partial(gw.auth.charge_later, prompt.key),
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     fmt = WireFormat(api, request_id, body.model, int(time.time()), include_usage)

@@ -8,7 +8,9 @@ not timing or disconnects (those need a real server; see ``tests/system``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -174,6 +176,19 @@ def assert_idle(app: FastAPI) -> None:
             e = b.engine
             assert (len(e.running), len(e.waiting)) == (0, 0), w.id
             assert e.free_blocks == e.total_blocks, (w.id, e.free_blocks, e.total_blocks)
+
+
+# -- waiting ---------------------------------------------------------------------------------
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll ``condition`` until it holds (a request reached some stage); fail after
+    ``timeout_s`` rather than hang the test."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.001)
 
 
 # -- fixtures --------------------------------------------------------------------------------

@@ -174,11 +174,17 @@ def test_unknown_names_list_the_known_ones(catalog: Catalog) -> None:
 
 
 def test_device_families_bind_to_their_physics(catalog: Catalog) -> None:
+    """The YAML's family picks the profile class (and with it the physics)."""
     for name in DEVICE_FILES:
         d = catalog.device(name)
         family = _yaml(f"devices/{name}.yaml")["family"]
-        expected = HbmDevice if family == "hbm" else PipelineDevice
-        assert isinstance(d, expected), name
+        assert d.family == family, name
+        if family == "hbm":
+            assert isinstance(d, HbmDevice), name
+        elif family in ("sram_pipeline", "wafer_scale"):
+            assert isinstance(d, PipelineDevice), name
+        else:
+            assert not isinstance(d, HbmDevice | PipelineDevice), name
 
 
 # -- malformed config directories ---------------------------------------------------------

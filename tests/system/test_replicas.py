@@ -1,0 +1,180 @@
+"""Two `pdgate serve` processes sharing one real redis-server act as one gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import MODEL, config, pool, run_server, run_server_process
+from tests.redis_proc import RedisServer, redis_server
+
+pytestmark = pytest.mark.system
+
+KEY = "sk-test-replicas-0001"
+LIMITED = "sk-test-replicas-limited"
+
+
+def replica_config(url: str, replica: str) -> dict[str, Any]:
+    data = config(
+        prefill=pool("h100-sxm", 1),
+        decode=pool("groq-lpu-v1", 2, policy="least_loaded"),
+    )
+    data["state"] = {
+        "backend": "redis",
+        "redis_url": url,
+        "replica_id": replica,
+        "sync_interval_s": 0.02,
+        "lease_s": 1.0,
+    }
+    data["auth"] = {
+        "api_keys": [
+            {"name": "team-a", "key": KEY},
+            {"name": "limited", "key": LIMITED, "requests_per_minute": 5},
+        ]
+    }
+    return data
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def replicas(redis: RedisServer) -> Iterator[tuple[str, str]]:
+    with (
+        run_server(replica_config(redis.url, "gw-a")) as a,
+        run_server(replica_config(redis.url, "gw-b")) as b,
+    ):
+        yield a, b
+
+
+def body(max_tokens: int, content: str = "Hello") -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+    }
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for(check: Any, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_least_loaded_on_one_replica_sees_load_from_the_other(
+    replicas: tuple[str, str], redis: RedisServer
+) -> None:
+    a, b = replicas
+    client = redis.client()
+    with httpx.Client(timeout=30) as http:
+        # A long decode on replica A (its first least-loaded choice: decode-0).
+        with http.stream(
+            "POST", a + "/v1/chat/completions", headers=auth(), json={**body(3000), "stream": True}
+        ) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            wait_for(lambda: b"llama-3.1-8b/decode-0" in client.hgetall("pdgate:load:gw-a"))
+            time.sleep(0.1)  # a few sync rounds for B to read A's snapshot
+            # Alone, B's least-loaded would also pick decode-0; sharing, it sees A's stream.
+            r = http.post(b + "/v1/chat/completions", headers=auth(), json=body(4))
+            assert r.status_code == 200
+        metrics = http.get(b + "/metrics").text
+    assert metric(metrics, "pdgate_routing_decisions_total", pool="decode", worker="decode-1") == 1
+    assert metric(metrics, "pdgate_routing_decisions_total", pool="decode", worker="decode-0") == 0
+
+
+def test_rate_limit_holds_across_replicas(replicas: tuple[str, str]) -> None:
+    a, b = replicas
+    if 60 - time.time() % 60 < 3:  # don't straddle a one-minute window
+        time.sleep(60 - time.time() % 60 + 0.1)
+    codes = []
+    with httpx.Client(timeout=30) as http:
+        for i in range(8):
+            url = (a, b)[i % 2]
+            r = http.post(url + "/v1/chat/completions", headers=auth(LIMITED), json=body(2))
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["type"] == "rate_limit_error"
+    assert codes == [200] * 5 + [429] * 3
+
+
+def test_bad_key_is_401_and_never_logged(replicas: tuple[str, str]) -> None:
+    a, _ = replicas
+    with httpx.Client(timeout=30) as http:
+        r = http.post(a + "/v1/chat/completions", headers=auth("sk-wrong-key-123"), json=body(2))
+        missing = http.post(a + "/v1/chat/completions", json=body(2))
+        health = http.get(a + "/health")
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert "sk-wrong-key-123" not in r.text
+    assert missing.status_code == 401
+    assert health.status_code == 200  # probes stay open
+
+
+async def test_redis_outage_fails_no_request_and_sharing_resumes(
+    replicas: tuple[str, str], redis: RedisServer
+) -> None:
+    a, b = replicas
+
+    async def one(http: httpx.AsyncClient, url: str) -> int:
+        r = await http.post(url + "/v1/chat/completions", headers=auth(), json=body(8))
+        return r.status_code
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        load = [asyncio.create_task(one(http, (a, b)[i % 2])) for i in range(20)]
+        await asyncio.sleep(0.05)
+        redis.stop()  # Redis dies under load
+        load += [asyncio.create_task(one(http, (a, b)[i % 2])) for i in range(20)]
+        codes = await asyncio.gather(*load)
+        assert codes == [200] * 40
+        down = (await http.get(a + "/metrics")).text
+        assert metric(down, "pdgate_state_store_up") == 0
+        assert metric(down, "pdgate_state_store_fallbacks_total") > 0
+        redis.start()
+        deadline = time.monotonic() + 5
+        while metric((await http.get(a + "/metrics")).text, "pdgate_state_store_up") != 1:
+            assert time.monotonic() < deadline, "sharing did not resume"
+            await asyncio.sleep(0.05)
+        assert (await one(http, b)) == 200
+
+
+def test_killed_replica_leaves_no_counts_after_its_lease(redis: RedisServer) -> None:
+    client = redis.client()
+    doomed = run_server_process(replica_config(redis.url, "gw-doomed"))
+    with httpx.Client(timeout=30) as http, doomed as (c, proc):
+        stream = http.stream(
+            "POST", c + "/v1/chat/completions", headers=auth(), json={**body(4000), "stream": True}
+        )
+        with stream as s:
+            lines = s.iter_lines()  # keep it referenced: dropping it closes the connection
+            next(line for line in lines if line.startswith("data: "))
+            wait_for(lambda: client.hgetall("pdgate:load:gw-doomed") != {})
+            proc.kill()  # no clean shutdown: its counts stay in Redis until the lease ends
+            proc.wait()
+        snapshot = client.hgetall("pdgate:load:gw-doomed")
+        assert snapshot  # still there right after the crash
+        wait_for(lambda: client.exists("pdgate:load:gw-doomed") == 0, within=3.0)
