@@ -229,7 +229,6 @@ class Authenticator:
         limiter: RateLimiter,
         *,
         enabled: bool,
-        admin_key: str | None = None,
         redis: aioredis.Redis | None = None,
         key_prefix: str = "pdgate",
         refresh_s: float = 5.0,
@@ -237,7 +236,6 @@ class Authenticator:
         self.keys = keys
         self.limiter = limiter
         self.enabled = enabled
-        self._admin = digest(admin_key) if admin_key else None
         self._redis = redis
         self._prefix = key_prefix
         self._refresh_s = refresh_s
@@ -265,13 +263,6 @@ class Authenticator:
         if key is None:
             raise Unauthorized("Incorrect API key provided.")
         return key
-
-    def check_admin(self, authorization: str | None) -> None:
-        """Admin endpoints: their own key; refused outright when none is configured."""
-        if self._admin is None:
-            raise Unauthorized("admin endpoints are disabled: no admin key is configured")
-        if not hmac.compare_digest(self._admin, digest(_bearer(authorization))):
-            raise Unauthorized("Incorrect admin key provided.")
 
     async def admit(self, key: ApiKey | None, prompt_tokens: int) -> None:
         if key is None:

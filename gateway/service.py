@@ -207,7 +207,6 @@ def _authenticator(settings: Settings, redis: aioredis.Redis | None) -> Authenti
         keys,
         limiter,
         enabled=cfg.enabled,
-        admin_key=resolve_secret(cfg.admin_key, cfg.admin_key_env, "auth.admin_key"),
         redis=redis if cfg.keys_from_redis else None,
         key_prefix=state.key_prefix,
     )

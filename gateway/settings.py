@@ -242,12 +242,11 @@ class ApiKeyConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    """Bearer API keys for /v1 endpoints (none configured: open), and the admin key."""
+    """Bearer API keys for /v1 endpoints (none configured: open). The admin API has its own
+    key (:class:`AdminConfig`)."""
 
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     keys_from_redis: bool = Field(False, description="also accept keys provisioned in Redis")
-    admin_key: str | None = Field(None, min_length=8)
-    admin_key_env: str | None = None
 
     @property
     def enabled(self) -> bool:

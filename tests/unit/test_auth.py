@@ -20,8 +20,8 @@ def key(name: str = "team", rpm: int | None = None, tpm: int | None = None) -> A
     return ApiKey(name, digest(f"sk-{name}-secret"), rpm, tpm)
 
 
-def auth(*keys: ApiKey, admin: str | None = None) -> Authenticator:
-    return Authenticator(KeyRing(list(keys)), LocalRateLimiter(), enabled=True, admin_key=admin)
+def auth(*keys: ApiKey) -> Authenticator:
+    return Authenticator(KeyRing(list(keys)), LocalRateLimiter(), enabled=True)
 
 
 def test_keyring_matches_only_the_right_secret() -> None:
@@ -57,15 +57,6 @@ def test_authenticate_parses_bearer_tokens() -> None:
 def test_disabled_auth_lets_everyone_in_anonymously() -> None:
     a = Authenticator(KeyRing([]), LocalRateLimiter(), enabled=False)
     assert a.authenticate(None) is None
-
-
-def test_admin_key_is_separate_and_required() -> None:
-    a = auth(key("a"), admin="admin-secret-1")
-    a.check_admin("Bearer admin-secret-1")
-    with pytest.raises(Unauthorized):
-        a.check_admin("Bearer sk-a-secret")  # an API key is not an admin key
-    with pytest.raises(Unauthorized):
-        auth(key("a")).check_admin("Bearer anything")  # no admin key: admin is off
 
 
 async def test_request_limit_per_window() -> None:
