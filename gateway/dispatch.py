@@ -386,9 +386,18 @@ def _observe_leg(metrics: GatewayMetrics, req: DispatchRequest, pool: str, c: To
         metrics.observe_phase(model, mode, pool, "kv_transfer", s.transfer_s)
     phase = "prefill" if pool == "prefill" else "compute"
     metrics.observe_phase(model, mode, pool, phase, s.compute_s)
+    remote_decode = pool == "decode" and "prefill" in req.pools
     req.pools.append(pool)
-    if s.cached_tokens or pool != "decode":  # a remote decode never prefills: no cache to hit
-        metrics.count_cached_tokens(model, pool, s.cached_tokens)
+    if not remote_decode:  # a remote decode never prefills: no cache to hit
+        metrics.count_cached_tokens(model, pool, _cached_tokens(c))
+
+
+def _cached_tokens(c: TokenChunk) -> int:
+    """Prompt tokens a prefix cache served: as the backend measured them (emulated), or as
+    the upstream reported them in its usage (HTTP)."""
+    reported = c.usage.cached_tokens if c.usage is not None else None
+    stats = c.stats.cached_tokens if c.stats is not None else 0
+    return stats or reported or 0
 
 
 def _pool_met(pool: str, pools: list[str], *, ttft_ok: bool, tpot_ok: bool) -> bool:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from dataclasses import replace
+from typing import Any
+
+from backends.base import GenerationParams, LegStats, ReportedUsage, TokenChunk
 from backends.catalog import Catalog
+from backends.fake import FakeBackend
 from gateway.dispatch import _pool_met
 from tests.helpers import MODEL, app_client, config, settings
-from tests.integration.conftest import CHAT, chat_body, metric_labels, metric_value
+from tests.integration.conftest import CHAT, FakeFactory, chat_body, metric_labels, metric_value
 
 LOOSE = {"ttft_s": 60.0, "tpot_s": 60.0}
 
@@ -78,3 +84,31 @@ async def test_no_label_carries_a_request_id_or_prompt(catalog: Catalog) -> None
         text = (await c.get("/metrics")).text
     assert "unbounded" not in text
     assert "secret prompt" not in text
+
+
+class CachingUpstream(FakeBackend):
+    """Reports, like vLLM, prompt tokens its prefix cache served in the last chunk's usage."""
+
+    async def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
+        async for chunk in super().generate(params):
+            if chunk.finish_reason is not None:
+                usage = ReportedUsage(params.prompt_tokens, cached_tokens=48)
+                chunk = replace(chunk, usage=usage, stats=LegStats())
+            yield chunk
+
+
+class CachingFactory(FakeFactory):
+    def __call__(self, name: str, spec: Any, model: Any, link: Any) -> FakeBackend:
+        fake = CachingUpstream(name)
+        self.fakes[name] = fake
+        return fake
+
+
+async def test_cached_tokens_reported_by_an_upstream_are_counted(catalog: Catalog) -> None:
+    data = config(mode="aggregated", slo=LOOSE)
+    async with app_client(settings(data, catalog), backend_factory=CachingFactory()) as (_, c):
+        for _ in range(2):
+            await c.post(CHAT, json=chat_body(max_tokens=3))
+        text = (await c.get("/metrics")).text
+    name = "pdgate_cached_prompt_tokens_total"
+    assert metric_value(text, name, model=MODEL, pool="aggregated") == 96
