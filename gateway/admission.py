@@ -69,12 +69,6 @@ class Limiter:
                     self._waiters.remove(waiter)
             raise
 
-    def check(self) -> None:
-        """Raise :class:`Overloaded` now if :meth:`acquire` would refuse (reserves nothing)."""
-        full = self.max_active is not None and self.active >= self.max_active
-        if full and len(self._waiters) >= self.max_queue:
-            raise self._refusal()
-
     def release(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()

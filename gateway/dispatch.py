@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -176,7 +177,12 @@ class _Legs:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def decode(
-        self, pool: Pool, req: DispatchRequest, kv: KVHandle, worker: Worker | None = None
+        self,
+        pool: Pool,
+        req: DispatchRequest,
+        kv: KVHandle,
+        worker: Worker | None = None,
+        admitted: bool = False,
     ) -> AsyncGenerator[TokenChunk, None]:
         """Decode on one worker of ``pool`` (``worker`` first, when already chosen); retried
         elsewhere until its first chunk."""
@@ -187,6 +193,7 @@ class _Legs:
             self.model.retries.decode,
             self.model.timeouts.decode_first_token_s,
             first=worker,
+            admitted=admitted,
         )
 
     def generate(
@@ -211,16 +218,18 @@ class _Legs:
         retries: int,
         first_chunk_s: float,
         first: Worker | None = None,
+        admitted: bool = False,
     ) -> AsyncGenerator[TokenChunk, None]:
         """A streaming leg: ``first_chunk_s`` to its first chunk, ``decode_idle_s`` between
-        chunks; a failure before the first chunk moves it to another worker."""
+        chunks; a failure before the first chunk moves it to another worker. ``admitted``: the
+        caller already holds the pool's admission slot."""
         routing, params = req.routing, req.params
         idle_s = self.model.timeouts.decode_idle_s
         attempts = retries + 1
         tried: set[str] = set()
         for attempt in range(attempts):
             started = False
-            async with pool.limiter:
+            async with contextlib.nullcontext() if admitted else pool.limiter:
                 worker = first if first is not None and attempt == 0 else None
                 worker = worker or self.pick(pool, routing, tried)
                 tried.add(worker.id)
@@ -293,7 +302,6 @@ class DisaggregatedFlow:
     async def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
         if not self._decode.candidates():  # fail before spending a prefill
             raise NoHealthyWorker(f"no healthy decode worker for model '{self._decode.model}'")
-        self._decode.limiter.check()  # likewise: a full decode pool refuses before the prefill
         async with aclosing(self._remote(req)) as stream:
             async for chunk in stream:
                 yield chunk
@@ -301,7 +309,17 @@ class DisaggregatedFlow:
     async def _remote(
         self, req: DispatchRequest, decoder: Worker | None = None
     ) -> AsyncGenerator[TokenChunk, None]:
-        """Prefill remotely, then decode (on ``decoder`` first, when already chosen)."""
+        """Prefill remotely, then decode (on ``decoder`` first, when already chosen).
+
+        The decode pool's admission slot is taken before the prefill: a full decode pool
+        refuses (429) or queues the request before any prefill is spent on it."""
+        async with self._decode.limiter, aclosing(self._two_legs(req, decoder)) as stream:
+            async for chunk in stream:
+                yield chunk
+
+    async def _two_legs(
+        self, req: DispatchRequest, decoder: Worker | None
+    ) -> AsyncGenerator[TokenChunk, None]:
         metrics = self._legs.deps.metrics
         result = await self._legs.prefill(self._prefill, req)
         try:
@@ -309,7 +327,7 @@ class DisaggregatedFlow:
             yield result.first
             if result.first.finish_reason is not None:
                 return
-            decode = self._legs.decode(self._decode, req, result.kv, decoder)
+            decode = self._legs.decode(self._decode, req, result.kv, decoder, admitted=True)
             async with aclosing(decode) as stream:
                 async for chunk in stream:
                     if chunk.stats is not None:
@@ -343,12 +361,14 @@ class ConditionalFlow(DisaggregatedFlow):
 
     async def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
         legs = self._legs
+        hashes = req.params.block_hashes
+        # What the decode workers held *before* this request (a prefix-aware pick records it).
+        held = self._store.match_prefix(hashes) if hashes else {}
         decoder = legs.pick(self._decode, req.routing, set())
-        reason = self._local_reason(req, decoder)
+        reason = self._local_reason(req, held.get(decoder.id, 0))
         legs.deps.metrics.count_disaggregation(self._decode.model, reason or "remote")
         local = reason is not None
         stream = legs.generate(self._decode, req, decoder) if local else self._remote(req, decoder)
-        hashes = req.params.block_hashes
         if hashes:  # the decode worker ends up holding this prompt's KV either way
             self._store.record_prefix(hashes, decoder.id)
         async with aclosing(stream) as chunks:
@@ -357,15 +377,15 @@ class ConditionalFlow(DisaggregatedFlow):
                     _observe_leg(legs.deps.metrics, req, "decode", chunk)
                 yield chunk
 
-    def _local_reason(self, req: DispatchRequest, decoder: Worker) -> str | None:
+    def _local_reason(self, req: DispatchRequest, held_blocks: int) -> str | None:
+        """Why to prefill on the chosen decode worker, which holds ``held_blocks`` of the
+        prompt's blocks; None to prefill remotely."""
         rules, params = self._rules, req.params
         if params.prompt_tokens <= rules.local_max_prompt_tokens:
             return "short_prompt"
         hashes = params.block_hashes
-        if hashes:
-            held = self._store.match_prefix(hashes).get(decoder.id, 0)
-            if held >= rules.local_min_prefix_hit * len(hashes):
-                return "prefix_hit"
+        if hashes and held_blocks >= rules.local_min_prefix_hit * len(hashes):
+            return "prefix_hit"
         waits = [
             w
             for worker in self._prefill.candidates()

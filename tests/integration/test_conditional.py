@@ -29,10 +29,12 @@ SHORT = "How are you?"
 LONG = "Explain the KV cache handoff between prefill and decode in detail. " * 60  # ~1000 tokens
 
 
-def conditional(decode_replicas: int = 2, **rules: Any) -> dict[str, Any]:
+def conditional(
+    decode_replicas: int = 2, decode_policy: str = "round_robin", **rules: Any
+) -> dict[str, Any]:
     return config(
         mode="conditional",
-        decode=pool("groq-lpu-v1", decode_replicas),
+        decode=pool("groq-lpu-v1", decode_replicas, policy=decode_policy),
         conditional=rules,
     )
 
@@ -223,8 +225,13 @@ async def test_local_prefill_failure_is_retried_on_another_decode_worker(
 
 
 async def test_remote_decode_runs_where_the_prefix_is_recorded(catalog: Catalog) -> None:
+    """The prefix is recorded for the worker that decoded; with ``prefix_aware`` choosing the
+    decode worker, the repeat lands there and is a prefix hit (the rule is evaluated on the
+    chosen decode worker, so the decode pool's policy decides where prefixes are found)."""
     fakes = FakeFactory()
-    cfg = conditional(local_max_prompt_tokens=8, local_min_prefix_hit=1.0)
+    cfg = conditional(
+        decode_policy="prefix_aware", local_max_prompt_tokens=8, local_min_prefix_hit=1.0
+    )
     async with app_client(settings(cfg, catalog), backend_factory=fakes) as (app, c):
         await ask(c, LONG, seed=1)
         decoded = [f for f in fakes.role("decode") if f.calls == ["decode"]]
