@@ -1,6 +1,7 @@
 """``pdgate`` command line: one subcommand per module.
 
-    pdgate serve [--config FILE] [--host H] [--port P] [--log-level L]
+    pdgate serve [--config FILE] [--host H] [--port P] [--log-level L] [--log-format F]
+    pdgate report RESULTS... [--out DIR] [--slo-ttft S] [--slo-tpot S]
     pdgate backend --device D --model M [--role prefill|decode|both] [--port P] ...
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and
@@ -17,6 +18,10 @@ from types import ModuleType
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.commands.serve", "run the gateway"),
+    "report": (
+        "gateway.commands.report",
+        "plot a load test (locust CSV) or simulations (simulate --json): TTFT, ITL, goodput",
+    ),
     "backend": (
         "gateway.commands.backend",
         "run one emulated instance as an OpenAI server speaking vLLM's and SGLang's P/D protocols",
