@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncGenerator, Mapping
@@ -56,6 +57,7 @@ from backends.errors import BackendUnavailable, LegFailed
 
 Protocol = Literal["vllm-nixl", "sglang-bootstrap", "openai"]
 PROTOCOLS: tuple[Protocol, ...] = ("vllm-nixl", "sglang-bootstrap", "openai")
+DRAIN_S = 1.0  # longest wait for a stream's body to end after [DONE]
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +273,13 @@ class HttpBackend:
     async def _stream(
         self, params: GenerationParams, body: dict[str, Any]
     ) -> AsyncGenerator[TokenChunk, None]:
-        """The upstream's SSE stream as token chunks; the last carries finish and usage."""
+        """The upstream's SSE stream as token chunks; the last carries finish and usage.
+
+        Events are parsed per read, not per line: whatever arrived together becomes one chunk
+        of several tokens (a burst from a fast upstream, or a backlog while this process was
+        busy), so a burst costs one pass through the dispatch layers and one write to the
+        client instead of one per token. Tokens that arrive one at a time stay one per chunk.
+        """
         started = time.monotonic()
         try:
             async with self._http().post(
@@ -280,16 +288,22 @@ class HttpBackend:
                 if resp.status >= 400:
                     raw = await resp.read()
                     raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
-                parser = _StreamState()
-                async for line in resp.content:
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        break
-                    chunk = parser.feed(payload, self.name)
+                parser = _StreamState(self.name)
+                async for data in resp.content.iter_any():
+                    chunk = parser.feed(data)
                     if chunk is not None:
                         yield chunk
+                    if parser.failure is not None:
+                        raise parser.failure
+                    if parser.done:
+                        await _drain(resp)
+                        break
+                else:  # the connection ended without [DONE]: its last line has no newline
+                    chunk = parser.feed(b"\n")
+                    if chunk is not None:
+                        yield chunk
+                    if parser.failure is not None:
+                        raise parser.failure
                 yield parser.last(LegStats(compute_s=time.monotonic() - started))
         except aiohttp.ClientConnectorError as exc:
             raise BackendUnavailable(f"{self.name}: cannot connect: {exc}") from exc
@@ -298,25 +312,58 @@ class HttpBackend:
 
 
 class _StreamState:
-    """Turns SSE events into chunks, counting tokens from running or final usage."""
+    """Turns SSE bytes into chunks, counting tokens from running or final usage.
 
-    __slots__ = ("counted", "finish", "reported", "usage")
+    :meth:`feed` takes whatever was read and returns one chunk with the text of every complete
+    ``data:`` line in it (None if none had text). An error event or an unreadable one ends
+    the stream: the text before it is still returned, and :attr:`failure` is set to raise
+    next, so tokens already produced are delivered (and a leg that produced some is never
+    retried)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("counted", "done", "failure", "finish", "name", "partial", "usage")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.partial = b""  # an incomplete last line, waiting for the next read
         self.counted = 0
-        self.reported: int | None = None
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.done = False  # [DONE] seen
+        self.failure: LegFailed | None = None
 
-    def feed(self, payload: bytes, name: str) -> TokenChunk | None:
+    def feed(self, data: bytes) -> TokenChunk | None:
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        text: list[str] = []
+        tokens = 0
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+                break
+            try:
+                part, n = self._event(payload)
+            except LegFailed as exc:
+                self.failure = exc
+                break
+            if part:
+                text.append(part)
+                tokens += n
+        return TokenChunk("".join(text), tokens) if text else None
+
+    def _event(self, payload: bytes) -> tuple[str, int]:
+        """One event's text and the tokens it carries."""
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
-            raise LegFailed(f"{name}: invalid SSE event: {_text(payload)}") from exc
+            raise LegFailed(f"{self.name}: invalid SSE event: {_text(payload)}") from exc
         if not isinstance(obj, dict):
-            return None
+            return "", 0
         if "error" in obj:
-            raise LegFailed(f"{name}: upstream stream failed: {_text(orjson.dumps(obj['error']))}")
+            error = _text(orjson.dumps(obj["error"]))
+            raise LegFailed(f"{self.name}: upstream stream failed: {error}")
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
@@ -327,13 +374,13 @@ class _StreamState:
             text += part or ""
             self.finish = choice.get("finish_reason") or self.finish
         if not text:
-            return None
+            return "", 0
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             tokens = usage["completion_tokens"] - self.counted
         else:
             tokens = 1
         self.counted += tokens
-        return TokenChunk(text, tokens)
+        return text, tokens
 
     def last(self, stats: LegStats) -> TokenChunk:
         usage = self.usage or {}
@@ -426,6 +473,17 @@ async def _fail_with(
             raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
         async for chunk in stream:
             yield chunk
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Read a stream's body to its end after ``[DONE]``: aiohttp closes a connection whose
+    body was not read to the end instead of pooling it, and a new connection per leg costs a
+    TCP handshake and its CPU. Bounded, so a server that keeps the body open after ``[DONE]``
+    costs only that connection."""
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+        async with asyncio.timeout(DRAIN_S):
+            while not resp.content.at_eof():
+                await resp.content.readany()
 
 
 def _text(raw: bytes, limit: int = 300) -> str:
