@@ -18,9 +18,11 @@ carry the same ``X-Request-Id``. Usage is merged: prompt (and cached) tokens as 
 server counted them, completion tokens as the decode server produced them (per chunk, from
 vLLM's ``continuous_usage_stats``, reconciled with the final ``usage``).
 
-The client is aiohttp (pooled, TCP_NODELAY — aiohttp sets it on every connection it opens):
-httpx's default transport collapses under concurrency (encode/httpx#3215); figures in the
-README. aiohttp's errors never leave this module: they become :mod:`backends.errors`.
+The client is :mod:`backends.httpclient`: keep-alive pools over asyncio protocols and
+httptools, with TCP_NODELAY (asyncio and uvloop set it on every TCP transport). It costs less
+than half the CPU of aiohttp per request, and httpx's default transport collapses under
+concurrency (encode/httpx#3215); figures in the README. Its errors never leave this module:
+they become :mod:`backends.errors`.
 
 Example::
 
@@ -32,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections.abc import AsyncGenerator, Mapping
@@ -41,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from backends.base import (
@@ -54,6 +54,7 @@ from backends.base import (
     TokenChunk,
 )
 from backends.errors import BackendUnavailable, LegFailed
+from backends.httpclient import ConnectError, HttpPool, Response, UpstreamError
 
 Protocol = Literal["vllm-nixl", "sglang-bootstrap", "openai"]
 PROTOCOLS: tuple[Protocol, ...] = ("vllm-nixl", "sglang-bootstrap", "openai")
@@ -90,7 +91,7 @@ class HttpBackend:
         self.bootstrap_port = bootstrap_port
         self.options = options or HttpOptions()
         self.host = urlsplit(self.url).hostname or "127.0.0.1"
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: HttpPool | None = None
         self._healthy = True
         self._continuous = protocol != "openai"  # vLLM and SGLang report usage per chunk
 
@@ -98,25 +99,17 @@ class HttpBackend:
 
     async def start(self) -> None:
         o = self.options
-        connector = aiohttp.TCPConnector(
-            limit=o.max_connections, limit_per_host=o.max_connections, ttl_dns_cache=300
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=o.connect_timeout_s, sock_read=o.read_timeout_s
-            ),
-            json_serialize=lambda obj: orjson.dumps(obj).decode(),
-            auto_decompress=False,
+        self._pool = HttpPool(
+            self.url, max_connections=o.max_connections, connect_timeout_s=o.connect_timeout_s
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     def healthy(self) -> bool:
-        return self._session is not None and self._healthy
+        return self._pool is not None and self._healthy
 
     def set_healthy(self, value: bool) -> None:
         self._healthy = value
@@ -124,12 +117,11 @@ class HttpBackend:
     async def probe(self, limit_s: float) -> bool:
         """``GET /health`` answered 2xx within ``limit_s``."""
         try:
-            async with self._http().get(
-                self.url + "/health", timeout=aiohttp.ClientTimeout(total=limit_s)
-            ) as resp:
-                await resp.read()
-                return 200 <= resp.status < 300
-        except (aiohttp.ClientError, TimeoutError, BackendUnavailable):
+            async with asyncio.timeout(limit_s):  # connecting included
+                async with await self._http().request("GET", "/health", timeout_s=limit_s) as r:
+                    await r.read()
+                    return 200 <= r.status < 300
+        except (UpstreamError, TimeoutError, BackendUnavailable):
             return False
 
     def load(self) -> BackendLoad:
@@ -238,30 +230,38 @@ class HttpBackend:
 
     # -- transport -----------------------------------------------------------------------------
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def _http(self) -> HttpPool:
+        if self._pool is None:
             raise BackendUnavailable(f"{self.name} is not running")
-        return self._session
+        return self._pool
 
-    def _path(self, params: GenerationParams) -> str:
-        return self.url + ("/v1/chat/completions" if params.api == "chat" else "/v1/completions")
+    async def _send(
+        self, params: GenerationParams, body: dict[str, Any], timeout_s: float | None = None
+    ) -> Response:
+        """POST ``body`` to the leg's endpoint; the response once its headers arrived."""
+        path = "/v1/chat/completions" if params.api == "chat" else "/v1/completions"
+        headers = (("Content-Type", "application/json"), ("X-Request-Id", params.request_id))
+        try:
+            return await self._http().request(
+                "POST", path, orjson.dumps(body), headers,
+                timeout_s=timeout_s, read_timeout_s=self.options.read_timeout_s,
+            )  # fmt: skip
+        except UpstreamError as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, exc: UpstreamError) -> BackendUnavailable | LegFailed:
+        if isinstance(exc, ConnectError):
+            return BackendUnavailable(f"{self.name}: cannot connect: {exc}")
+        return LegFailed(f"{self.name}: {type(exc).__name__}: {exc}")
 
     async def _post(self, params: GenerationParams, body: dict[str, Any]) -> dict[str, Any]:
-        timeout = aiohttp.ClientTimeout(
-            total=self.options.prefill_timeout_s, sock_connect=self.options.connect_timeout_s
-        )
-        try:
-            async with self._http().post(
-                self._path(params), data=orjson.dumps(body), headers=_headers(params),
-                timeout=timeout,
-            ) as resp:  # fmt: skip
+        async with await self._send(params, body, self.options.prefill_timeout_s) as resp:
+            try:
                 raw = await resp.read()
-                if resp.status >= 400:
-                    raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
-        except aiohttp.ClientConnectorError as exc:
-            raise BackendUnavailable(f"{self.name}: cannot connect: {exc}") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise LegFailed(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            except UpstreamError as exc:
+                raise self._error(exc) from exc
+            if resp.status >= 400:
+                raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -281,34 +281,31 @@ class HttpBackend:
         client instead of one per token. Tokens that arrive one at a time stay one per chunk.
         """
         started = time.monotonic()
-        try:
-            async with self._http().post(
-                self._path(params), data=orjson.dumps(body), headers=_headers(params)
-            ) as resp:
+        async with await self._send(params, body) as resp:
+            try:
                 if resp.status >= 400:
                     raw = await resp.read()
                     raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
                 parser = _StreamState(self.name)
-                async for data in resp.content.iter_any():
+                while data := await resp.readany():
                     chunk = parser.feed(data)
                     if chunk is not None:
                         yield chunk
                     if parser.failure is not None:
                         raise parser.failure
                     if parser.done:
-                        await _drain(resp)
+                        # Read the body's end too, so the connection goes back to the pool.
+                        await resp.finish(DRAIN_S)
                         break
-                else:  # the connection ended without [DONE]: its last line has no newline
+                else:  # the body ended without [DONE]: its last line may lack a newline
                     chunk = parser.feed(b"\n")
                     if chunk is not None:
                         yield chunk
                     if parser.failure is not None:
                         raise parser.failure
-                yield parser.last(LegStats(compute_s=time.monotonic() - started))
-        except aiohttp.ClientConnectorError as exc:
-            raise BackendUnavailable(f"{self.name}: cannot connect: {exc}") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise LegFailed(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            except UpstreamError as exc:
+                raise self._error(exc) from exc
+            yield parser.last(LegStats(compute_s=time.monotonic() - started))
 
 
 class _StreamState:
@@ -414,10 +411,6 @@ def _body(
     return body
 
 
-def _headers(params: GenerationParams) -> dict[str, str]:
-    return {"Content-Type": "application/json", "X-Request-Id": params.request_id}
-
-
 def _message(data: Mapping[str, Any]) -> tuple[str, str | None]:
     choices = data.get("choices") or [{}]
     choice = choices[0] if isinstance(choices[0], dict) else {}
@@ -473,17 +466,6 @@ async def _fail_with(
             raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
         async for chunk in stream:
             yield chunk
-
-
-async def _drain(resp: aiohttp.ClientResponse) -> None:
-    """Read a stream's body to its end after ``[DONE]``: aiohttp closes a connection whose
-    body was not read to the end instead of pooling it, and a new connection per leg costs a
-    TCP handshake and its CPU. Bounded, so a server that keeps the body open after ``[DONE]``
-    costs only that connection."""
-    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-        async with asyncio.timeout(DRAIN_S):
-            while not resp.content.at_eof():
-                await resp.content.readany()
 
 
 def _text(raw: bytes, limit: int = 300) -> str:
