@@ -21,7 +21,8 @@ LIMITED = "sk-test-replicas-limited"
 
 def replica_config(url: str, replica: str) -> dict[str, Any]:
     data = config(
-        prefill=pool("h100-sxm", 1),
+        # Prefill slowed 20x so one request can still be prefilling while the next is routed.
+        prefill=pool("h100-sxm", 2, policy="prefix_aware", time_scale=0.05),
         decode=pool("groq-lpu-v1", 2, policy="least_loaded"),
     )
     data["state"] = {
@@ -104,6 +105,35 @@ def test_least_loaded_on_one_replica_sees_load_from_the_other(
         metrics = http.get(b + "/metrics").text
     assert metric(metrics, "pdgate_routing_decisions_total", pool="decode", worker="decode-1") == 1
     assert metric(metrics, "pdgate_routing_decisions_total", pool="decode", worker="decode-0") == 0
+
+
+async def test_prefix_aware_on_one_replica_sees_prefixes_routed_by_the_other(
+    replicas: tuple[str, str],
+) -> None:
+    a, b = replicas
+    busy = "an unrelated long document " * 300  # ~2,000 tokens: ~1.5 s of slowed prefill
+    shared = "a system prompt both replicas will see " * 40  # several whole prefix blocks
+    async with httpx.AsyncClient(timeout=30, headers=auth()) as http:
+        # On A: while `busy` occupies prefill-0, `shared` goes to prefill-1 and is recorded.
+        first = asyncio.create_task(http.post(a + "/v1/chat/completions", json=body(2, busy)))
+        await asyncio.sleep(0.3)
+        r = await http.post(a + "/v1/chat/completions", json=body(2, shared))
+        assert r.status_code == 200
+        assert (await first).status_code == 200
+        metrics_a = (await http.get(a + "/metrics")).text
+        assert (
+            metric(metrics_a, "pdgate_routing_decisions_total", pool="prefill", worker="prefill-1")
+            == 1
+        )
+        await asyncio.sleep(0.3)  # both idle again; a few sync rounds
+        # On B, both prefill workers are idle: alone it would pick prefill-0; sharing A's prefix
+        # index, it sends the shared conversation where its KV is.
+        r = await http.post(b + "/v1/chat/completions", json=body(2, shared))
+        assert r.status_code == 200
+        metrics_b = (await http.get(b + "/metrics")).text
+    assert (
+        metric(metrics_b, "pdgate_routing_decisions_total", pool="prefill", worker="prefill-1") == 1
+    )
 
 
 def test_rate_limit_holds_across_replicas(replicas: tuple[str, str]) -> None:
