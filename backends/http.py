@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -142,34 +142,21 @@ class HttpBackend:
             return self._sglang_prefill(params)
         return await self._vllm_prefill(params)
 
-    async def decode(
-        self, params: GenerationParams, kv: KVHandle
-    ) -> AsyncGenerator[TokenChunk, None]:
+    def decode(self, params: GenerationParams, kv: KVHandle) -> AsyncGenerator[TokenChunk, None]:
         if self.protocol == "openai":
             raise BackendUnavailable(f"{self.name}: protocol 'openai' is aggregated only")
-        prior = kv.params.get("usage")
         if self.protocol == "sglang-bootstrap":
             body = _body(params, stream=True, continuous=True, **kv.params["bootstrap"])
             task: asyncio.Task[dict[str, Any]] = kv.params["prefill"]
-            stream = _fail_with(task, self._stream(params, body), self.name)
-        else:
-            body = _body(
-                params, stream=True, continuous=True, kv_transfer_params=kv.params.get("ktp")
-            )
-            stream = self._stream(params, body)
-        async with aclosing(stream) as chunks:
-            async for chunk in chunks:
-                if chunk.usage is not None and isinstance(prior, ReportedUsage):
-                    chunk = _with_usage(chunk, prior)
-                elif chunk.usage is not None and "prefill" in kv.params:
-                    chunk = _with_usage(chunk, _task_usage(kv.params["prefill"]) or chunk.usage)
-                yield chunk
+            stream = self._stream(params, body, prompt_usage=lambda: _task_usage(task))
+            return _fail_with(task, stream, self.name)
+        body = _body(params, stream=True, continuous=True, kv_transfer_params=kv.params.get("ktp"))
+        prior = kv.params.get("usage")
+        counted = prior if isinstance(prior, ReportedUsage) else None
+        return self._stream(params, body, prompt_usage=lambda: counted)
 
-    async def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
-        body = _body(params, stream=True, continuous=self._continuous)
-        async with aclosing(self._stream(params, body)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
+        return self._stream(params, _body(params, stream=True, continuous=self._continuous))
 
     async def _vllm_prefill(self, params: GenerationParams) -> PrefillResult:
         started = time.monotonic()
@@ -271,9 +258,14 @@ class HttpBackend:
         return data
 
     async def _stream(
-        self, params: GenerationParams, body: dict[str, Any]
+        self,
+        params: GenerationParams,
+        body: dict[str, Any],
+        prompt_usage: Callable[[], ReportedUsage | None] | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
-        """The upstream's SSE stream as token chunks; the last carries finish and usage.
+        """The upstream's SSE stream as token chunks; the last carries finish and usage
+        (its prompt and cached tokens from ``prompt_usage``, the prefill leg's count, when
+        that is known).
 
         Events are parsed per read, not per line: whatever arrived together becomes one chunk
         of several tokens (a burst from a fast upstream, or a backlog while this process was
@@ -305,7 +297,10 @@ class HttpBackend:
                         raise parser.failure
             except UpstreamError as exc:
                 raise self._error(exc) from exc
-            yield parser.last(LegStats(compute_s=time.monotonic() - started))
+            last = parser.last(LegStats(compute_s=time.monotonic() - started))
+            if last.usage is not None and prompt_usage is not None:
+                last = _with_usage(last, prompt_usage() or last.usage)
+            yield last
 
 
 class _StreamState:

@@ -299,12 +299,10 @@ class DisaggregatedFlow:
         self._decode = deps.registry.pool(model.name, "decode")
         self._legs = _Legs(model, deps)
 
-    async def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
+    def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
         if not self._decode.candidates():  # fail before spending a prefill
             raise NoHealthyWorker(f"no healthy decode worker for model '{self._decode.model}'")
-        async with aclosing(self._remote(req)) as stream:
-            async for chunk in stream:
-                yield chunk
+        return self._remote(req)
 
     async def _remote(
         self, req: DispatchRequest, decoder: Worker | None = None
@@ -313,31 +311,25 @@ class DisaggregatedFlow:
 
         The decode pool's admission slot is taken before the prefill: a full decode pool
         refuses (429) or queues the request before any prefill is spent on it."""
-        async with self._decode.limiter, aclosing(self._two_legs(req, decoder)) as stream:
-            async for chunk in stream:
-                yield chunk
-
-    async def _two_legs(
-        self, req: DispatchRequest, decoder: Worker | None
-    ) -> AsyncGenerator[TokenChunk, None]:
         metrics = self._legs.deps.metrics
-        result = await self._legs.prefill(self._prefill, req)
-        try:
-            _observe_leg(metrics, req, "prefill", result.first)
-            yield result.first
-            if result.first.finish_reason is not None:
-                return
-            decode = self._legs.decode(self._decode, req, result.kv, decoder, admitted=True)
-            async with aclosing(decode) as stream:
-                async for chunk in stream:
-                    if chunk.stats is not None:
-                        _observe_leg(metrics, req, "decode", chunk)
-                        metrics.observe_kv_transfer(
-                            req.route.model, req.route.mode, result.kv.kv_bytes
-                        )
-                    yield chunk
-        finally:
-            result.kv.release()
+        async with self._decode.limiter:
+            result = await self._legs.prefill(self._prefill, req)
+            try:
+                _observe_leg(metrics, req, "prefill", result.first)
+                yield result.first
+                if result.first.finish_reason is not None:
+                    return
+                decode = self._legs.decode(self._decode, req, result.kv, decoder, admitted=True)
+                async with aclosing(decode) as stream:
+                    async for chunk in stream:
+                        if chunk.stats is not None:
+                            _observe_leg(metrics, req, "decode", chunk)
+                            metrics.observe_kv_transfer(
+                                req.route.model, req.route.mode, result.kv.kv_bytes
+                            )
+                        yield chunk
+            finally:
+                result.kv.release()
 
 
 class ConditionalFlow(DisaggregatedFlow):

@@ -167,6 +167,10 @@ class GatewayMetrics:
     def _counter(self, metric: Counter, *labels: str) -> Counter:
         return metric.labels(*labels)
 
+    @lru_cache(maxsize=4096)  # noqa: B019
+    def _gauge(self, metric: Gauge, *labels: str) -> Gauge:
+        return metric.labels(*labels)
+
     def observe_ttft(self, model: str, mode: str, seconds: float) -> None:
         self._hist(self.ttft, model, mode).observe(seconds)
 
@@ -187,7 +191,7 @@ class GatewayMetrics:
         self._counter(self.requests, model, mode, outcome).inc()
 
     def set_in_flight(self, model: str, pool: str, worker: str, value: int) -> None:
-        self.in_flight_gauge.labels(model, pool, worker).set(value)
+        self._gauge(self.in_flight_gauge, model, pool, worker).set(value)
 
     def observe_slo(self, model: str, mode: str, *, ttft_ok: bool, tpot_ok: bool) -> None:
         met = (
