@@ -65,11 +65,16 @@ async def _start(send: Send, status: int, content_type: bytes, headers: Headers)
     )
 
 
-async def _send_error(send: Send, exc: GatewayError, headers: Headers) -> None:
-    body = error_body(exc)
-    extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
-    await _start(send, exc.status, b"application/json", [*headers, *extra])
+async def _send_json(send: Send, status: int, body: bytes, headers: Headers) -> None:
+    """A whole JSON response, its length declared (no chunked framing)."""
+    length = (b"content-length", b"%d" % len(body))
+    await _start(send, status, b"application/json", [length, *headers])
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Send, exc: GatewayError, headers: Headers) -> None:
+    extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+    await _send_json(send, exc.status, error_body(exc), [*headers, *extra])
 
 
 class EventStreamResponse(Response):
@@ -133,8 +138,7 @@ class DeferredJSONResponse(Response):
                 return
             raise
         watcher.stop()
-        await _start(send, 200, b"application/json", self._extra)
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, 200, body, self._extra)
 
 
 def header_list(**headers: Any) -> Headers:
