@@ -270,6 +270,8 @@ class Response:
     async def finish(self, limit_s: float) -> None:
         """Read what remains of the body (discarding it) for at most ``limit_s``, so the
         connection can be reused; a body still open after that only costs its connection."""
+        if self._conn.complete:
+            return  # already whole (the usual case): nothing to wait for
         self._conn.bound(limit_s)
         try:
             while await self._conn.readany():
