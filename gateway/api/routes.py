@@ -17,7 +17,6 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from backends.base import GenerationParams, ReportedUsage, TokenChunk
@@ -82,25 +81,27 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
 @router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     gw = _gateway(request)
-    key = gw.auth.authenticate(request.headers.get("authorization"))
-    data = await _read_json(request, gw.settings.server.max_body_bytes)
+    headers = _header_map(request)
+    key = gw.auth.authenticate(headers.get("authorization"))
+    data = await _read_json(request, headers, gw.settings.server.max_body_bytes)
     body = _validate(ChatCompletionRequest, data)
     served = _served(gw, body.model)
     messages = data["messages"]
     prompt = _Prompt(served.counter.chat(messages), chat_block_hashes(messages), key)
-    return await _generate(request, gw, served, body, "chat", prompt, data)
+    return await _generate(headers, gw, served, body, "chat", prompt, data)
 
 
 @router.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
     gw = _gateway(request)
-    key = gw.auth.authenticate(request.headers.get("authorization"))
-    data = await _read_json(request, gw.settings.server.max_body_bytes)
+    headers = _header_map(request)
+    key = gw.auth.authenticate(headers.get("authorization"))
+    data = await _read_json(request, headers, gw.settings.server.max_body_bytes)
     body = _validate(CompletionRequest, data)
     served = _served(gw, body.model)
     text = body.single_prompt()
     prompt = _Prompt(served.counter.prompt(text), prompt_block_hashes(text), key)
-    return await _generate(request, gw, served, body, "completions", prompt, data)
+    return await _generate(headers, gw, served, body, "completions", prompt, data)
 
 
 @router.get("/v1/models")
@@ -134,8 +135,16 @@ async def metrics(request: Request) -> Response:
 # -- request handling ------------------------------------------------------------------------
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
+def _header_map(request: Request) -> dict[str, str]:
+    """The request's headers as a plain dict, the first of repeated ones winning (as with
+    Starlette's ``Headers.get``, which raises and catches a KeyError for each absent header
+    asked for: most of the ones read here usually are)."""
+    raw: list[tuple[bytes, bytes]] = request.scope["headers"]
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(raw)}
+
+
+async def _read_json(request: Request, headers: dict[str, str], limit: int) -> dict[str, Any]:
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
     raw = bytearray()
@@ -173,7 +182,7 @@ class _Prompt(NamedTuple):
 
 
 async def _generate(
-    request: Request,
+    headers_in: dict[str, str],
     gw: Gateway,
     served: ServedModel,
     body: ChatCompletionRequest | CompletionRequest,
@@ -183,7 +192,7 @@ async def _generate(
 ) -> Response:
     received = gw.clock.now()
     prompt_tokens = prompt.tokens
-    request_id = request.headers.get("x-request-id") or secrets.token_hex(12)
+    request_id = headers_in.get("x-request-id") or secrets.token_hex(12)
     REQUEST_ID.set(request_id)  # logs while this request is served carry its id
     max_tokens = body.requested_max_tokens() or served.config.default_max_tokens
     limit = served.max_context
@@ -212,7 +221,6 @@ async def _generate(
         body=raw,
         block_hashes=prompt.block_hashes,
     )
-    headers_in = request.headers
     dreq = DispatchRequest(
         params,
         served.route,
@@ -233,7 +241,7 @@ async def _generate(
     return DeferredJSONResponse(produce, headers)
 
 
-def _seconds(headers: Headers, name: str, default: float) -> float:
+def _seconds(headers: dict[str, str], name: str, default: float) -> float:
     value = headers.get(name)
     if value is None:
         return default
