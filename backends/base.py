@@ -47,6 +47,10 @@ class GenerationParams:
     # Chained hashes of the prompt's leading blocks (hash i covers blocks 0..i), for prefix
     # caches and prefix-aware routing; empty when unknown.
     block_hashes: tuple[int, ...] = ()
+    # Tokens per hashed block, which emulated prefix caches need: 64 matches the gateway's
+    # 256-character blocks (gateway/prefix.py) at its 4-bytes-per-token approximation; the
+    # Mooncake traces use 512.
+    hash_block_tokens: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,10 @@ class KVHandle:
     release: Callable[[], None] = _noop
     pending_text: str = ""  # text the prefill held back: it may begin a stop string
     params: dict[str, Any] = field(default_factory=dict)
+    # When the prefill side produced the first token, and how long its prefill computed (the
+    # window a layer-wise transfer overlaps); known for emulated prefills.
+    first_token_at: float | None = None
+    prefill_compute_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,12 @@ TB = 1e12
 TFLOPS = 1e12
 
 
+# KV-cache dtype where it differs from the weights': NVFP4 serving quantises weights (and GEMM
+# inputs) to 4 bits but keeps the KV cache in FP8 (TensorRT-LLM's NVFP4 checkpoints declare
+# kv_cache_quant_algo FP8; MLPerf v4.1/v5.0 B200 FP4 submissions run an FP8 KV cache).
+KV_DTYPE: dict[str, str] = {"fp4": "fp8"}
+
+
 class _Data(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -99,8 +105,10 @@ class ModelProfile(_Data):
 
         GQA: ``2 · layers · kv_heads · head_dim · bytes`` (K and V).
         MLA: ``layers · (kv_lora_rank + qk_rope_dim) · bytes`` (one compressed latent).
+        The cache is kept at the serving dtype, except that 4-bit deployments keep it in 8
+        bits (:data:`KV_DTYPE`).
         """
-        b = DTYPE_BYTES[dtype]
+        b = DTYPE_BYTES[KV_DTYPE.get(dtype, dtype)]
         if self.attention == "mla":
             return self.layers * ((self.kv_lora_rank or 0) + (self.qk_rope_dim or 0)) * b
         return 2 * self.layers * self.kv_heads * self.head_dim * b
@@ -179,6 +187,18 @@ class HbmEfficiency(_Data):
     step_overhead_s: float = Field(ge=0)
     layer_overhead_s: float = Field(ge=0)
     allreduce_latency_s: float = Field(ge=0)
+    mfu_by_dtype: dict[str, float] = Field(
+        default_factory=dict,
+        description="MFU at a dtype where it differs from `mfu` (8- and 4-bit GEMMs reach a "
+        "smaller share of their higher peak)",
+    )
+    kv_bandwidth: float | None = Field(
+        None, gt=0, le=1, description="η of attention's KV reads (default: `bandwidth`)"
+    )
+    seq_overhead_s: float = Field(0.0, ge=0, description="per sequence per engine step")
+    gemm_half_tokens: float = Field(
+        0.0, ge=0, description="GEMM rows (tokens) at which MFU is half `mfu`; 0: flat MFU"
+    )
 
 
 class HbmDevice(_DeviceBase):
@@ -194,13 +214,16 @@ class HbmDevice(_DeviceBase):
         return HbmConstants(
             peak_flops=self.peak_flops(dep.dtype),
             bandwidth=self.memory_bandwidth_tb_s * TB,
-            mfu=e.mfu,
+            mfu=e.mfu_by_dtype.get(dep.dtype, e.mfu),
             bandwidth_efficiency=e.bandwidth,
             step_overhead_s=e.step_overhead_s,
             layer_overhead_s=e.layer_overhead_s,
             tp=dep.tp,
             interconnect=self.interconnect_gb_s * GB,
             allreduce_latency_s=e.allreduce_latency_s,
+            kv_bandwidth_efficiency=e.kv_bandwidth,
+            seq_overhead_s=e.seq_overhead_s,
+            gemm_half_tokens=e.gemm_half_tokens,
         )
 
 

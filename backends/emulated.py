@@ -24,13 +24,19 @@ from backends.base import (
 )
 from backends.catalog import Deployment
 from backends.clock import Clock
-from backends.engine import Engine, Sequence
+from backends.engine import Engine, GapRecorder, Sequence
 from backends.errors import BackendOverloaded, BackendUnavailable
-from backends.timing import Link, StepShape, kv_transfer_time
+from backends.timing import Link, StepShape, exposed_kv_transfer_time
 
 
 class EmulatedBackend:
-    """One emulated device deployment serving prefill, decode and aggregated legs."""
+    """One emulated device deployment serving prefill, decode and aggregated legs.
+
+    For simulation (:mod:`gateway.sim`): ``coalesce`` delivers a leg's first chunk as soon as
+    it exists and everything after it in one chunk at the end, and ``synthesize_text=False``
+    sends token counts without text (no stop strings then), so a simulated request costs a
+    few wake-ups instead of one per token; per-token timing then comes from ``recorder``.
+    """
 
     def __init__(
         self,
@@ -40,11 +46,17 @@ class EmulatedBackend:
         *,
         link: Link | None = None,
         time_scale: float = 1.0,
+        coalesce: bool = False,
+        synthesize_text: bool = True,
+        recorder: GapRecorder | None = None,
+        seed: int = 0,
     ) -> None:
         self.name = name
         self.deployment = deployment
         self.link = link
         self._clock = clock
+        self._coalesce = coalesce
+        self._text = synthesize_text
         knobs = deployment.engine
         self.engine = Engine(
             deployment,
@@ -53,6 +65,13 @@ class EmulatedBackend:
             max_num_batched_tokens=knobs.max_num_batched_tokens,
             block_size=knobs.block_size,
             time_scale=time_scale,
+            prefix_caching=knobs.enable_prefix_caching,
+            speculative_tokens=knobs.speculative_tokens,
+            acceptance_rate=knobs.acceptance_rate,
+            draft_cost_fraction=knobs.draft_cost_fraction,
+            seed=seed,
+            recorder=recorder,
+            reserve_max=knobs.scheduler_policy == "guaranteed_no_evict",
         )
         self._open = False
         self._time_scale_or_one = time_scale or 1.0
@@ -70,7 +89,7 @@ class EmulatedBackend:
 
     def load(self) -> BackendLoad:
         e = self.engine
-        usage = e.used_blocks / e.total_blocks if e.total_blocks else 0.0
+        usage = e.active_blocks / e.total_blocks if e.total_blocks else 0.0
         return BackendLoad(running=len(e.running), waiting=len(e.waiting), kv_usage=usage)
 
     def capacity_tokens(self) -> int:
@@ -100,7 +119,10 @@ class EmulatedBackend:
 
     async def prefill(self, params: GenerationParams) -> PrefillResult:
         seq = self._submit(
-            params.prompt_tokens, 1 if params.max_tokens <= 1 else 2, hold=params.max_tokens > 1
+            params.prompt_tokens,
+            1 if params.max_tokens <= 1 else 2,
+            hold=params.max_tokens > 1,
+            params=params,
         )
         try:
             await seq.wait_beyond(0)
@@ -110,13 +132,15 @@ class EmulatedBackend:
         if seq.finish_reason == "abort":
             raise BackendUnavailable(f"{self.name}: prefill aborted (instance stopping)")
         matcher = synth.StopMatcher(params.stop)
-        first, stopped = matcher.feed(synth.token_text(params.seed, 0), check=params.min_tokens < 1)
+        token = synth.token_text(params.seed, 0) if self._text else ""
+        first, stopped = matcher.feed(token, check=params.min_tokens < 1)
         finish = "stop" if stopped else ("length" if params.max_tokens <= 1 else None)
         if finish == "length":
             first += matcher.flush()
         if finish is not None:
             self.engine.release(seq)
         dep = self.deployment
+        stats = _stats(seq)
         kv = KVHandle(
             source=self.name,
             prompt_tokens=params.prompt_tokens,
@@ -126,15 +150,27 @@ class EmulatedBackend:
             first_token=first,
             release=lambda: self.engine.release(seq),
             pending_text=matcher.flush(),
+            first_token_at=seq.first_token_at,
+            prefill_compute_s=stats.compute_s,
         )
-        stats = _stats(seq)
         return PrefillResult(TokenChunk(first, 1, finish, stats), kv, stats)
 
     async def decode(
         self, params: GenerationParams, kv: KVHandle
     ) -> AsyncGenerator[TokenChunk, None]:
-        transfer = kv_transfer_time(kv.link, kv.kv_bytes, kv.descriptors) if kv.link else 0.0
-        seq = self._submit(kv.prompt_tokens, params.max_tokens, prefilled=True, transfer_s=transfer)
+        transfer = 0.0
+        if kv.link is not None:
+            layers = self.deployment.model.layers
+            transfer = exposed_kv_transfer_time(
+                kv.link, kv.kv_bytes, kv.descriptors, layers, kv.prefill_compute_s
+            )
+        seq = self._submit(
+            kv.prompt_tokens,
+            params.max_tokens,
+            prefilled=True,
+            transfer_s=transfer,
+            last_token_at=kv.first_token_at,
+        )
         # The prefill side's blocks are freed once the transfer has landed (first chunk). If
         # this leg fails before that, they stay held so the caller can retry the transfer on
         # another decode instance; the caller releases the handle in the end either way.
@@ -144,7 +180,7 @@ class EmulatedBackend:
                 yield chunk
 
     async def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
-        seq = self._submit(params.prompt_tokens, params.max_tokens)
+        seq = self._submit(params.prompt_tokens, params.max_tokens, params=params)
         async with aclosing(self._stream(seq, params, start=0)) as stream:
             async for chunk in stream:
                 yield chunk
@@ -159,12 +195,21 @@ class EmulatedBackend:
         hold: bool = False,
         prefilled: bool = False,
         transfer_s: float = 0.0,
+        params: GenerationParams | None = None,
+        last_token_at: float | None = None,
     ) -> Sequence:
         if not self._open:
             raise BackendUnavailable(f"{self.name} is not running")
         try:
             return self.engine.submit(
-                prompt, max_new, hold_after_prefill=hold, prefilled=prefilled, transfer_s=transfer_s
+                prompt,
+                max_new,
+                hold_after_prefill=hold,
+                prefilled=prefilled,
+                transfer_s=transfer_s,
+                block_hashes=params.block_hashes if params is not None else (),
+                hash_block_tokens=params.hash_block_tokens if params is not None else 0,
+                last_token_at=last_token_at,
             )
         except ValueError as exc:
             raise BackendOverloaded(f"{self.name}: {exc}") from exc
@@ -180,13 +225,16 @@ class EmulatedBackend:
         seen = start
         try:
             while True:
-                await seq.wait_beyond(seen)
+                if self._coalesce and seen > start:
+                    await seq.wait_finished()
+                else:
+                    await seq.wait_beyond(seen)
                 if seq.finish_reason == "abort":
                     raise BackendUnavailable(f"{self.name}: request aborted (instance stopping)")
                 new = seq.generated - seen
                 if new <= 0 and seq.finished:
                     break
-                text = synth.text(params.seed, seen, new)
+                text = synth.text(params.seed, seen, new) if self._text else ""
                 seen += new
                 text, stopped = matcher.feed(text, check=seen > params.min_tokens)
                 if stopped:

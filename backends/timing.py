@@ -109,6 +109,44 @@ class HbmConstants:
     tp: int
     interconnect: float  # bytes/s per direction between the tp devices
     allreduce_latency_s: float
+    kv_bandwidth_efficiency: float | None = None  # η for attention's KV reads (default: η)
+    seq_overhead_s: float = 0.0  # per sequence per step (sampling, bookkeeping)
+    gemm_half_tokens: float = 0.0  # GEMM rows at which MFU is half its large-batch value
+
+
+def gemm_efficiency(mfu: float, rows: float, half: float) -> float:
+    """MFU of a GEMM with ``rows`` token rows: ``mfu · rows / (rows + half)``.
+
+    Tensor cores need tall tiles: a GEMM over a few hundred tokens leaves most of them idle
+    (tile and wave quantisation), one over thousands runs near the large-batch ``mfu``.
+    ``half`` = 0 turns the curve off.
+    """
+    if half <= 0:
+        return mfu
+    return mfu * rows / (rows + half) if rows > 0 else mfu
+
+
+def linear_time(
+    m: ModelShape, s: StepShape, peak_flops: float, mfu: float, half: float, tp: int = 1
+) -> float:
+    """Compute time of the linear layers at ``peak_flops`` (all ``tp`` devices), with GEMM
+    efficiency by size.
+
+    A device's share of a GEMM is ``rows × N / tp`` outputs; its efficiency is taken at the
+    rows of a full-width GEMM of the same size, ``rows / tp``. Dense GEMMs have ``new_tokens``
+    rows; each routed expert of a mixture-of-experts layer only its share,
+    ``new_tokens · top_k / experts``, so small batches run experts at low efficiency.
+    """
+    tokens = s.new_tokens
+    expert_active = m.expert_weight_bytes * m.top_k / m.experts if m.experts else 0.0
+    expert_share = expert_active / (m.dense_weight_bytes + expert_active) if expert_active else 0
+    f = 2.0 * m.active_params * tokens
+    f_expert = f * expert_share
+    t = (f - f_expert) / (peak_flops * gemm_efficiency(mfu, tokens / tp, half))
+    if f_expert:
+        rows = tokens * m.top_k / m.experts / tp
+        t += f_expert / (peak_flops * gemm_efficiency(mfu, rows, half))
+    return t
 
 
 def allreduce_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
@@ -123,18 +161,31 @@ def allreduce_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
 
 
 def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
-    """Roofline step time of an HBM device::
+    """Roofline step time of an HBM device, one roofline per kind of kernel::
 
-        t = max(FLOPs / (MFU · peak · tp), bytes / (η · BW · tp))
-            + step_overhead + layers · layer_overhead + t_allreduce
+        t = max(F_linear / (MFU · peak · tp), weights / (η · BW · tp))        linear layers
+          + max(F_attention / (MFU · peak · tp), KV / (η_kv · BW · tp))       attention
+          + step_overhead + layers · layer_overhead + seqs · seq_overhead + t_allreduce
 
-    Small-batch decode is bound by weight reads; large-batch decode by KV reads; prefill by
-    FLOPs.
+    ``F_linear = 2 · P_active · new_tokens`` at the GEMM efficiency of its height
+    (:func:`linear_time`), ``F_attention = 4 · layers · attn_width · attn_pairs``; KV is the
+    context read plus the new tokens written. The GEMMs over the
+    weights and the attention over the KV cache are separate kernels that run one after the
+    other, so each is bound by its own roof and their times add: large-batch decode pays for
+    compute-bound GEMMs *and* for KV-bound attention. Small-batch decode is bound by weight
+    reads, prefill by FLOPs (where the sum equals the single roofline).
     """
-    t_compute = forward_flops(m, s) / (c.mfu * c.peak_flops * c.tp)
-    t_memory = step_bytes(m, s) / (c.bandwidth_efficiency * c.bandwidth * c.tp)
-    overhead = c.step_overhead_s + m.layers * c.layer_overhead_s
-    return max(t_compute, t_memory) + overhead + allreduce_time(m, s, c)
+    peak = c.mfu * c.peak_flops * c.tp
+    bandwidth = c.bandwidth * c.tp
+    f_attention = 4.0 * m.layers * m.attn_width * s.attn_pairs
+    weights = weight_bytes_read(m, s.new_tokens)
+    kv = (s.kv_read_tokens + s.new_tokens) * m.kv_bytes_per_token
+    eta_kv = c.kv_bandwidth_efficiency or c.bandwidth_efficiency
+    compute = linear_time(m, s, c.peak_flops * c.tp, c.mfu, c.gemm_half_tokens, c.tp)
+    t_linear = max(compute, weights / (c.bandwidth_efficiency * bandwidth))
+    t_attention = max(f_attention / peak, kv / (eta_kv * bandwidth))
+    overhead = c.step_overhead_s + m.layers * c.layer_overhead_s + s.seqs * c.seq_overhead_s
+    return t_linear + t_attention + overhead + allreduce_time(m, s, c)
 
 
 @dataclass(frozen=True, slots=True)

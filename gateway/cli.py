@@ -3,6 +3,8 @@
     pdgate serve [--config FILE] [--host H] [--port P] [--log-level L] [--log-format F]
     pdgate report RESULTS... [--out DIR] [--slo-ttft S] [--slo-tpot S]
     pdgate backend --device D --model M [--role prefill|decode|both] [--port P] ...
+    pdgate simulate (--device D --model M [--count N --tp N] | --config FILE) WORKLOAD LOAD
+    pdgate calibrate [--points ID,...] [--json]
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and
 ``run(args) -> int``; :data:`COMMANDS` maps names to (module, one-line help). Modules are
@@ -25,6 +27,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "backend": (
         "gateway.commands.backend",
         "run one emulated instance as an OpenAI server speaking vLLM's and SGLang's P/D protocols",
+    ),
+    "simulate": (
+        "gateway.commands.simulate",
+        "simulate a deployment (or a whole config) under a workload, in virtual time",
+    ),
+    "calibrate": (
+        "gateway.commands.calibrate",
+        "check the emulated devices against the published reference points",
     ),
 }
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol
 
@@ -235,7 +235,7 @@ def _build_pool(
     policy = make_policy(cfg.policy, PolicyDeps(store, cfg.policy_options))
     limiter = Limiter(f"{m.name}/{role}", max_active=cfg.max_in_flight, max_queue=cfg.max_queue)
     pool = Pool(m.name, role, policy, limiter, cfg.policy)
-    link = catalog.link(cfg.kv_link)
+    link = replace(catalog.link(cfg.kv_link), layerwise=cfg.kv_layerwise)
     index = 0
     for spec in cfg.workers:
         for _ in range(spec.replicas):

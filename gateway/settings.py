@@ -123,6 +123,9 @@ class PoolConfig(_Strict):
         default_factory=dict, description="keyword options of the policy (see gateway/policies)"
     )
     kv_link: str = "roce_200g"
+    kv_layerwise: bool = Field(
+        False, description="send KV layer by layer during the prefill (only the last is exposed)"
+    )
     max_in_flight: int | None = Field(None, gt=0, description="legs running at once (None: no cap)")
     max_queue: int = Field(0, ge=0, description="legs waiting beyond max_in_flight before 429")
     workers: list[WorkerConfig] = Field(min_length=1)

@@ -519,3 +519,285 @@ def test_an_hour_of_traffic_simulates_in_seconds(run_virtual: RunVirtual, catalo
     assert engine.stats.prompt_tokens == sum(p for _, p, _ in arrivals)
     assert engine.stats.generation_tokens == sum(m for _, _, m in arrivals)
     assert engine.free_blocks == engine.total_blocks
+
+
+# -- prefix caching -------------------------------------------------------------------------
+
+
+class Gaps:
+    """A GapRecorder that keeps every (gap, weight) entry."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[float, int]] = []
+
+    def add(self, gap: float, weight: int) -> None:
+        self.entries.append((gap, weight))
+
+
+def test_prefix_hit_skips_the_cached_prompt_compute_but_still_reads_its_kv(
+    run_virtual: RunVirtual,
+) -> None:
+    timer = LinearTimer()
+    hashes = (11, 12, 13)  # 3 units of 512 tokens
+
+    async def main() -> tuple[Engine, Sequence, Sequence]:
+        engine = make_engine(timer, prefix_caching=True)
+        first = engine.submit(1536, 2, block_hashes=hashes, hash_block_tokens=512)
+        await follow(first)
+        timer.shapes.clear()
+        second = engine.submit(1536, 2, block_hashes=hashes, hash_block_tokens=512)
+        await follow(second)
+        await engine.stop()
+        return engine, first, second
+
+    engine, first, second = run_virtual(main)
+    # The last prompt token is always computed, so at most two of three units hit.
+    assert engine.stats.prefix_hit_tokens == 1024
+    prefill = timer.shapes[0]
+    assert prefill.new_tokens == 1536 - 1024
+    assert prefill.kv_read_tokens == 1024  # the hit KV is read by attention all the same
+    assert prefill.attn_pairs == pytest.approx(512 * (1024 + 513 / 2))
+    assert engine.stats.prompt_tokens == 2 * 1536  # charged in full either way
+    assert second.first_token_at - second.arrival < first.first_token_at - first.arrival
+
+
+def test_prefix_cache_shares_blocks_between_running_sequences(run_virtual: RunVirtual) -> None:
+    timer = LinearTimer()
+    hashes = (1, 2)
+
+    async def main() -> tuple[int, int, Engine]:
+        engine = make_engine(timer, prefix_caching=True)
+        a = engine.submit(1100, 50, block_hashes=hashes, hash_block_tokens=512)
+        await a.wait_beyond(1)
+        alone = engine.used_blocks
+        b = engine.submit(1100, 50, block_hashes=hashes, hash_block_tokens=512)
+        await b.wait_beyond(1)
+        assert a.cached_tokens == b.cached_tokens == 1024
+        both = engine.used_blocks
+        own = a.blocks + b.blocks  # each sequence's blocks beyond the shared prefix
+        await asyncio.gather(follow(a), follow(b))
+        await engine.stop()
+        return alone, both - own, engine
+
+    alone, held_once, engine = run_virtual(main)
+    shared = 2 * 512 // 16
+    assert alone == shared + blocks_for(1100 + 1 - 1024)
+    assert held_once == shared  # the two full units are held once for both
+    # Finished sequences leave their units cached and evictable, nothing else.
+    cache = engine.cache
+    assert cache is not None
+    assert cache.evictable_blocks == cache.blocks == shared
+    assert engine.free_blocks + cache.blocks == engine.total_blocks
+    assert engine.active_blocks == 0
+
+
+def test_prefix_cache_evicts_least_recently_released_units_when_blocks_run_out(
+    run_virtual: RunVirtual,
+) -> None:
+    timer = LinearTimer(kv_capacity_tokens=2048)  # 128 blocks: room for two 1024-token prompts
+
+    async def main() -> Engine:
+        engine = make_engine(timer, prefix_caching=True)
+        for i in range(6):  # distinct prompts: each leaves two units (64 blocks) cached
+            seq = engine.submit(1100, 2, block_hashes=(100 + i, 200 + i), hash_block_tokens=512)
+            await follow(seq)
+            assert seq.finish_reason == "length"
+            assert engine.free_blocks >= 0
+        await engine.stop()
+        return engine
+
+    engine = run_virtual(main)
+    cache = engine.cache
+    assert cache is not None
+    assert cache.evictions > 0
+    assert engine.stats.preemptions == 0
+    assert engine.free_blocks + cache.blocks == engine.total_blocks
+    # The newest prompt's units survive, the oldest are gone.
+    assert cache.match((105, 205)) == 2
+    assert cache.match((100, 200)) == 0
+
+
+def test_prefix_hashes_are_ignored_without_prefix_caching(run_virtual: RunVirtual) -> None:
+    timer = LinearTimer()
+
+    async def main() -> Engine:
+        engine = make_engine(timer)
+        for _ in range(2):
+            await follow(engine.submit(1100, 2, block_hashes=(1, 2), hash_block_tokens=512))
+        await engine.stop()
+        return engine
+
+    engine = run_virtual(main)
+    assert engine.cache is None
+    assert engine.stats.prefix_hit_tokens == 0
+    assert [s.new_tokens for s in timer.shapes] == [1100, 1, 1100, 1]
+
+
+def test_preempted_sequence_recomputes_cheaply_from_its_own_cached_prefix(
+    run_virtual: RunVirtual,
+) -> None:
+    timer = LinearTimer(kv_capacity_tokens=1280)  # 80 blocks
+
+    async def main() -> tuple[Engine, list[Sequence]]:
+        engine = make_engine(timer, prefix_caching=True)
+        a = engine.submit(512, 400, block_hashes=(1,), hash_block_tokens=512)
+        await a.wait_beyond(1)
+        b = engine.submit(512, 400, block_hashes=(2,), hash_block_tokens=512)
+        await asyncio.gather(follow(a), follow(b))
+        await engine.stop()
+        return engine, [a, b]
+
+    engine, seqs = run_virtual(main)
+    assert engine.stats.preemptions > 0
+    assert all(s.finish_reason == "length" and s.generated == 400 for s in seqs)
+    # Re-admitted after preemption, the victim found its prompt unit still cached.
+    recomputes = [s for s in timer.shapes[2:] if s.new_tokens > 1 and s.kv_read_tokens >= 512]
+    assert recomputes
+
+
+# -- speculative decoding ---------------------------------------------------------------------
+
+
+def _spec_run(
+    run_virtual: RunVirtual,
+    k: int,
+    a: float,
+    *,
+    seed: int = 0,
+    max_new: int = 4001,
+    gaps: Gaps | None = None,
+) -> tuple[Engine, LinearTimer, Sequence]:
+    timer = LinearTimer()
+
+    async def main() -> tuple[Engine, Sequence]:
+        engine = make_engine(
+            timer,
+            speculative_tokens=k,
+            acceptance_rate=a,
+            draft_cost_fraction=0.1,
+            seed=seed,
+            recorder=gaps,
+        )
+        seq = engine.submit(100, max_new)
+        await follow(seq)
+        await engine.stop()
+        return engine, seq
+
+    engine, seq = run_virtual(main)
+    return engine, timer, seq
+
+
+@pytest.mark.parametrize(("k", "a"), [(3, 0.7), (5, 0.8), (2, 0.5)])
+def test_speculative_decoding_yields_the_expected_tokens_per_step(
+    run_virtual: RunVirtual, k: int, a: float
+) -> None:
+    engine, _, seq = _spec_run(run_virtual, k, a)
+    assert seq.generated == 4001  # exactly max_new, never more
+    decode_steps = engine.stats.steps - 1  # the first step is the prefill
+    per_step = (seq.generated - 1) / decode_steps
+    assert per_step == pytest.approx((1 - a ** (k + 1)) / (1 - a), rel=0.04)
+    s = engine.stats
+    assert s.draft_tokens_accepted / s.draft_tokens == pytest.approx((per_step - 1) / k, rel=0.02)
+
+
+def test_speculative_decoding_bounds_no_acceptance_and_full_acceptance(
+    run_virtual: RunVirtual,
+) -> None:
+    none, _, _ = _spec_run(run_virtual, 4, 0.0, max_new=101)
+    assert none.stats.steps == 1 + 100  # one token per step
+    full, _, _ = _spec_run(run_virtual, 4, 1.0, max_new=101)
+    assert full.stats.steps == 1 + 100 // 5  # k + 1 tokens per step
+
+
+def test_speculative_step_costs_verification_plus_drafts(run_virtual: RunVirtual) -> None:
+    k = 4
+    gaps = Gaps()
+    _, timer, _ = _spec_run(run_virtual, k, 0.6, max_new=50, gaps=gaps)
+    verify, plain = timer.shapes[1], timer.shapes[2]  # asked in this order for step 2
+    assert verify == StepShape.of([(k + 1, 100)])  # the last token and k drafts
+    assert plain == StepShape(1, 101.0, 100, 1)  # one plain decode step of that sequence
+    first_gap, weight = gaps.entries[0]
+    step = timer.formula(verify) + k * 0.1 * timer.formula(plain)
+    assert first_gap * weight == pytest.approx(step, rel=1e-12)
+
+
+def test_speculative_decoding_is_deterministic_for_a_seed(run_virtual: RunVirtual) -> None:
+    a1, _, s1 = _spec_run(run_virtual, 3, 0.7, seed=5, max_new=500)
+    a2, _, s2 = _spec_run(run_virtual, 3, 0.7, seed=5, max_new=500)
+    b, _, _ = _spec_run(run_virtual, 3, 0.7, seed=6, max_new=500)
+    assert a1.stats.steps == a2.stats.steps
+    assert s1.last_token_at == s2.last_token_at
+    assert a1.stats.draft_tokens_accepted != b.stats.draft_tokens_accepted
+
+
+# -- KV reservation (guaranteed_no_evict) ---------------------------------------------------
+
+
+def test_reserving_max_tokens_admits_fewer_but_never_preempts(run_virtual: RunVirtual) -> None:
+    def run(reserve: bool) -> tuple[Engine, list[Sequence]]:
+        timer = LinearTimer(kv_capacity_tokens=160)
+
+        async def main() -> tuple[Engine, list[Sequence]]:
+            engine = make_engine(timer, reserve_max=reserve)
+            seqs = [engine.submit(30, 40) for _ in range(4)]
+            await asyncio.gather(*(follow(s) for s in seqs))
+            await engine.stop()
+            return engine, seqs
+
+        result: tuple[Engine, list[Sequence]] = run_virtual(main)
+        return result
+
+    greedy, _ = run(False)
+    reserved, seqs = run(True)
+    assert greedy.stats.preemptions > 0
+    assert reserved.stats.preemptions == 0
+    assert all(s.finish_reason == "length" and s.generated == 40 for s in seqs)
+    # 70 tokens reserved per request (5 blocks): two of four fit at a time.
+    assert seqs[2].first_scheduled == pytest.approx(seqs[0].last_token_at, abs=1e-9)
+    assert reserved.free_blocks == reserved.total_blocks
+
+
+# -- token gaps ---------------------------------------------------------------------------------
+
+
+def test_gap_recorder_sees_every_token_after_the_first_once(run_virtual: RunVirtual) -> None:
+    timer = LinearTimer()
+    gaps = Gaps()
+
+    async def main() -> list[Sequence]:
+        engine = make_engine(timer, recorder=gaps)
+        a = engine.submit(100, 20)
+        await a.wait_beyond(3)
+        b = engine.submit(300, 10)  # joins mid-decode: a's gap that step is longer
+        await asyncio.gather(follow(a), follow(b))
+        await engine.stop()
+        return [a, b]
+
+    seqs = run_virtual(main)
+    assert sum(w for _, w in gaps.entries) == (20 - 1) + (10 - 1)
+    # Per step, not per token: one entry per step for the sequences continuing together.
+    assert len(gaps.entries) < 20 + 10
+    decode = timer.formula(StepShape.of([(1, 100)]))
+    assert min(g for g, _ in gaps.entries) == pytest.approx(decode, rel=1e-6)
+    assert max(g for g, _ in gaps.entries) > timer.formula(StepShape.of([(300, 0)]))
+    assert all(s.finish_reason == "length" for s in seqs)
+
+
+def test_decode_leg_gap_counts_from_the_prefill_side_first_token(
+    run_virtual: RunVirtual,
+) -> None:
+    timer = LinearTimer()
+    gaps = Gaps()
+
+    async def main() -> float:
+        engine = make_engine(timer, recorder=gaps)
+        t0 = LoopClock().now()
+        seq = engine.submit(500, 3, prefilled=True, transfer_s=0.05, last_token_at=t0 - 0.02)
+        await follow(seq)
+        await engine.stop()
+        return t0
+
+    run_virtual(main)
+    first_gap = gaps.entries[0][0]
+    step = timer.formula(StepShape.of([(1, 500)]))
+    assert first_gap == pytest.approx(0.02 + 0.05 + step, rel=1e-9)

@@ -79,8 +79,11 @@ def test_batch1_decode_8b_h100_is_memory_bound_and_matches_hand_arithmetic(
     params = mod["params_b"] * 1e9
     kv_per_token = _gqa_kv_bytes(mod, 2.0)
 
-    bytes_moved = params * 2.0 + (ctx + 1) * kv_per_token  # weights + KV read + one KV written
-    t_memory = bytes_moved / (eff["bandwidth"] * dev["memory_bandwidth_tb_s"] * 1e12)
+    # Weights at η, KV (context read + one written) at attention's η_kv: separate kernels.
+    bw = dev["memory_bandwidth_tb_s"] * 1e12
+    t_memory = params * 2.0 / (eff["bandwidth"] * bw) + (ctx + 1) * kv_per_token / (
+        eff.get("kv_bandwidth", eff["bandwidth"]) * bw
+    )
     flops = 2 * params + 4 * mod["layers"] * mod["q_heads"] * mod["head_dim"] * (ctx + 1)
     t_compute = flops / (eff["mfu"] * dev["peak_tflops"]["bf16"] * 1e12)
     overhead = eff["step_overhead_s"] + mod["layers"] * eff["layer_overhead_s"]
@@ -103,8 +106,11 @@ def test_large_prefill_8b_h100_is_compute_bound_and_matches_hand_arithmetic(
     n = 8192
     params = mod["params_b"] * 1e9
     attn_width = mod["q_heads"] * mod["head_dim"]
-    flops = 2 * params * n + 4 * mod["layers"] * attn_width * n * (n + 1) / 2
-    t_compute = flops / (eff["mfu"] * dev["peak_tflops"]["bf16"] * 1e12)
+    peak = eff["mfu"] * dev["peak_tflops"]["bf16"] * 1e12
+    # GEMMs over 8192 rows run at mfu · r / (r + half); attention at mfu.
+    half = eff.get("gemm_half_tokens", 0.0)
+    t_compute = 2 * params * n / (peak * n / (n + half))
+    t_compute += 4 * mod["layers"] * attn_width * n * (n + 1) / 2 / peak
     bytes_moved = params * 2.0 + n * _gqa_kv_bytes(mod, 2.0)
     t_memory = bytes_moved / (eff["bandwidth"] * dev["memory_bandwidth_tb_s"] * 1e12)
     overhead = eff["step_overhead_s"] + mod["layers"] * eff["layer_overhead_s"]
@@ -122,10 +128,12 @@ def test_decode_step_time_grows_with_batch_once_kv_reads_dominate(catalog: Catal
     batches = [1, 2, 4, 8, 16, 32, 64, 128, 256]
     times = [dep.step_time(StepShape.of([(1, ctx)] * b)) for b in batches]
     assert all(a < b for a, b in itertools.pairwise(times))
-    # Both 128 and 256 are memory-bound: the difference is exactly 128 more sequences' KV.
-    extra_kv = 128 * (ctx + 1) * _gqa_kv_bytes(mod, 2.0)
-    bw = dev["efficiency"]["bandwidth"] * dev["memory_bandwidth_tb_s"] * 1e12
-    assert times[-1] - times[-2] == pytest.approx(extra_kv / bw, rel=1e-9)
+    # At 64 and 128 the GEMMs are still bound by weight reads, the same for both, so the
+    # difference is exactly 64 more sequences' KV, read at attention's KV bandwidth.
+    extra_kv = 64 * (ctx + 1) * _gqa_kv_bytes(mod, 2.0)
+    eff = dev["efficiency"]
+    bw = eff.get("kv_bandwidth", eff["bandwidth"]) * dev["memory_bandwidth_tb_s"] * 1e12
+    assert times[-2] - times[-3] == pytest.approx(extra_kv / bw, rel=1e-9)
     # At 256 sequences KV traffic exceeds the weights, and the step is over twice batch 1.
     assert 256 * (ctx + 1) * _gqa_kv_bytes(mod, 2.0) > mod["params_b"] * 1e9 * 2
     assert times[-1] > 2 * times[0]
@@ -148,8 +156,9 @@ def test_allreduce_term_matches_formula_for_tp2_70b_fp8(catalog: Catalog) -> Non
     assert isinstance(c, HbmConstants)
     assert allreduce_time(dep.model_shape, shape, c) == pytest.approx(expected_ar, rel=1e-12)
 
-    bytes_moved = mod["params_b"] * 1e9 * 1.0 + 1001 * _gqa_kv_bytes(mod, 1.0)
-    t_memory = bytes_moved / (eff["bandwidth"] * dev["memory_bandwidth_tb_s"] * 1e12 * tp)
+    bw = dev["memory_bandwidth_tb_s"] * 1e12 * tp
+    t_memory = mod["params_b"] * 1e9 * 1.0 / (eff["bandwidth"] * bw)
+    t_memory += 1001 * _gqa_kv_bytes(mod, 1.0) / (eff.get("kv_bandwidth", eff["bandwidth"]) * bw)
     overhead = eff["step_overhead_s"] + mod["layers"] * eff["layer_overhead_s"]
     assert dep.step_time(shape) == pytest.approx(t_memory + overhead + expected_ar, rel=1e-9)
 

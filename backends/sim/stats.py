@@ -1,0 +1,96 @@
+"""Latency statistics of a simulation: summaries, weighted percentiles, token-gap recording.
+
+Percentiles use the *nearest-rank* definition (the smallest sample with at least ``q`` of the
+weight at or below it), the one latency benchmarks report, so a p99 is always a latency some
+request actually saw. Inter-token gaps are recorded with weights (:class:`GapRecorder`): an
+engine step adds one entry for all the sequences that got a token in it after a token in the
+step before, so memory and time grow with steps, not tokens.
+
+Example::
+
+    summary([0.2, 0.3, 0.9])                    # Summary(mean=0.466..., p50=0.3, ...)
+    gaps = GapRecorder(); gaps.add(0.01, 250)   # 250 tokens, each 10 ms after the last
+    gaps.summary().p99
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Mean and percentiles of a latency, in seconds (NaN when there were no samples)."""
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {k: (None if math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+EMPTY = Summary(math.nan, math.nan, math.nan, math.nan)
+
+
+def weighted_quantiles(
+    values: Sequence[float], weights: Sequence[float], qs: Iterable[float]
+) -> list[float]:
+    """Nearest-rank quantiles of weighted samples (one pass over the sorted samples)."""
+    pairs = sorted(zip(values, weights, strict=True))
+    total = math.fsum(w for _, w in pairs)
+    wanted = sorted((q, i) for i, q in enumerate(qs))
+    out = [pairs[-1][0]] * len(wanted)
+    acc = 0.0
+    k = 0
+    for v, w in pairs:
+        acc += w
+        while k < len(wanted) and acc >= wanted[k][0] * total * (1 - 1e-12):
+            out[wanted[k][1]] = v
+            k += 1
+        if k == len(wanted):
+            break
+    return out
+
+
+def summary(values: Sequence[float]) -> Summary:
+    """Mean, p50, p90 and p99 of unweighted samples."""
+    if not values:
+        return EMPTY
+    ordered = sorted(values)
+    n = len(ordered)
+    pick = [ordered[max(0, math.ceil(q * n) - 1)] for q in QUANTILES]
+    return Summary(math.fsum(ordered) / n, *pick)
+
+
+def weighted_summary(values: Sequence[float], weights: Sequence[float]) -> Summary:
+    total = math.fsum(weights)
+    if not values or total <= 0:
+        return EMPTY
+    mean = math.fsum(v * w for v, w in zip(values, weights, strict=True)) / total
+    return Summary(mean, *weighted_quantiles(values, weights, QUANTILES))
+
+
+class GapRecorder:
+    """Inter-token gaps with weights (implements :class:`backends.engine.GapRecorder`)."""
+
+    def __init__(self) -> None:
+        self.gaps = array("d")
+        self.weights = array("d")
+
+    def add(self, gap: float, weight: int) -> None:
+        self.gaps.append(gap)
+        self.weights.append(weight)
+
+    @property
+    def tokens(self) -> int:
+        return int(math.fsum(self.weights))
+
+    def summary(self) -> Summary:
+        return weighted_summary(self.gaps, self.weights)
