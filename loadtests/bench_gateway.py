@@ -744,8 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = min(args.duration, 1.5), min(args.warmup, 0.3)
-    _exit_on_sigterm()
-    results = _run(run_bench(args))
+    exit_on_sigterm()
+    results = run_loop(run_bench(args))
     print(report(results))
     if args.json:
         args.json.write_bytes(
@@ -754,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on uvloop (when installed), as the gateway does."""
     try:
         import uvloop
     except ImportError:
@@ -762,7 +763,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
-def _exit_on_sigterm() -> None:
+def exit_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C, so the ``finally`` blocks stop every child process."""
 
     def handler(signum: int, frame: object) -> None:
