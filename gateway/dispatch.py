@@ -357,7 +357,7 @@ class ConditionalFlow(DisaggregatedFlow):
         # What the decode workers held *before* this request (a prefix-aware pick records it).
         held = self._store.match_prefix(hashes) if hashes else {}
         decoder = legs.pick(self._decode, req.routing, set())
-        reason = self._local_reason(req, held.get(decoder.id, 0))
+        reason = self._local_reason(req, decoder, held.get(decoder.id, 0))
         legs.deps.metrics.count_disaggregation(self._decode.model, reason or "remote")
         local = reason is not None
         stream = legs.generate(self._decode, req, decoder) if local else self._remote(req, decoder)
@@ -369,22 +369,32 @@ class ConditionalFlow(DisaggregatedFlow):
                     _observe_leg(legs.deps.metrics, req, "decode", chunk)
                 yield chunk
 
-    def _local_reason(self, req: DispatchRequest, held_blocks: int) -> str | None:
+    def _local_reason(self, req: DispatchRequest, decoder: Worker, held_blocks: int) -> str | None:
         """Why to prefill on the chosen decode worker, which holds ``held_blocks`` of the
-        prompt's blocks; None to prefill remotely."""
+        prompt's blocks; None to prefill remotely.
+
+        Every local reason holds only while the decode worker would finish the prefill no later
+        than the best prefill worker: otherwise local prefills pile onto the decode pool (while
+        the prefill pool idles, or on top of its backlog)."""
         rules, params = self._rules, req.params
-        if params.prompt_tokens <= rules.local_max_prompt_tokens:
+        tokens = params.prompt_tokens
+        waits = [
+            w
+            for worker in self._prefill.candidates()
+            if (w := worker.estimate_prefill_s(tokens)) is not None
+        ]
+        if not self._prefill.candidates():
+            return "prefill_busy"
+        local = decoder.estimate_prefill_s(tokens)
+        if local is not None and waits and local > min(waits):
+            return None
+        if waits and min(waits) > rules.prefill_busy_wait_s:
+            return "prefill_busy"
+        if tokens <= rules.local_max_prompt_tokens:
             return "short_prompt"
         hashes = params.block_hashes
         if hashes and held_blocks >= rules.local_min_prefix_hit * len(hashes):
             return "prefix_hit"
-        waits = [
-            w
-            for worker in self._prefill.candidates()
-            if (w := worker.estimate_prefill_s(params.prompt_tokens)) is not None
-        ]
-        if not self._prefill.candidates() or (waits and min(waits) > rules.prefill_busy_wait_s):
-            return "prefill_busy"
         return None
 
 
