@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import os
 import re
@@ -206,6 +207,7 @@ def gateway_argv(config_path: Path, port: int) -> list[str]:
 def router_argv(kind: str, port: int, prefill: list[Proc], decode: list[Proc]) -> list[str]:
     argv = [*ROUTERS[kind], "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--prometheus-port", str(free_port()), "--policy", "round_robin"]
+    argv += ["--worker-startup-check-interval", "1"]  # register the backends within a second
     if kind == "vllm-router":
         argv += ["--vllm-pd-disaggregation", "--kv-connector", "nixl", "--log-level", "warning"]
         for p in prefill:
@@ -219,17 +221,11 @@ def router_argv(kind: str, port: int, prefill: list[Proc], decode: list[Proc]) -
     return argv
 
 
-def router_runnable(kind: str) -> str | None:
-    """None if the router is installed and its binary runs here, else why not."""
-    if kind == "vllm-router" and not Path(ROUTERS[kind][0]).exists():
-        return "not installed"
-    try:
-        out = subprocess.run(
-            [*ROUTERS[kind], "--help"], capture_output=True, timeout=60, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return str(exc)
-    return None if out.returncode == 0 else f"--help exited {out.returncode}"
+def router_installed(kind: str) -> str | None:
+    """None if the router is installed, else why it is not in the table."""
+    if kind == "vllm-router":
+        return None if Path(ROUTERS[kind][0]).exists() else "not installed"
+    return None if importlib.util.find_spec("sglang_router") else "not installed"
 
 
 async def wait_serving(session: aiohttp.ClientSession, proc: Proc, limit_s: float = 90.0) -> None:
@@ -437,8 +433,9 @@ async def measure(
     backend_pids: list[int],
     profiler: Profiler | None = None,
 ) -> Result:
-    """Closed loop: ``concurrency`` workers send back to back; only requests that finish
-    inside the measured window count, and CPU is read at its edges."""
+    """Closed loop: ``concurrency`` workers send back to back; the requests that finish
+    inside the measured window count (throughput is completions per second of it), and CPU
+    is read at its edges."""
     samples: list[Sample] = []
     errors: Counter[str] = Counter()
     counter = itertools.count()
@@ -446,14 +443,14 @@ async def measure(
     t_end = t_start + duration
 
     async def worker() -> None:
-        while (now := time.perf_counter()) < t_end:
+        while time.perf_counter() < t_end:
             try:
                 sample = await send(next(counter))
             except (Failed, aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
-                if now >= t_start and time.perf_counter() <= t_end:
+                if t_start <= time.perf_counter() <= t_end:
                     errors[type(exc).__name__ + ": " + str(exc)[:120]] += 1
                 continue
-            if now >= t_start and time.perf_counter() <= t_end:
+            if t_start <= time.perf_counter() <= t_end:  # finished inside the window
                 samples.append(sample)
 
     async def mark() -> tuple[float, float, float]:
@@ -556,13 +553,23 @@ async def start_cluster(
                 fronts[target] = procs.start(target, gateway_argv(config, port), port)
         for kind in ROUTERS:
             if kind in targets:
-                reason = router_runnable(kind)
+                reason = router_installed(kind)
                 if reason is not None:
                     skipped[kind] = reason
                     continue
                 port = free_port()
                 fronts[kind] = procs.start(kind, router_argv(kind, port, prefill, decode), port)
-        await asyncio.gather(*(wait_serving(session, p) for p in fronts.values()))
+        serving = await asyncio.gather(
+            *(wait_serving(session, p) for p in fronts.values()), return_exceptions=True
+        )
+        for (name, proc), outcome in zip(list(fronts.items()), serving, strict=True):
+            if not isinstance(outcome, Exception):
+                continue
+            if name not in ROUTERS:  # the gateway must run; a router may not, on this machine
+                raise outcome
+            skipped[name] = f"did not start: {str(outcome)[-500:]}"
+            del fronts[name]
+            proc.popen.terminate()
     return Cluster(prefill, decode, fronts, skipped)
 
 

@@ -1,0 +1,64 @@
+"""The gateway benchmark in its quickest mode: every row of the table is there and its numbers
+are sane (no assertions on performance: those belong to benchmark runs, not tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from loadtests.bench_gateway import SCENARIOS, TARGETS
+from loadtests.bench_memory import SoakResult
+
+pytestmark = pytest.mark.system
+
+ROOT = Path(__file__).resolve().parents[2]
+FRONTS = {"pdgate", "pdgate-sglang", "sglang-router", "vllm-router"}  # measured processes
+
+
+def test_quick_benchmark_has_every_row_with_sane_numbers(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "loadtests.bench_gateway", "--quick", "--duration", "1"]
+    run = subprocess.run(
+        [*argv, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    skipped = {line.split()[1] for line in run.stderr.splitlines() if " skipped: " in line}
+    assert not skipped & {"direct", "direct-pd", "pdgate", "pdgate-sglang"}, run.stderr
+    targets = [t for t in TARGETS if t not in skipped]
+
+    results = orjson.loads(out.read_bytes())
+    rows = [(r["scenario"], r["target"]) for r in results]
+    assert rows == [(s.name, t) for s in SCENARIOS for t in targets]
+    for s in SCENARIOS:
+        for t in targets:
+            assert f"| {s.name} | {t} |" in run.stdout
+
+    tokens = {s.name: s.max_tokens for s in SCENARIOS}
+    for r in results:
+        where = f"{r['scenario']}/{r['target']}"
+        assert r["errors"] == 0, (where, r["error_kinds"])
+        assert r["requests"] > 0, where
+        assert r["rps"] == pytest.approx(r["requests"] / r["duration_s"]), where
+        # every answer is exactly max_tokens long: tokens/s is requests/s times that
+        assert r["tokens_per_s"] == pytest.approx(r["rps"] * tokens[r["scenario"]]), where
+        assert 0 < r["ttft_p50_ms"] <= r["p50_ms"] <= r["p99_ms"], where
+        assert r["ttft_p50_ms"] <= r["ttft_p99_ms"], where
+        assert r["backend_cpu_ms_per_req"] >= 0, where
+        if r["target"] in FRONTS:
+            assert r["cpu_ms_per_req"] > 0, where
+            assert 20 < r["rss_mb"] < 2000, where
+        else:
+            assert r["cpu_ms_per_req"] is None, where
+    assert "c64 CPU per request, pdgate / sglang-router" in run.stdout or skipped
+
+
+def test_soak_slope_is_the_least_squares_fit_after_the_warm_up() -> None:
+    samples = [(float(t), 100.0 + 0.5 * t / 60) for t in range(0, 600, 5)]
+    samples[0] = (0.0, 10.0)  # start-up, left out with the warm-up
+    soak = SoakResult(minutes=10, requests=1, errors=0, samples=samples, warmup_s=30)
+    assert soak.slope() == pytest.approx(0.5)
+    assert "+0.500 MB/min" in soak.report()
