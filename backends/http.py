@@ -69,6 +69,9 @@ class HttpOptions:
     connect_timeout_s: float = 5.0
     prefill_timeout_s: float = 300.0  # a whole prefill leg, queueing included
     read_timeout_s: float = 120.0  # longest silence within a streamed leg
+    served_model_name: str | None = (
+        None  # the upstream's name for the model (default: the client's)
+    )
 
 
 class HttpBackend:
@@ -228,6 +231,8 @@ class HttpBackend:
         """POST ``body`` to the leg's endpoint; the response once its headers arrived."""
         path = "/v1/chat/completions" if params.api == "chat" else "/v1/completions"
         headers = (("Content-Type", "application/json"), ("X-Request-Id", params.request_id))
+        if self.options.served_model_name is not None:
+            body["model"] = self.options.served_model_name  # each leg's body is its own copy
         try:
             return await self._http().request(
                 "POST", path, orjson.dumps(body), headers,

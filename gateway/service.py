@@ -273,6 +273,7 @@ def http_backend(name: str, spec: HttpWorker) -> HttpBackend:
         connect_timeout_s=spec.connect_timeout_s,
         prefill_timeout_s=spec.prefill_timeout_s,
         read_timeout_s=spec.read_timeout_s,
+        served_model_name=spec.served_model_name,
     )
     return HttpBackend(
         name, spec.url, spec.protocol, bootstrap_port=spec.bootstrap_port, options=options

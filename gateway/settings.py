@@ -94,6 +94,9 @@ class HttpWorker(_Strict):
     connect_timeout_s: float = Field(5.0, gt=0)
     prefill_timeout_s: float = Field(300.0, gt=0, description="a whole prefill leg")
     read_timeout_s: float = Field(120.0, gt=0, description="longest silence within a stream")
+    served_model_name: str | None = Field(
+        None, description="the model name the upstream serves (default: the name clients send)"
+    )
 
     @property
     def replicas(self) -> int:

@@ -258,3 +258,26 @@ def _wait_status(url: str, status: int, limit_s: float = 5.0) -> None:
     while httpx.get(url).status_code != status:
         assert time.monotonic() < deadline, f"{url} never answered {status}"
         time.sleep(0.05)
+
+
+def test_upstream_gets_its_own_name_for_the_model() -> None:
+    """Clients say ``llama-http``; the upstream serves ``llama-3.1-8b``: the adapter renames."""
+    with run_backend("--time-scale", "10") as up:
+        worker = {"type": "http", "protocol": "openai", "url": up.url}
+        pools = {"aggregated": {"workers": [{**worker, "served_model_name": MODEL}]}}
+        served = {"name": "llama-http", "profile": MODEL, "mode": "aggregated", "pools": pools}
+        plain = {**served, "name": "llama-plain", "pools": {"aggregated": {"workers": [worker]}}}
+        with run_gateway({"models": [served, plain]}) as gw:
+            renamed = httpx.post(
+                gw.url + "/v1/chat/completions",
+                json={**chat(seed=2), "model": "llama-http"},
+                timeout=30,
+            )
+            unknown = httpx.post(
+                gw.url + "/v1/chat/completions",
+                json={**chat(seed=2), "model": "llama-plain"},
+                timeout=30,
+            )
+    assert renamed.status_code == 200
+    assert renamed.json()["model"] == "llama-http"  # the client sees its own name back
+    assert unknown.status_code == 502  # the upstream does not know "llama-plain"
