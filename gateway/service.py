@@ -15,7 +15,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from backends.base import Backend
-from backends.catalog import Catalog
+from backends.catalog import Catalog, Deployment
 from backends.clock import Clock, LoopClock
 from backends.emulated import EmulatedBackend
 from backends.http import HttpBackend, HttpOptions
@@ -292,12 +292,17 @@ class EmulatedFactory:
     ) -> Backend:
         if not isinstance(spec, EmulatedWorker):
             raise TypeError(f"{name}: EmulatedFactory builds emulated workers only")
-        deployment = self._catalog.deployment(
-            spec.device,
-            model.profile_name,
-            dtype=spec.dtype,
-            count=spec.count,
-            tp=spec.tp,
-            engine=spec.engine,
-        )
+        deployment = worker_deployment(self._catalog, spec, model)
         return EmulatedBackend(name, deployment, self._clock, link=link, time_scale=spec.time_scale)
+
+
+def worker_deployment(catalog: Catalog, spec: EmulatedWorker, model: ModelConfig) -> Deployment:
+    """The deployment an emulated worker entry describes."""
+    return catalog.deployment(
+        spec.device,
+        model.profile_name,
+        dtype=spec.dtype,
+        count=spec.count,
+        tp=spec.tp,
+        engine=spec.engine,
+    )

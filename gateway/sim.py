@@ -46,7 +46,7 @@ from backends.timing import Link
 from gateway.dispatch import DispatchRequest
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.service import Gateway, build_gateway
+from gateway.service import Gateway, build_gateway, worker_deployment
 from gateway.settings import (
     EmulatedWorker,
     HttpWorker,
@@ -342,14 +342,7 @@ class _SimFactory:
     ) -> Backend:
         if not isinstance(spec, EmulatedWorker):
             raise ValueError(f"{name}: only emulated workers can be simulated")
-        deployment = self._catalog.deployment(
-            spec.device,
-            model.profile_name,
-            dtype=spec.dtype,
-            count=spec.count,
-            tp=spec.tp,
-            engine=spec.engine,
-        )
+        deployment = worker_deployment(self._catalog, spec, model)
         backend = EmulatedBackend(
             name,
             deployment,
