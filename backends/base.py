@@ -121,7 +121,8 @@ class BackendLoad:
 
     running: int = 0
     waiting: int = 0
-    kv_usage: float = 0.0
+    kv_usage: float = 0.0  # share of KV blocks the running sequences hold
+    waiting_tokens: int = 0  # prompt tokens queued behind them, not yet holding KV
 
 
 class Backend(Protocol):

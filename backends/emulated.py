@@ -90,7 +90,12 @@ class EmulatedBackend:
     def load(self) -> BackendLoad:
         e = self.engine
         usage = e.active_blocks / e.total_blocks if e.total_blocks else 0.0
-        return BackendLoad(running=len(e.running), waiting=len(e.waiting), kv_usage=usage)
+        return BackendLoad(
+            running=len(e.running),
+            waiting=len(e.waiting),
+            kv_usage=usage,
+            waiting_tokens=sum(s.missing for s in e.waiting),
+        )
 
     def capacity_tokens(self) -> int:
         return self.engine.total_blocks * self.engine.block_size

@@ -46,6 +46,11 @@ class FakeBackend:
         self.running = 0
         self.held_kv = 0
         self.calls: list[str] = []
+        # A KV picture to report, for tests of load-aware routing: capacity in tokens (None:
+        # unknown, as for real upstreams), the share held and the prompt tokens queued.
+        self.kv_capacity_tokens: int | None = None
+        self.kv_usage = 0.0
+        self.waiting_tokens = 0
 
     async def start(self) -> None:
         return None
@@ -57,10 +62,12 @@ class FakeBackend:
         return self.healthy_flag
 
     def load(self) -> BackendLoad:
-        return BackendLoad(running=self.running)
+        return BackendLoad(
+            running=self.running, kv_usage=self.kv_usage, waiting_tokens=self.waiting_tokens
+        )
 
     def capacity_tokens(self) -> int | None:
-        return None
+        return self.kv_capacity_tokens
 
     def estimate_prefill_s(self, prompt_tokens: int) -> float | None:
         return self.prefill_delay_s * (1 + self.running)

@@ -344,6 +344,10 @@ class ConditionalFlow(DisaggregatedFlow):
     * the prefill pool is saturated: its best predicted wait exceeds ``prefill_busy_wait_s``.
 
     Otherwise prefill remotely, as ``disaggregated``. Each decision is counted with its reason.
+    Two guards come first: the decode worker must finish the prefill no later than the best
+    prefill worker, and must have KV room for it (``local_max_kv_usage``): the decode pool holds
+    every request's KV while it decodes, so local prefills that overfill it evict (preempt)
+    decodes, which then recompute — worse than any prefill-pool queue.
     """
 
     def __init__(self, model: ModelConfig, deps: FlowDeps) -> None:
@@ -388,6 +392,8 @@ class ConditionalFlow(DisaggregatedFlow):
         local = decoder.estimate_prefill_s(tokens)
         if local is not None and waits and local > min(waits):
             return None
+        if not self._kv_room(decoder, tokens + params.max_tokens):
+            return None
         if waits and min(waits) > rules.prefill_busy_wait_s:
             return "prefill_busy"
         if tokens <= rules.local_max_prompt_tokens:
@@ -396,6 +402,16 @@ class ConditionalFlow(DisaggregatedFlow):
         if hashes and held_blocks >= rules.local_min_prefix_hit * len(hashes):
             return "prefix_hit"
         return None
+
+    def _kv_room(self, decoder: Worker, tokens: int) -> bool:
+        """Whether ``tokens`` more fit the decode worker's KV under ``local_max_kv_usage``,
+        counting the prompts already queued there (always, when it cannot say)."""
+        capacity = decoder.backend.capacity_tokens()
+        if not capacity:
+            return True
+        load = decoder.backend.load()
+        share = load.kv_usage + (load.waiting_tokens + tokens) / capacity
+        return share <= self._rules.local_max_kv_usage
 
 
 def _observe_leg(metrics: GatewayMetrics, req: DispatchRequest, pool: str, c: TokenChunk) -> None:

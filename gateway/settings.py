@@ -174,6 +174,13 @@ class ConditionalConfig(_Strict):
     prefill_busy_wait_s: float = Field(
         0.5, ge=0, description="prefill locally when the prefill pool's predicted wait exceeds it"
     )
+    local_max_kv_usage: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="never prefill locally when the decode worker's KV, with its queued prompts "
+        "and this one, would be fuller than this",
+    )
 
 
 class AdmissionConfig(_Strict):

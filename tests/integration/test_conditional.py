@@ -197,6 +197,30 @@ async def test_predicted_prefill_wait_decides(
         assert_idle(app)
 
 
+@pytest.mark.parametrize(
+    ("kv_usage", "waiting_tokens", "decision"),
+    [
+        (0.79, 0, "short_prompt"),
+        (0.8, 0, "remote"),
+        (0.5, 2_900, "short_prompt"),
+        (0.5, 3_000, "remote"),
+    ],
+)
+async def test_local_prefill_needs_kv_room_on_the_decode_worker(
+    catalog: Catalog, kv_usage: float, waiting_tokens: int, decision: str
+) -> None:
+    """A short prompt still goes remote when the decode worker's KV — held, queued, and this
+    request's prompt and output — would pass ``local_max_kv_usage`` (0.8 of 10,000 tokens)."""
+    fakes = FakeFactory()
+    async with app_client(settings(conditional(), catalog), backend_factory=fakes) as (app, c):
+        for f in fakes.role("decode"):
+            f.kv_capacity_tokens, f.kv_usage, f.waiting_tokens = 10_000, kv_usage, waiting_tokens
+        await ask(c, SHORT, max_tokens=6)
+        assert await decisions(c) == only(decision)
+        assert calls(fakes, "prefill") == ([] if decision == "short_prompt" else ["prefill"])
+        assert_idle(app)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_unhealthy_prefill_pool_counts_as_busy(catalog: Catalog, stream: bool) -> None:
     fakes = FakeFactory()
