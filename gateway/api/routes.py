@@ -43,6 +43,9 @@ TTFT_TARGET_HEADER = "x-pdgate-ttft-target"  # the request's TTFT target, second
 M = TypeVar("M", bound=BaseModel)
 
 
+Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
 class _PlainRoute(APIRoute):
     """A route whose endpoint takes the :class:`Request` and returns a :class:`Response`.
 
@@ -52,8 +55,8 @@ class _PlainRoute(APIRoute):
     about 5 % of the gateway's CPU per completion. Routing, the OpenAPI document and the
     app's exception handlers are FastAPI's as usual."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
+    def get_route_handler(self) -> Endpoint:
+        endpoint: Endpoint = self.endpoint
         return endpoint
 
 
@@ -102,6 +105,13 @@ async def completions(request: Request) -> Response:
     text = body.single_prompt()
     prompt = _Prompt(served.counter.prompt(text), prompt_block_hashes(text), key)
     return await _generate(headers, gw, served, body, "completions", prompt, data)
+
+
+# POSTs the app answers without FastAPI's routing (see gateway.app.GatewayApp).
+HOT_ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/chat/completions": chat_completions,
+    "/v1/completions": completions,
+}
 
 
 @router.get("/v1/models")

@@ -111,6 +111,27 @@ async def test_unknown_route_and_method_in_envelope(client: Client) -> None:
     assert_error(await c.get(CHAT), 405)
 
 
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+async def test_a_bug_answers_500_in_the_envelope(
+    client: Client, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception no handler expects still reaches the client as OpenAI's envelope, and the
+    gateway keeps serving (the completion endpoints skip FastAPI's middleware, see GatewayApp)."""
+    app, c = client
+    body = chat_body() if path == CHAT else completion_body()
+    counter = type(next(iter(gateway_of(app).models.values())).counter)
+
+    def broken(*args: Any) -> int:
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as m:
+        m.setattr(counter, "chat" if path == CHAT else "prompt", broken)
+        err = assert_error(await c.post(path, json=body), 500)
+        assert err["message"] == "internal error"
+    assert (await c.post(path, json=body)).status_code == 200
+    assert_idle(app)
+
+
 async def test_body_limit(catalog: Catalog) -> None:
     s = settings(config(server={"max_body_bytes": 2048}), catalog)
     async with app_client(s) as (app, c):
