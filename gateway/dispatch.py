@@ -54,6 +54,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policies import RouteRequest
 from gateway.registry import InFlight, Pool, Worker, WorkerRegistry
 from gateway.settings import ModelConfig
+from gateway.watchdog import IdleTimeout
 
 T = TypeVar("T")
 log = logging.getLogger("pdgate.dispatch")
@@ -236,9 +237,9 @@ class _Legs:
                 try:
                     with Leg(worker, params.prompt_tokens + params.max_tokens, self.deps):
                         stream = open_leg(worker)
-                        async with aclosing(stream):
+                        async with aclosing(stream), IdleTimeout() as idle:
                             limit = first_chunk_s
-                            while (chunk := await _next(stream, limit, worker)) is not None:
+                            while (chunk := await _next(stream, idle, limit, worker)) is not None:
                                 started, limit = True, idle_s
                                 yield chunk
                     return
@@ -261,19 +262,23 @@ async def _timed(awaitable: Awaitable[T], seconds: float, what: str) -> T:
 
 
 async def _next(
-    stream: AsyncGenerator[TokenChunk, None], seconds: float, worker: Worker
+    stream: AsyncGenerator[TokenChunk, None], idle: IdleTimeout, seconds: float, worker: Worker
 ) -> TokenChunk | None:
     """The stream's next chunk within ``seconds``, or None at its end.
 
-    The timeout wraps only the wait, never a ``yield``: a timeout must not fire while the
-    consumer holds the chunk."""
+    The timeout covers only the wait, never a ``yield``: it must not fire while the consumer
+    holds the chunk."""
+    idle.waiting(seconds)
     try:
-        async with asyncio.timeout(seconds):
-            return await anext(stream)
+        return await anext(stream)
     except StopAsyncIteration:
         return None
-    except TimeoutError as exc:
-        raise LegFailed(f"{worker.name} produced nothing for {seconds:g} s") from exc
+    except asyncio.CancelledError:
+        if idle.expired():
+            raise LegFailed(f"{worker.name} produced nothing for {seconds:g} s") from None
+        raise
+    finally:
+        idle.done()
 
 
 class AggregatedFlow:
