@@ -123,6 +123,7 @@ class BackendLoad:
     waiting: int = 0
     kv_usage: float = 0.0  # share of KV blocks the running sequences hold
     waiting_tokens: int = 0  # prompt tokens queued behind them, not yet holding KV
+    max_running: int | None = None  # the most sequences its batch runs at once
 
 
 class Backend(Protocol):

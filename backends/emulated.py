@@ -95,6 +95,7 @@ class EmulatedBackend:
             waiting=len(e.waiting),
             kv_usage=usage,
             waiting_tokens=sum(s.missing for s in e.waiting),
+            max_running=e.max_num_seqs,
         )
 
     def capacity_tokens(self) -> int:

@@ -46,11 +46,13 @@ class FakeBackend:
         self.running = 0
         self.held_kv = 0
         self.calls: list[str] = []
-        # A KV picture to report, for tests of load-aware routing: capacity in tokens (None:
-        # unknown, as for real upstreams), the share held and the prompt tokens queued.
+        # A load picture to report, for tests of load-aware routing: KV capacity in tokens
+        # (None: unknown, as for real upstreams), the share held, the prompt tokens queued, and
+        # the most sequences its batch runs.
         self.kv_capacity_tokens: int | None = None
         self.kv_usage = 0.0
         self.waiting_tokens = 0
+        self.max_running: int | None = None
 
     async def start(self) -> None:
         return None
@@ -63,7 +65,10 @@ class FakeBackend:
 
     def load(self) -> BackendLoad:
         return BackendLoad(
-            running=self.running, kv_usage=self.kv_usage, waiting_tokens=self.waiting_tokens
+            running=self.running,
+            kv_usage=self.kv_usage,
+            waiting_tokens=self.waiting_tokens,
+            max_running=self.max_running,
         )
 
     def capacity_tokens(self) -> int | None:

@@ -350,9 +350,10 @@ class ConditionalFlow(DisaggregatedFlow):
 
     Otherwise prefill remotely, as ``disaggregated``. Each decision is counted with its reason.
     Two guards come first: the decode worker must finish the prefill no later than the best
-    prefill worker, and must have KV room for it (``local_max_kv_usage``): the decode pool holds
-    every request's KV while it decodes, so local prefills that overfill it evict (preempt)
-    decodes, which then recompute — worse than any prefill-pool queue.
+    prefill worker, and must have room for it — a seat in its batch (``max_num_seqs``) and KV
+    under ``local_max_kv_usage``: the decode pool holds every request's KV while it decodes, so
+    local prefills that overfill it evict (preempt) decodes, which then recompute, and a local
+    request queued behind a full batch waits for its first token, where a remote one has it.
     """
 
     def __init__(self, model: ModelConfig, deps: FlowDeps) -> None:
@@ -397,7 +398,7 @@ class ConditionalFlow(DisaggregatedFlow):
         local = decoder.estimate_prefill_s(tokens)
         if local is not None and waits and local > min(waits):
             return None
-        if not self._kv_room(decoder, tokens + params.max_tokens):
+        if not self._has_room(decoder, tokens + params.max_tokens):
             return None
         if waits and min(waits) > rules.prefill_busy_wait_s:
             return "prefill_busy"
@@ -408,13 +409,16 @@ class ConditionalFlow(DisaggregatedFlow):
             return "prefix_hit"
         return None
 
-    def _kv_room(self, decoder: Worker, tokens: int) -> bool:
-        """Whether ``tokens`` more fit the decode worker's KV under ``local_max_kv_usage``,
-        counting the prompts already queued there (always, when it cannot say)."""
+    def _has_room(self, decoder: Worker, tokens: int) -> bool:
+        """Whether the decode worker has room for ``tokens`` more: a seat in its batch beside
+        the sequences running and queued there, and KV under ``local_max_kv_usage`` with the
+        queued prompts and these tokens (always, when it cannot say)."""
+        load = decoder.backend.load()
+        if load.max_running is not None and load.running + load.waiting >= load.max_running:
+            return False
         capacity = decoder.backend.capacity_tokens()
         if not capacity:
             return True
-        load = decoder.backend.load()
         share = load.kv_usage + (load.waiting_tokens + tokens) / capacity
         return share <= self._rules.local_max_kv_usage
 

@@ -221,6 +221,23 @@ async def test_local_prefill_needs_kv_room_on_the_decode_worker(
         assert_idle(app)
 
 
+@pytest.mark.parametrize(
+    ("max_running", "decision"), [(None, "short_prompt"), (1, "short_prompt"), (0, "remote")]
+)
+async def test_local_prefill_needs_a_seat_in_the_decode_batch(
+    catalog: Catalog, max_running: int | None, decision: str
+) -> None:
+    """A decode worker whose batch is full would queue a local request before its first
+    token; a remote prefill answers it at once."""
+    fakes = FakeFactory()
+    async with app_client(settings(conditional(), catalog), backend_factory=fakes) as (app, c):
+        for f in fakes.role("decode"):
+            f.max_running = max_running
+        await ask(c, SHORT)
+        assert await decisions(c) == only(decision)
+        assert_idle(app)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_unhealthy_prefill_pool_counts_as_busy(catalog: Catalog, stream: bool) -> None:
     fakes = FakeFactory()
