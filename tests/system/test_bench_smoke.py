@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from loadtests import bench_modes
 from loadtests.bench_gateway import SCENARIOS, TARGETS
 from loadtests.bench_memory import SoakResult
 
@@ -62,3 +63,20 @@ def test_soak_slope_is_the_least_squares_fit_after_the_warm_up() -> None:
     soak = SoakResult(minutes=10, requests=1, errors=0, samples=samples, warmup_s=30)
     assert soak.slope() == pytest.approx(0.5)
     assert "+0.500 MB/min" in soak.report()
+
+
+def test_mode_comparison_prints_a_goodput_row_per_workload(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    trace = ROOT / "loadtests" / "traces" / "mooncake_sample.jsonl"
+    argv = ["--rates", "40", "--duration", "5", "--trace", str(trace), "--requests", "40"]
+    assert bench_modes.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| workload |")
+    by_name = {r.split(" | ")[0][2:]: r.split(" | ")[1:] for r in rows[1:]}
+    assert set(by_name) == {"chat, 40 req/s", "Mooncake conversation, 40 requests"}
+    chat = [float(v.strip(" |")) for v in by_name["chat, 40 req/s"]]
+    # A light chat load meets the SLOs in every mode: every request counts (requests over the
+    # simulated time, the drain after the 5 s of arrivals included).
+    assert all(15 < g <= 45 for g in chat[:3]), chat
+    assert max(chat[:3]) - min(chat[:3]) < 0.05 * max(chat[:3]), chat
