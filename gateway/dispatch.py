@@ -354,6 +354,10 @@ class ConditionalFlow(DisaggregatedFlow):
     under ``local_max_kv_usage``: the decode pool holds every request's KV while it decodes, so
     local prefills that overfill it evict (preempt) decodes, which then recompute, and a local
     request queued behind a full batch waits for its first token, where a remote one has it.
+
+    When the decode pool itself is full (no seat in the chosen decode worker's batch) and a
+    prefill worker has a seat, that prefill worker runs the whole request ("decode_full"), so
+    decode-bound load spreads over every GPU as in aggregated serving.
     """
 
     def __init__(self, model: ModelConfig, deps: FlowDeps) -> None:
@@ -368,16 +372,35 @@ class ConditionalFlow(DisaggregatedFlow):
         held = self._store.match_prefix(hashes) if hashes else {}
         decoder = legs.pick(self._decode, req.routing, set())
         reason = self._local_reason(req, decoder, held.get(decoder.id, 0))
+        runner = self._whole_on_prefill(req, decoder) if reason is None else None
+        if runner is not None:
+            reason = "decode_full"
         legs.deps.metrics.count_disaggregation(self._decode.model, reason or "remote")
-        local = reason is not None
-        stream = legs.generate(self._decode, req, decoder) if local else self._remote(req, decoder)
-        if hashes:  # the decode worker ends up holding this prompt's KV either way
-            self._store.record_prefix(hashes, decoder.id)
+        if runner is not None:
+            pool, stream = "prefill", legs.generate(self._prefill, req, runner)
+        elif reason is not None:
+            pool, stream = "decode", legs.generate(self._decode, req, decoder)
+        else:
+            pool, stream = "", self._remote(req, decoder)
+        if hashes:  # the worker that decodes ends up holding this prompt's KV
+            self._store.record_prefix(hashes, (runner or decoder).id)
         async with aclosing(stream) as chunks:
             async for chunk in chunks:
-                if chunk.stats is not None and local:
-                    _observe_leg(legs.deps.metrics, req, "decode", chunk)
+                if chunk.stats is not None and pool:
+                    _observe_leg(legs.deps.metrics, req, pool, chunk)
                 yield chunk
+
+    def _whole_on_prefill(self, req: DispatchRequest, decoder: Worker) -> Worker | None:
+        """A prefill worker to run the whole request when the decode pool is full (the chosen
+        decode worker has no seat in its batch) and a prefill worker has one: decode-bound
+        load then spreads over every GPU, as aggregated serving would, instead of queueing
+        for the decode pool. None otherwise."""
+        if self._has_seat(decoder):
+            return None
+        full = {w.id for w in self._prefill.candidates() if not self._has_seat(w)}
+        if len(full) == len(self._prefill.candidates()):
+            return None
+        return self._legs.pick(self._prefill, req.routing, full)
 
     def _local_reason(self, req: DispatchRequest, decoder: Worker, held_blocks: int) -> str | None:
         """Why to prefill on the chosen decode worker, which holds ``held_blocks`` of the
@@ -409,13 +432,20 @@ class ConditionalFlow(DisaggregatedFlow):
             return "prefix_hit"
         return None
 
+    @staticmethod
+    def _has_seat(worker: Worker) -> bool:
+        """Whether the worker's batch would take one more sequence at once (always, when it
+        cannot say)."""
+        load = worker.backend.load()
+        return load.max_running is None or load.running + load.waiting < load.max_running
+
     def _has_room(self, decoder: Worker, tokens: int) -> bool:
         """Whether the decode worker has room for ``tokens`` more: a seat in its batch beside
         the sequences running and queued there, and KV under ``local_max_kv_usage`` with the
         queued prompts and these tokens (always, when it cannot say)."""
-        load = decoder.backend.load()
-        if load.max_running is not None and load.running + load.waiting >= load.max_running:
+        if not self._has_seat(decoder):
             return False
+        load = decoder.backend.load()
         capacity = decoder.backend.capacity_tokens()
         if not capacity:
             return True
@@ -448,12 +478,11 @@ def _cached_tokens(c: TokenChunk) -> int:
 
 
 def _pool_met(pool: str, pools: list[str], *, ttft_ok: bool, tpot_ok: bool) -> bool:
-    """The target a pool answers for: a prefill pool the TTFT, a decode pool after a remote
-    prefill the TPOT, a pool that ran both phases (aggregated, conditional local) both."""
-    if pool == "prefill":
-        return ttft_ok
-    if pool == "decode" and "prefill" in pools:
-        return tpot_ok
+    """The target a pool answers for: in a two-leg request the prefill pool the TTFT and the
+    decode pool the TPOT; a pool that ran both phases (aggregated, conditional on either pool)
+    both."""
+    if len(set(pools)) > 1:
+        return ttft_ok if pool == "prefill" else tpot_ok
     return ttft_ok and tpot_ok
 
 

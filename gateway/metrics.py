@@ -125,7 +125,8 @@ class GatewayMetrics:
         self.disaggregation = Counter(
             "pdgate_disaggregation_decisions",
             "Conditional mode: remote prefill, or local prefill and why "
-            "(short_prompt, prefix_hit, prefill_busy).",
+            "(short_prompt, prefix_hit, prefill_busy), or the whole request on a prefill "
+            "worker while the decode pool is full (decode_full).",
             ["model", "decision"],
             registry=r,
         )

@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     streamed_text,
 )
 
+DECISIONS = ("remote", "short_prompt", "prefix_hit", "prefill_busy", "decode_full")
 SHORT = "How are you?"
 LONG = "Explain the KV cache handoff between prefill and decode in detail. " * 60  # ~1000 tokens
 
@@ -43,12 +44,12 @@ async def decisions(c: httpx.AsyncClient) -> dict[str, float]:
     text = (await c.get("/metrics")).text
     return {
         d: metric_value(text, "pdgate_disaggregation_decisions_total", decision=d)
-        for d in ("remote", "short_prompt", "prefix_hit", "prefill_busy")
+        for d in DECISIONS
     }
 
 
 def only(decision: str, n: int = 1) -> dict[str, float]:
-    out = dict.fromkeys(("remote", "short_prompt", "prefix_hit", "prefill_busy"), 0.0)
+    out = dict.fromkeys(DECISIONS, 0.0)
     out[decision] = float(n)
     return out
 
@@ -221,20 +222,50 @@ async def test_local_prefill_needs_kv_room_on_the_decode_worker(
         assert_idle(app)
 
 
-@pytest.mark.parametrize(
-    ("max_running", "decision"), [(None, "short_prompt"), (1, "short_prompt"), (0, "remote")]
-)
+@pytest.mark.parametrize(("max_running", "decision"), [(None, "short_prompt"), (1, "short_prompt")])
 async def test_local_prefill_needs_a_seat_in_the_decode_batch(
     catalog: Catalog, max_running: int | None, decision: str
 ) -> None:
-    """A decode worker whose batch is full would queue a local request before its first
-    token; a remote prefill answers it at once."""
     fakes = FakeFactory()
     async with app_client(settings(conditional(), catalog), backend_factory=fakes) as (app, c):
         for f in fakes.role("decode"):
             f.max_running = max_running
         await ask(c, SHORT)
         assert await decisions(c) == only(decision)
+        assert_idle(app)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("prompt", [SHORT, LONG])
+async def test_full_decode_pool_runs_the_whole_request_on_a_prefill_worker(
+    catalog: Catalog, stream: bool, prompt: str
+) -> None:
+    """No seat in the decode batch: a local request would queue for its first token and a
+    remote one for its decode, so a prefill worker with a seat runs the request end to end."""
+    fakes = FakeFactory()
+    async with app_client(settings(conditional(), catalog), backend_factory=fakes) as (app, c):
+        for f in fakes.role("decode"):
+            f.max_running = 0
+        fakes.role("prefill")[0].max_running = 0  # this one is full too
+        await ask(c, prompt, stream=stream)
+        assert await decisions(c) == only("decode_full")
+        assert calls(fakes, "decode") == []
+        assert [f.calls for f in fakes.role("prefill")] == [[], ["generate"]]
+        text = (await c.get("/metrics")).text
+        met = metric_value(text, "pdgate_pool_slo_requests_total", pool="prefill", met="true")
+        assert met == 1  # the prefill pool ran both phases: it owns both targets
+        assert_idle(app)
+
+
+async def test_with_every_batch_full_the_request_prefills_remotely(catalog: Catalog) -> None:
+    fakes = FakeFactory()
+    async with app_client(settings(conditional(), catalog), backend_factory=fakes) as (app, c):
+        for f in (*fakes.role("decode"), *fakes.role("prefill")):
+            f.max_running = 0
+        await ask(c, SHORT)
+        assert await decisions(c) == only("remote")
+        assert calls(fakes, "prefill") == ["prefill"]
+        assert calls(fakes, "decode") == ["decode"]
         assert_idle(app)
 
 
