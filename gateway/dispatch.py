@@ -109,7 +109,7 @@ class Leg:
 
     def __init__(self, worker: Worker, tokens: int, deps: FlowDeps) -> None:
         self._worker = worker
-        self._guard = InFlight(worker, tokens, deps.registry.store, deps.registry.in_flight_hook)
+        self._guard = InFlight(worker, tokens, deps.registry.store)
 
     def __enter__(self) -> Worker:
         self._worker.breaker.begin()

@@ -151,12 +151,6 @@ class GatewayMetrics:
             ["model", "mode", "pool", "met"],
             registry=r,
         )
-        self.in_flight_gauge = Gauge(
-            "pdgate_worker_in_flight",
-            "Legs in flight on a worker (this replica).",
-            ["model", "pool", "worker"],
-            registry=r,
-        )
 
     # -- recording helpers (children cached per label set) ----------------------------------
 
@@ -190,9 +184,6 @@ class GatewayMetrics:
 
     def count_request(self, model: str, mode: str, outcome: str) -> None:
         self._counter(self.requests, model, mode, outcome).inc()
-
-    def set_in_flight(self, model: str, pool: str, worker: str, value: int) -> None:
-        self._gauge(self.in_flight_gauge, model, pool, worker).set(value)
 
     def observe_slo(self, model: str, mode: str, *, ttft_ok: bool, tpot_ok: bool) -> None:
         met = (
@@ -242,6 +233,7 @@ class WorkerState:
     model: str
     pool: str
     worker: str
+    in_flight: int  # legs this replica has on the worker
     load: BackendLoad
     circuit: int  # 0 closed, 1 half-open, 2 open
 
@@ -260,6 +252,11 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "pool", "worker"]
         families = {
+            "in_flight": GaugeMetricFamily(
+                "pdgate_worker_in_flight",
+                "Legs in flight on a worker (this replica).",
+                labels=labels,
+            ),
             "running": GaugeMetricFamily(
                 "pdgate_worker_running_sequences",
                 "Sequences in the worker's running batch.",
@@ -281,6 +278,7 @@ class _StateCollector(Collector):
         }
         for w in self._workers():
             key = [w.model, w.pool, w.worker]
+            families["in_flight"].add_metric(key, w.in_flight)
             families["running"].add_metric(key, w.load.running)
             families["waiting"].add_metric(key, w.load.waiting)
             families["kv"].add_metric(key, w.load.kv_usage)

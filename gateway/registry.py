@@ -12,7 +12,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -74,19 +74,15 @@ class Pool:
         self.policy.on_worker_removed(worker.id)
 
 
-InFlightHook = Callable[[Worker, int], None]
-
-
 class InFlight:
     """Holds one request's slot (and its tokens) on a worker for the length of a ``with``."""
 
-    __slots__ = ("_hook", "_store", "_tokens", "_worker")
+    __slots__ = ("_store", "_tokens", "_worker")
 
-    def __init__(self, worker: Worker, tokens: int, store: StateStore, hook: InFlightHook) -> None:
+    def __init__(self, worker: Worker, tokens: int, store: StateStore) -> None:
         self._worker = worker
         self._tokens = tokens
         self._store = store
-        self._hook = hook
 
     def __enter__(self) -> Worker:
         self._change(+1)
@@ -101,16 +97,14 @@ class InFlight:
         w = self._worker
         w.in_flight += sign
         self._store.add_load(w.id, sign, sign * self._tokens)
-        self._hook(w, w.in_flight)
 
 
 class WorkerRegistry:
     """All pools of all models, keyed by ``(model, role)``."""
 
-    def __init__(self, store: StateStore, on_in_flight: InFlightHook) -> None:
+    def __init__(self, store: StateStore) -> None:
         self.store = store
         self.pools: dict[tuple[str, str], Pool] = {}
-        self.in_flight_hook = on_in_flight
 
     def add_pool(self, pool: Pool) -> None:
         self.pools[(pool.model, pool.role)] = pool
@@ -123,7 +117,7 @@ class WorkerRegistry:
             yield from pool.workers
 
     def in_flight(self, worker: Worker, tokens: int) -> InFlight:
-        return InFlight(worker, tokens, self.store, self.in_flight_hook)
+        return InFlight(worker, tokens, self.store)
 
     async def start(self) -> None:
         await self.store.start()

@@ -90,7 +90,8 @@ class Gateway:
 
     def worker_states(self) -> Iterator[WorkerState]:
         for w in self.registry.workers():
-            yield WorkerState(w.model, w.role, w.name, w.backend.load(), int(w.breaker.state))
+            load, circuit = w.backend.load(), int(w.breaker.state)
+            yield WorkerState(w.model, w.role, w.name, w.in_flight, load, circuit)
 
     def pool_queues(self) -> Iterator[tuple[str, str, int, int]]:
         """(model, pool, in flight, queued) per pool, and the gateway-wide limiter."""
@@ -125,10 +126,7 @@ def build_gateway(
         store = _store(settings, redis)
     make_backend = backend_factory or WorkerFactory(catalog, clock)
 
-    def on_in_flight(worker: Worker, value: int) -> None:
-        metrics.set_in_flight(worker.model, worker.role, worker.name, value)
-
-    registry = WorkerRegistry(store, on_in_flight)
+    registry = WorkerRegistry(store)
     deps = FlowDeps(registry, metrics, clock)
     models: dict[str, ServedModel] = {}
     for m in settings.models:
