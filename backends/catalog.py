@@ -135,6 +135,9 @@ class ModelProfile(_Data):
             top_k=self.top_k,
             kv_bytes_per_token=self.kv_bytes_per_token(dtype),
             act_bytes=2.0,
+            expert_ffn=(self.expert_ffn or 0) if self.experts else 0,
+            moe_layers=self.layers - self.dense_layers if self.experts else 0,
+            gemm_input_bytes=b,
         )
 
 

@@ -67,6 +67,9 @@ class ModelShape:
     top_k: int
     kv_bytes_per_token: float
     act_bytes: float  # bytes per activation element (for tensor-parallel all-reduce)
+    expert_ffn: int = 0  # intermediate width of one routed expert (0: not known)
+    moe_layers: int = 0  # layers with routed experts (MoE models; the rest are dense)
+    gemm_input_bytes: float = 2.0  # bytes per GEMM input element (activations quantised to dtype)
 
 
 def forward_flops(m: ModelShape, s: StepShape) -> float:
@@ -160,6 +163,84 @@ def allreduce_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     return 2 * m.layers * (c.allreduce_latency_s + payload / c.interconnect)
 
 
+def expert_layer_bytes(m: ModelShape, tokens: int, tp: int) -> tuple[float, float, float, float]:
+    """HBM bytes one device moves in one MoE layer's four expert kernels, for ``N`` tokens.
+
+    Routed experts are tensor-parallel: each of the ``tp`` devices holds ``F / tp`` of every
+    expert's ``F`` intermediate columns, so it runs all ``A = N · k`` routed rows through narrow
+    GEMMs. With hidden size ``H``, activations ``b`` bytes (``act_bytes``), GEMM inputs ``q``
+    bytes (quantised to the serving dtype) and ``W`` expert weight bytes per device and layer
+    (only the experts the step touches, :func:`weight_bytes_read`)::
+
+        dispatch   N · H · b + A · H · q                  (gather rows by expert, quantise)
+        gate/up    A · H · q + 2/3 · W + A · 2F/tp · b
+        down       A · F/tp · q + 1/3 · W + A · H · b    (every device writes full-width rows)
+        combine    A · H · b + N · H · b                  (weighted sum of the k rows per token)
+
+    Returns ``(dispatch, gate_up, down, combine)``. The ``A · H`` terms do not shrink with
+    ``tp``: at 8-way TP a 1,536-wide expert (Qwen3-235B) leaves 192 columns per device, and the
+    down projection writes more bytes of partial sums than it does multiply-adds per byte.
+    """
+    n, h, b, q = float(tokens), float(m.hidden), m.act_bytes, m.gemm_input_bytes
+    a = n * m.top_k
+    f = m.expert_ffn / tp
+    touched = 1.0 - (1.0 - m.top_k / m.experts) ** tokens
+    w = m.expert_weight_bytes * touched / (max(m.moe_layers, 1) * tp)
+    return (
+        n * h * b + a * h * q,
+        a * h * q + 2.0 / 3.0 * w + a * 2.0 * f * b,
+        a * f * q + w / 3.0 + a * h * b,
+        a * h * b + n * h * b,
+    )
+
+
+def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
+    """Routed experts of a step, one roofline per kernel, per device::
+
+        t = moe_layers · (dispatch / β + max(F_gu / π, gate_up / β)
+                          + max(F_down / π, down / β) + combine / β)
+
+    Bytes as in :func:`expert_layer_bytes`; ``β = η · BW`` of one device; ``F_gu = 2 · A · H ·
+    2F/tp`` and ``F_down = 2 · A · F/tp · H``; ``π = peak`` at the GEMM efficiency of
+    :func:`gemm_efficiency` over ``A / experts / tp`` rows (each expert's share, as in
+    :func:`linear_time`). Large expert GEMMs (Mixtral, TP1) are compute-bound and this is the
+    plain FLOP count; narrow ones (Qwen3 at TP8) are bound by the routed rows' traffic, which
+    a FLOP roofline alone does not see.
+    """
+    tokens = s.new_tokens
+    if tokens <= 0:
+        return 0.0
+    dispatch, gate_up, down, combine = expert_layer_bytes(m, tokens, c.tp)
+    beta = c.bandwidth_efficiency * c.bandwidth
+    a = float(tokens * m.top_k)
+    f = m.expert_ffn / c.tp
+    rows = a / m.experts
+    pi = c.peak_flops * gemm_efficiency(c.mfu, rows, c.gemm_half_tokens)
+    per_layer = (
+        dispatch / beta
+        + max(2.0 * a * m.hidden * 2.0 * f / pi, gate_up / beta)
+        + max(2.0 * a * f * m.hidden / pi, down / beta)
+        + combine / beta
+    )
+    return m.moe_layers * per_layer
+
+
+def dense_linear_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
+    """The non-expert GEMMs of a MoE step (attention projections, dense layers, embeddings)::
+
+        max(F_dense / (MFU(rows) · peak · tp), dense_weights / (η · BW · tp))
+
+    ``F_dense = 2 · (P_active − P_experts) · new_tokens``, where the routed experts' share of
+    the active parameters is taken from their active weight bytes.
+    """
+    expert_active = m.expert_weight_bytes * m.top_k / m.experts
+    dense_share = m.dense_weight_bytes / (m.dense_weight_bytes + expert_active)
+    f = 2.0 * m.active_params * s.new_tokens * dense_share
+    eff = gemm_efficiency(c.mfu, s.new_tokens / c.tp, c.gemm_half_tokens)
+    compute = f / (c.peak_flops * c.tp * eff)
+    return max(compute, m.dense_weight_bytes / (c.bandwidth_efficiency * c.bandwidth * c.tp))
+
+
 def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     """Roofline step time of an HBM device, one roofline per kind of kernel::
 
@@ -174,15 +255,22 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     other, so each is bound by its own roof and their times add: large-batch decode pays for
     compute-bound GEMMs *and* for KV-bound attention. Small-batch decode is bound by weight
     reads, prefill by FLOPs (where the sum equals the single roofline).
+
+    Mixture-of-experts models whose expert width is known split the linear term in two, the
+    dense GEMMs (:func:`dense_linear_time`) and the routed experts' kernels
+    (:func:`expert_time`), each with its own roofline.
     """
     peak = c.mfu * c.peak_flops * c.tp
     bandwidth = c.bandwidth * c.tp
     f_attention = 4.0 * m.layers * m.attn_width * s.attn_pairs
-    weights = weight_bytes_read(m, s.new_tokens)
     kv = (s.kv_read_tokens + s.new_tokens) * m.kv_bytes_per_token
     eta_kv = c.kv_bandwidth_efficiency or c.bandwidth_efficiency
-    compute = linear_time(m, s, c.peak_flops * c.tp, c.mfu, c.gemm_half_tokens, c.tp)
-    t_linear = max(compute, weights / (c.bandwidth_efficiency * bandwidth))
+    if m.experts and m.expert_ffn and m.moe_layers:
+        t_linear = dense_linear_time(m, s, c) + expert_time(m, s, c)
+    else:
+        weights = weight_bytes_read(m, s.new_tokens)
+        compute = linear_time(m, s, c.peak_flops * c.tp, c.mfu, c.gemm_half_tokens, c.tp)
+        t_linear = max(compute, weights / (c.bandwidth_efficiency * bandwidth))
     t_attention = max(f_attention / peak, kv / (eta_kv * bandwidth))
     overhead = c.step_overhead_s + m.layers * c.layer_overhead_s + s.seqs * c.seq_overhead_s
     return t_linear + t_attention + overhead + allreduce_time(m, s, c)

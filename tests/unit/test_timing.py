@@ -18,7 +18,10 @@ from backends.timing import (
     PipelineConstants,
     StepShape,
     allreduce_time,
+    expert_layer_bytes,
+    expert_time,
     forward_flops,
+    gemm_efficiency,
     hbm_step_time,
     kv_transfer_time,
     pipeline_step_time,
@@ -242,6 +245,62 @@ def test_moe_weight_bytes_grow_with_tokens_and_saturate(
         assert got >= previous
         assert got <= total * (1 + 1e-12)
         previous = got
+
+
+# -- MoE expert kernels -------------------------------------------------------------------
+
+
+def test_expert_layer_bytes_match_hand_arithmetic_qwen3_tp8(catalog: Catalog) -> None:
+    y = _yaml("models/qwen3-235b-a22b.yaml")
+    m = catalog.model("qwen3-235b-a22b").shape("fp8")
+    n, tp = 8192, 8
+    a, h, f = n * y["top_k"], y["hidden"], y["expert_ffn"] / tp
+    # Every expert is touched by 8,192 tokens: W is all expert weights of one layer per device.
+    w = m.expert_weight_bytes / y["layers"] / tp
+    dispatch, gate_up, down, combine = expert_layer_bytes(m, n, tp)
+    assert dispatch == pytest.approx(n * h * 2 + a * h * 1)
+    assert gate_up == pytest.approx(a * h * 1 + 2 / 3 * w + a * 2 * f * 2, rel=1e-6)
+    assert down == pytest.approx(a * f * 1 + w / 3 + a * h * 2, rel=1e-6)
+    assert combine == pytest.approx(a * h * 2 + n * h * 2)
+
+
+def _hbm(catalog: Catalog, device: str, model: str, tp: int) -> tuple[Any, HbmConstants]:
+    dep = catalog.deployment(device, model, dtype="fp8", tp=tp)
+    c = catalog.device(device).constants(dep)
+    assert isinstance(c, HbmConstants)
+    return dep.model_shape, c
+
+
+def test_wide_experts_are_compute_bound_mixtral_tp1(catalog: Catalog) -> None:
+    """Mixtral's 14,336-wide experts at TP1: the expert kernels cost their FLOPs, plus the
+    dispatch and combine traffic, which is small next to them."""
+    y = _yaml("models/mixtral-8x7b.yaml")
+    m, c = _hbm(catalog, "h200-sxm", "mixtral-8x7b", 1)
+    n = 8192
+    a = n * y["top_k"]
+    flops = 2 * a * 3 * y["hidden"] * y["expert_ffn"] * y["layers"]
+    pi = c.peak_flops * gemm_efficiency(c.mfu, a / y["experts"], c.gemm_half_tokens)
+    got = expert_time(m, StepShape.of([(n, 0)]), c)
+    assert flops / pi < got < 1.05 * flops / pi
+
+
+def test_narrow_experts_are_bound_by_routed_rows_qwen3_tp8(catalog: Catalog) -> None:
+    """Qwen3-235B's 1,536-wide experts at TP8 leave 192 columns per device: the routed rows'
+    traffic, not the FLOPs, sets the expert time of a prefill chunk, and it does not shrink
+    with tp as the FLOPs do."""
+    y = _yaml("models/qwen3-235b-a22b.yaml")
+    shape = StepShape.of([(8192, 0)])
+    m, c8 = _hbm(catalog, "h200-sxm", "qwen3-235b-a22b", 8)
+    times = {}
+    for tp in (1, 8):
+        c = dataclasses.replace(c8, tp=tp)
+        a = 8192 * y["top_k"]
+        flops = 2 * a * 3 * y["hidden"] * y["expert_ffn"] / tp * y["layers"]
+        pi = c.peak_flops * gemm_efficiency(c.mfu, a / y["experts"], c.gemm_half_tokens)
+        times[tp] = expert_time(m, shape, c)
+        if tp == 8:
+            assert times[tp] > 2 * flops / pi
+    assert times[1] / times[8] < 4  # FLOPs alone would give 8
 
 
 def test_dense_model_reads_all_weights_regardless_of_tokens(catalog: Catalog) -> None:
