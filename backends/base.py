@@ -85,7 +85,7 @@ class TokenChunk:
     usage: ReportedUsage | None = None
 
 
-def _noop() -> None:
+def nothing_to_release() -> None:
     return None
 
 
@@ -99,7 +99,7 @@ class KVHandle:
     descriptors: int
     link: Link | None
     first_token: str
-    release: Callable[[], None] = _noop
+    release: Callable[[], None] = nothing_to_release
     pending_text: str = ""  # text the prefill held back: it may begin a stop string
     params: dict[str, Any] = field(default_factory=dict)
     # When the prefill side produced the first token, and how long its prefill computed (the

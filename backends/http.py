@@ -52,6 +52,7 @@ from backends.base import (
     PrefillResult,
     ReportedUsage,
     TokenChunk,
+    nothing_to_release,
 )
 from backends.errors import BackendUnavailable, LegFailed
 from backends.httpclient import ConnectError, HttpPool, Response, UpstreamError
@@ -95,6 +96,7 @@ class HttpBackend:
         self.options = options or HttpOptions()
         self.host = urlsplit(self.url).hostname or "127.0.0.1"
         self._pool: HttpPool | None = None
+        self._releases: set[asyncio.Task[None]] = set()  # KV releases under way
         self._healthy = True
         self._continuous = protocol != "openai"  # vLLM and SGLang report usage per chunk
 
@@ -107,6 +109,8 @@ class HttpBackend:
         )
 
     async def close(self) -> None:
+        if self._releases:
+            await asyncio.wait(self._releases, timeout=1.0)
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -156,7 +160,7 @@ class HttpBackend:
         body = _body(params, stream=True, continuous=True, kv_transfer_params=kv.params.get("ktp"))
         prior = kv.params.get("usage")
         counted = prior if isinstance(prior, ReportedUsage) else None
-        return self._stream(params, body, prompt_usage=lambda: counted)
+        return _pulled(kv, self._stream(params, body, prompt_usage=lambda: counted))
 
     def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
         return self._stream(params, _body(params, stream=True, continuous=self._continuous))
@@ -185,6 +189,7 @@ class HttpBackend:
         usage = _usage(data)
         stats = LegStats(compute_s=time.monotonic() - started)
         blocks = answered.get("remote_block_ids") if isinstance(answered, dict) else None
+        held = answered.get("remote_request_id") if isinstance(answered, dict) else None
         kv = KVHandle(
             source=self.name,
             prompt_tokens=usage.prompt_tokens if usage else params.prompt_tokens,
@@ -194,7 +199,32 @@ class HttpBackend:
             first_token="",
             params={"ktp": answered if isinstance(answered, dict) else None, "usage": usage},
         )
+        if isinstance(held, str):
+            kv.release = lambda: self._release_kv(held)
         return PrefillResult(TokenChunk("", 0, None, stats), kv, stats)
+
+    def _release_kv(self, remote_request_id: str) -> None:
+        """Ask the prefill server to drop the KV it holds for a request no decode will pull
+        (the handoff was abandoned). ``pdgate backend`` answers ``POST /pdgate/kv/release``;
+        vLLM has no such call and frees the blocks when its own timeout ends
+        (``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``), so its 404 is ignored. Best effort, in the
+        background: the request that abandoned the KV is already over."""
+        if self._pool is None:
+            return
+        body = orjson.dumps({"remote_request_id": remote_request_id})
+        task = asyncio.get_running_loop().create_task(self._post_release(body))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _post_release(self, body: bytes) -> None:
+        headers = (("Content-Type", "application/json"),)
+        try:
+            async with await self._http().request(
+                "POST", "/pdgate/kv/release", body, headers, timeout_s=5.0
+            ) as resp:
+                await resp.read()
+        except (UpstreamError, BackendUnavailable, TimeoutError):
+            pass  # the prefill server's lease frees it
 
     def _sglang_prefill(self, params: GenerationParams) -> PrefillResult:
         if self.bootstrap_port is None:
@@ -390,6 +420,18 @@ class _StreamState:
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
             reported = ReportedUsage(prompt, cached if isinstance(cached, int) else None)
         return TokenChunk("", extra, self.finish or "length", stats, reported)
+
+
+async def _pulled(
+    kv: KVHandle, stream: AsyncGenerator[TokenChunk, None]
+) -> AsyncGenerator[TokenChunk, None]:
+    """A vLLM decode leg's stream; once its first chunk arrives the decode server has pulled
+    the KV and releases it on the prefill server itself, so the handle has nothing left to
+    release."""
+    async with aclosing(stream) as chunks:
+        async for chunk in chunks:
+            kv.release = nothing_to_release
+            yield chunk
 
 
 def _body(
