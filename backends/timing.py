@@ -202,10 +202,10 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
 
     Bytes as in :func:`expert_layer_bytes`; ``β = η · BW`` of one device; ``F_gu = 2 · A · H ·
     2F/tp`` and ``F_down = 2 · A · F/tp · H``; ``π = peak`` at the GEMM efficiency of
-    :func:`gemm_efficiency` over ``A / experts / tp`` rows (each expert's share, as in
-    :func:`linear_time`). Large expert GEMMs (Mixtral, TP1) are compute-bound and this is the
-    plain FLOP count; narrow ones (Qwen3 at TP8) are bound by the routed rows' traffic, which
-    a FLOP roofline alone does not see.
+    :func:`gemm_efficiency` over ``A / experts`` rows (each expert's share; the narrow
+    ``F / tp`` width is charged as bytes, not as fewer rows). Large expert GEMMs (Mixtral,
+    TP1) are compute-bound and this is the plain FLOP count; narrow ones (Qwen3 at TP8) are
+    bound by the routed rows' traffic, which a FLOP roofline alone does not see.
     """
     tokens = s.new_tokens
     if tokens <= 0:
