@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, TypeAlias, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeAlias, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -152,6 +152,11 @@ class _DeviceBase(_Data):
     usd_per_hour: float | None = Field(None, gt=0)
     sources: dict[str, str] = Field(min_length=1)
 
+    # Whether the family spreads one instance over as many devices as the model's memory needs
+    # (pipeline stages, wafers, in-memory cards: ``count`` from :meth:`default_count`, no
+    # tensor parallelism) rather than over ``tp`` tensor-parallel devices.
+    sized_by_memory: ClassVar[bool] = False
+
     def peak_flops(self, dtype: str) -> float:
         if dtype not in self.peak_tflops:
             known = ", ".join(sorted(self.peak_tflops))
@@ -239,6 +244,7 @@ class PipelineDevice(_DeviceBase):
     """
 
     family: Literal["sram_pipeline", "wafer_scale"]
+    sized_by_memory: ClassVar[bool] = True
     sram_bandwidth_tb_s: float = Field(gt=0)
     tau0_s: float = Field(ge=0)
     tau_layer_s: float = Field(gt=0)
@@ -345,6 +351,7 @@ class InMemoryDevice(_TieredDevice):
     """
 
     family: Literal["in_memory"]
+    sized_by_memory: ClassVar[bool] = True
     mfu: float = Field(gt=0, le=1)
     sram_efficiency: float = Field(gt=0, le=1)
     dram_efficiency: float = Field(gt=0, le=1)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import Backend, GenerationParams
-from backends.catalog import Catalog, Deployment, EngineKnobs, PipelineDevice
+from backends.catalog import Catalog, Deployment, EngineKnobs
 from backends.clock import Clock, LoopClock, virtual_event_loop
 from backends.emulated import EmulatedBackend
 from backends.errors import BackendError
@@ -271,26 +271,25 @@ def device_settings(
     """An aggregated config: ``count`` devices as ``count / size`` instances of ``size``
     devices behind a least-loaded balancer.
 
-    ``size`` is ``tp`` when given; else 1 for HBM devices and, for LPU and wafer-scale
-    devices, the count their memory needs for the model (``count`` then defaults to one
-    instance's worth).
+    ``size`` is ``tp`` when given; else 1 for tensor-parallel devices (HBM and the like) and,
+    for devices sized by memory (LPU pipelines, wafers, in-memory cards), the count their memory
+    needs for the model (``count`` then defaults to one instance's worth).
     """
     engine = engine or EngineKnobs()
     profile = catalog.device(device)
     if tp is not None:
         size = tp
-    elif isinstance(profile, PipelineDevice):
+    elif profile.sized_by_memory:
         size = catalog.deployment(device, model, dtype=dtype, engine=engine).count
     else:
         size = 1
     count = count if count is not None else size
     if count < size or count % size:
         raise ValueError(f"--count {count} must be a positive multiple of the instance size {size}")
-    pipeline = isinstance(profile, PipelineDevice)
     worker = EmulatedWorker(
         device=device,
         count=size,
-        tp=1 if pipeline else size,
+        tp=1 if profile.sized_by_memory else size,
         dtype=dtype,
         replicas=count // size,
         engine=engine,

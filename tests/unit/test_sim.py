@@ -43,6 +43,17 @@ def test_device_settings_derive_pipeline_instances_from_memory(catalog: Catalog)
     assert w2.replicas == 2
 
 
+def test_device_settings_size_in_memory_cards_from_memory_too(catalog: Catalog) -> None:
+    """An in-memory card (d-Matrix Corsair) holds a 70B model only as a group of cards: one
+    instance is as many as its SRAM needs, as the deployment planner derives it."""
+    planned = catalog.deployment("corsair", "llama-3.1-70b", dtype="fp8")
+    assert planned.count > 1
+    s = device_settings(catalog, device="corsair", model="llama-3.1-70b", dtype="fp8")
+    (w,) = s.models[0].pools["aggregated"].workers
+    assert isinstance(w, EmulatedWorker)
+    assert (w.count, w.tp, w.replicas) == (planned.count, 1, 1)
+
+
 def _single(catalog: Catalog, isl: int, osl: int) -> SimulationSpec:
     settings = device_settings(catalog, device="h100-sxm", model="llama-3.1-8b")
     return SimulationSpec(
