@@ -392,13 +392,16 @@ class ConditionalFlow(DisaggregatedFlow):
 
     def _whole_on_prefill(self, req: DispatchRequest, decoder: Worker) -> Worker | None:
         """A prefill worker to run the whole request when the decode pool is full (the chosen
-        decode worker has no seat in its batch) and a prefill worker has one: decode-bound
-        load then spreads over every GPU, as aggregated serving would, instead of queueing
-        for the decode pool. None otherwise."""
+        decode worker has no seat in its batch) and a prefill worker has room (a seat, and KV
+        under ``local_max_kv_usage``, as for a local prefill): decode-bound load then spreads
+        over every GPU, as aggregated serving would, instead of queueing for the decode pool.
+        None otherwise."""
         if self._has_seat(decoder):
             return None
-        full = {w.id for w in self._prefill.candidates() if not self._has_seat(w)}
-        if len(full) == len(self._prefill.candidates()):
+        tokens = req.params.prompt_tokens + req.params.max_tokens
+        candidates = self._prefill.candidates()
+        full = {w.id for w in candidates if not self._has_room(w, tokens)}
+        if len(full) == len(candidates):
             return None
         return self._legs.pick(self._prefill, req.routing, full)
 
@@ -439,14 +442,14 @@ class ConditionalFlow(DisaggregatedFlow):
         load = worker.backend.load()
         return load.max_running is None or load.running + load.waiting < load.max_running
 
-    def _has_room(self, decoder: Worker, tokens: int) -> bool:
-        """Whether the decode worker has room for ``tokens`` more: a seat in its batch beside
-        the sequences running and queued there, and KV under ``local_max_kv_usage`` with the
-        queued prompts and these tokens (always, when it cannot say)."""
-        if not self._has_seat(decoder):
+    def _has_room(self, worker: Worker, tokens: int) -> bool:
+        """Whether the worker has room for ``tokens`` more: a seat in its batch beside the
+        sequences running and queued there, and KV under ``local_max_kv_usage`` with the queued
+        prompts and these tokens (always, when it cannot say)."""
+        if not self._has_seat(worker):
             return False
-        load = decoder.backend.load()
-        capacity = decoder.backend.capacity_tokens()
+        load = worker.backend.load()
+        capacity = worker.backend.capacity_tokens()
         if not capacity:
             return True
         share = load.kv_usage + (load.waiting_tokens + tokens) / capacity

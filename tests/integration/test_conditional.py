@@ -237,16 +237,22 @@ async def test_local_prefill_needs_a_seat_in_the_decode_batch(
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("prompt", [SHORT, LONG])
+@pytest.mark.parametrize("full", ["batch", "kv"])
 async def test_full_decode_pool_runs_the_whole_request_on_a_prefill_worker(
-    catalog: Catalog, stream: bool, prompt: str
+    catalog: Catalog, stream: bool, prompt: str, full: str
 ) -> None:
     """No seat in the decode batch: a local request would queue for its first token and a
-    remote one for its decode, so a prefill worker with a seat runs the request end to end."""
+    remote one for its decode, so a prefill worker with room (a seat and KV) runs the request
+    end to end."""
     fakes = FakeFactory()
     async with app_client(settings(conditional(), catalog), backend_factory=fakes) as (app, c):
         for f in fakes.role("decode"):
             f.max_running = 0
-        fakes.role("prefill")[0].max_running = 0  # this one is full too
+        busy = fakes.role("prefill")[0]  # this one has no room either
+        if full == "batch":
+            busy.max_running = 0
+        else:
+            busy.kv_capacity_tokens, busy.kv_usage = 10_000, 0.8
         await ask(c, prompt, stream=stream)
         assert await decisions(c) == only("decode_full")
         assert calls(fakes, "decode") == []
