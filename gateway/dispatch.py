@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, TypeVar
 
-from backends.base import GenerationParams, KVHandle, PrefillResult, TokenChunk
+from backends.base import BackendLoad, GenerationParams, KVHandle, PrefillResult, TokenChunk
 from backends.clock import Clock
 from backends.errors import BackendError, BackendOverloaded, BackendUnavailable, LegFailed
 from gateway.admission import Limiter
@@ -356,7 +356,7 @@ class ConditionalFlow(DisaggregatedFlow):
     request queued behind a full batch waits for its first token, where a remote one has it.
 
     When the decode pool itself is full (no seat in the chosen decode worker's batch) and a
-    prefill worker has a seat, that prefill worker runs the whole request ("decode_full"), so
+    prefill worker has room, that prefill worker runs the whole request ("decode_full"), so
     decode-bound load spreads over every GPU as in aggregated serving.
     """
 
@@ -396,7 +396,7 @@ class ConditionalFlow(DisaggregatedFlow):
         under ``local_max_kv_usage``, as for a local prefill): decode-bound load then spreads
         over every GPU, as aggregated serving would, instead of queueing for the decode pool.
         None otherwise."""
-        if self._has_seat(decoder):
+        if self._has_seat(decoder.backend.load()):
             return None
         tokens = req.params.prompt_tokens + req.params.max_tokens
         candidates = self._prefill.candidates()
@@ -436,19 +436,18 @@ class ConditionalFlow(DisaggregatedFlow):
         return None
 
     @staticmethod
-    def _has_seat(worker: Worker) -> bool:
-        """Whether the worker's batch would take one more sequence at once (always, when it
-        cannot say)."""
-        load = worker.backend.load()
+    def _has_seat(load: BackendLoad) -> bool:
+        """Whether a worker with this load would take one more sequence into its batch at once
+        (always, when it cannot say)."""
         return load.max_running is None or load.running + load.waiting < load.max_running
 
     def _has_room(self, worker: Worker, tokens: int) -> bool:
         """Whether the worker has room for ``tokens`` more: a seat in its batch beside the
         sequences running and queued there, and KV under ``local_max_kv_usage`` with the queued
         prompts and these tokens (always, when it cannot say)."""
-        if not self._has_seat(worker):
-            return False
         load = worker.backend.load()
+        if not self._has_seat(load):
+            return False
         capacity = worker.backend.capacity_tokens()
         if not capacity:
             return True
