@@ -495,7 +495,11 @@ class Engine:
             if seq.transfer_s > 0:
                 seq.ready_at = now + seq.transfer_s / (self._time_scale or math.inf)
                 seq.transfer_s = 0.0
-                continue
+                # A transfer too short to move the clock (time scale 0, or so large that
+                # ``now + t`` rounds to ``now``) has landed: decode in this step, since no
+                # timer would ever wake the engine for it.
+                if seq.ready_at > now:
+                    continue
             c = seq.computed
             batch.append((seq, n))
             budget -= n

@@ -414,6 +414,25 @@ def test_prefilled_decode_leg_waits_for_the_kv_transfer(
     assert engine.stats.prompt_tokens == 0  # the prompt was computed elsewhere
 
 
+@pytest.mark.parametrize("time_scale", [0.0, 1e9])
+def test_a_transfer_too_short_to_move_the_clock_still_decodes(
+    run_virtual: RunVirtual, catalog: Catalog, time_scale: float
+) -> None:
+    """With timing off (0) or sped up a billionfold, ``now + transfer`` equals ``now`` once the
+    clock reads hours: the lone decode leg must run, not wait for a wake-up that never comes."""
+    dep = catalog.deployment("groq-lpu-v1", "llama-3.1-8b")
+
+    async def main() -> int:
+        await asyncio.sleep(20_000.0)  # the host has been up for hours (float spacing ~4e-12 s)
+        engine = make_engine(dep, time_scale=time_scale)
+        seq = engine.submit(500, 4, prefilled=True, transfer_s=1e-3)
+        await asyncio.wait_for(follow(seq), timeout=60.0)
+        await engine.stop()
+        return seq.generated
+
+    assert run_virtual(main) == 4
+
+
 def test_prefilled_request_already_complete_finishes_at_once(run_virtual: RunVirtual) -> None:
     async def main() -> None:
         engine = make_engine(LinearTimer())
