@@ -7,11 +7,12 @@ two decode. Workloads:
 * ``chat`` — short prompts (uniform 50–400 tokens), answers of 50–300 tokens, Poisson arrivals
   at each ``--rates`` value for ``--duration`` simulated seconds;
 * ``mooncake`` — the first ``--requests`` of a Mooncake-format trace at its own timestamps
-  (``--trace``; long, multi-turn prompts that share prefixes).
+  (``--trace``: Kimi's ``conversation_trace.jsonl`` from ``kvcache-ai/Mooncake``,
+  ``FAST25-release/traces/``; long, multi-turn prompts that share prefixes).
 
 Goodput counts requests that met both SLOs (TTFT 2 s, TPOT 0.1 s: the configs' ``slo``).
 
-    python -m loadtests.bench_modes --trace ../shared/workloads/mooncake/conversation_trace.jsonl
+    python -m loadtests.bench_modes --trace conversation_trace.jsonl
     python -m loadtests.bench_modes --rates 80,160 --duration 30      # chat only
 """
 
