@@ -83,3 +83,17 @@ def virtual_event_loop() -> asyncio.AbstractEventLoop:
     gateway's dispatch over in-process pools.
     """
     return _VirtualEventLoop()
+
+
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the loop's leftover tasks, let them finish, shut down its async generators and
+    close it (for loops this code runs by hand, such as :func:`virtual_event_loop`)."""
+    try:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()

@@ -36,7 +36,7 @@ from typing import Any
 
 from backends.base import Backend, GenerationParams
 from backends.catalog import Catalog, Deployment, EngineKnobs
-from backends.clock import Clock, LoopClock, virtual_event_loop
+from backends.clock import Clock, LoopClock, close_loop, virtual_event_loop
 from backends.emulated import EmulatedBackend
 from backends.errors import BackendError
 from backends.sim.economics import FleetItem, joules_per_token, usd_per_million_tokens
@@ -363,21 +363,9 @@ def simulate(spec: SimulationSpec) -> SimulationResult:
     try:
         result = loop.run_until_complete(_run(spec))
     finally:
-        _close_loop(loop)
+        close_loop(loop)
     result.wall_s = time.perf_counter() - wall
     return result
-
-
-def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
-    try:
-        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        loop.close()
 
 
 async def _run(spec: SimulationSpec) -> SimulationResult:

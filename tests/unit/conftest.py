@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
 
-from backends.clock import virtual_event_loop
+from backends.clock import close_loop, virtual_event_loop
 
 T = TypeVar("T")
 
@@ -21,15 +20,7 @@ def run_on_virtual_loop(main: Callable[[], Awaitable[T]]) -> T:
     try:
         return loop.run_until_complete(main())
     finally:
-        try:
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in pending:
-                task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            loop.close()
+        close_loop(loop)
 
 
 @pytest.fixture
