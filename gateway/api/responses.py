@@ -27,10 +27,18 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class _DisconnectWatcher:
-    """Cancels ``task`` when the client disconnects."""
+    """Cancels the current task when the client disconnects.
+
+    The watch ends without being cancelled: an ASGI server answers ``receive`` with
+    ``http.disconnect`` once the response is complete, and :meth:`stop`, called before the
+    response's last message, has told the watch to ignore it by then. Cancelling the watch
+    instead would leave its CancelledError's traceback in a reference cycle with both tasks
+    and the server's request state: garbage for the cycle collector, about a fifth of the
+    gateway's CPU per request at high request rates."""
 
     def __init__(self, receive: Receive) -> None:
         self.disconnected = False
+        self._armed = True
         self._receive = receive
         self._task = asyncio.current_task()
         self._watch = asyncio.ensure_future(self._run())
@@ -39,13 +47,14 @@ class _DisconnectWatcher:
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                self.disconnected = True
-                if self._task is not None:
+                if self._armed and self._task is not None:
+                    self.disconnected = True
                     self._task.cancel()
                 return
 
     def stop(self) -> None:
-        self._watch.cancel()
+        """From now, a disconnect cancels nothing: the response is ending."""
+        self._armed = False
 
     def absorb(self) -> bool:
         """After a CancelledError: True if it was our disconnect cancel (now undone)."""
@@ -77,8 +86,13 @@ async def _send_error(send: Send, exc: GatewayError, headers: Headers) -> None:
     await _send_json(send, exc.status, error_body(exc), [*headers, *extra])
 
 
+class LastEvents(bytes):
+    """The stream's last bytes: sent with the end of the response, in one write."""
+
+
 class EventStreamResponse(Response):
-    """``text/event-stream`` from an async generator of ready-framed SSE bytes."""
+    """``text/event-stream`` from an async generator of ready-framed SSE bytes; a
+    :class:`LastEvents` ends it."""
 
     def __init__(self, events: AsyncGenerator[bytes, None], headers: Headers) -> None:
         super().__init__()
@@ -89,31 +103,34 @@ class EventStreamResponse(Response):
         watcher = _DisconnectWatcher(receive)
         try:
             async with aclosing(self._events) as events:
-                await self._stream(events, send)
+                await self._stream(events, send, watcher)
         except asyncio.CancelledError:
             if not watcher.absorb():
                 raise
         finally:
             watcher.stop()
 
-    async def _stream(self, events: AsyncGenerator[bytes, None], send: Send) -> None:
+    async def _stream(
+        self, events: AsyncGenerator[bytes, None], send: Send, watcher: _DisconnectWatcher
+    ) -> None:
         try:
             first = await anext(events)
         except GatewayError as exc:
+            watcher.stop()
             await _send_error(send, exc, self._extra)
             return
         await _start(
             send, 200, b"text/event-stream", [(b"cache-control", b"no-cache"), *self._extra]
         )
-        await send({"type": "http.response.body", "body": first, "more_body": True})
+        chunk = first
         try:
-            async for chunk in events:
+            while type(chunk) is not LastEvents:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await anext(events, LastEvents())
         except GatewayError as exc:
-            await send(
-                {"type": "http.response.body", "body": sse_error_event(exc), "more_body": True}
-            )
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            chunk = LastEvents(sse_error_event(exc))
+        watcher.stop()
+        await send({"type": "http.response.body", "body": chunk, "more_body": False})
 
 
 class DeferredJSONResponse(Response):

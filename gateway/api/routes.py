@@ -21,7 +21,12 @@ from starlette.responses import Response
 
 from backends.base import GenerationParams, ReportedUsage, TokenChunk
 from gateway.api.errors import invalid_request
-from gateway.api.responses import DeferredJSONResponse, EventStreamResponse, header_list
+from gateway.api.responses import (
+    DeferredJSONResponse,
+    EventStreamResponse,
+    LastEvents,
+    header_list,
+)
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.api.wire import DONE, WireFormat
 from gateway.auth import ApiKey
@@ -283,7 +288,7 @@ async def _sse(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> AsyncGene
     if fmt.include_usage:
         prompt, cached = _prompt_usage(dreq, reported)
         tail += fmt.usage(prompt, completion, cached)
-    yield tail + DONE
+    yield LastEvents(tail + DONE)
 
 
 async def _complete(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> bytes:
