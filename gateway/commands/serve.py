@@ -42,11 +42,11 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from gateway.app import create_app
+    from gateway.app import create_app, settle_heap
 
     configure_logging(server.log_level, server.log_format)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, after_start=settle_heap),
         host=server.host,
         port=server.port,
         loop="uvloop",

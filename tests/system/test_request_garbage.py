@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
-from gateway.app import create_app
+from gateway.app import YOUNG_GC_THRESHOLD, create_app, settle_heap
 from tests.helpers import MODEL, config, free_port, pool, settings
 
 pytestmark = pytest.mark.system
@@ -84,3 +84,15 @@ async def test_completed_requests_leave_no_cycles(base: str, stream: bool) -> No
         if name in ("_DisconnectWatcher", "RequestResponseCycle", "Task", "CancelledError")
     }
     assert server_side == {}, garbage.most_common(15)
+
+
+def test_settle_heap_freezes_what_is_alive_and_collects_young_objects_less_often() -> None:
+    threshold = gc.get_threshold()
+    try:
+        before = gc.get_freeze_count()
+        settle_heap()
+        assert gc.get_freeze_count() > before + 1000  # the modules' objects, at least
+        assert gc.get_threshold()[0] == YOUNG_GC_THRESHOLD > threshold[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
