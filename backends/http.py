@@ -160,7 +160,13 @@ class HttpBackend:
         body = _body(params, stream=True, continuous=True, kv_transfer_params=kv.params.get("ktp"))
         prior = kv.params.get("usage")
         counted = prior if isinstance(prior, ReportedUsage) else None
-        return _pulled(kv, self._stream(params, body, prompt_usage=lambda: counted))
+
+        def pulled() -> None:
+            """The decode server has pulled the KV (its first chunk came) and releases it on
+            the prefill server itself: the handle has nothing left to release."""
+            kv.release = nothing_to_release
+
+        return self._stream(params, body, prompt_usage=lambda: counted, on_first=pulled)
 
     def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
         return self._stream(params, _body(params, stream=True, continuous=self._continuous))
@@ -297,10 +303,11 @@ class HttpBackend:
         params: GenerationParams,
         body: dict[str, Any],
         prompt_usage: Callable[[], ReportedUsage | None] | None = None,
+        on_first: Callable[[], None] | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
         """The upstream's SSE stream as token chunks; the last carries finish and usage
         (its prompt and cached tokens from ``prompt_usage``, the prefill leg's count, when
-        that is known).
+        that is known). ``on_first`` is called when the first chunk has arrived.
 
         Events are parsed per read, not per line: whatever arrived together becomes one chunk
         of several tokens (a burst from a fast upstream, or a backlog while this process was
@@ -314,9 +321,16 @@ class HttpBackend:
                     raw = await resp.read()
                     raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
                 parser = _StreamState(self.name)
-                while data := await resp.readany():
+                ended = False
+                while not ended:
+                    data = await resp.readany()
+                    if not data:  # the body ended without [DONE]: its last line may lack a newline
+                        data, ended = b"\n", True
                     chunk = parser.feed(data)
                     if chunk is not None:
+                        if on_first is not None:
+                            on_first()
+                            on_first = None
                         yield chunk
                     if parser.failure is not None:
                         raise parser.failure
@@ -324,17 +338,13 @@ class HttpBackend:
                         # Read the body's end too, so the connection goes back to the pool.
                         await resp.finish(DRAIN_S)
                         break
-                else:  # the body ended without [DONE]: its last line may lack a newline
-                    chunk = parser.feed(b"\n")
-                    if chunk is not None:
-                        yield chunk
-                    if parser.failure is not None:
-                        raise parser.failure
             except UpstreamError as exc:
                 raise self._error(exc) from exc
             last = parser.last(LegStats(compute_s=time.monotonic() - started))
             if last.usage is not None and prompt_usage is not None:
                 last = _with_usage(last, prompt_usage() or last.usage)
+            if on_first is not None:
+                on_first()
             yield last
 
 
@@ -420,18 +430,6 @@ class _StreamState:
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
             reported = ReportedUsage(prompt, cached if isinstance(cached, int) else None)
         return TokenChunk("", extra, self.finish or "length", stats, reported)
-
-
-async def _pulled(
-    kv: KVHandle, stream: AsyncGenerator[TokenChunk, None]
-) -> AsyncGenerator[TokenChunk, None]:
-    """A vLLM decode leg's stream; once its first chunk arrives the decode server has pulled
-    the KV and releases it on the prefill server itself, so the handle has nothing left to
-    release."""
-    async with aclosing(stream) as chunks:
-        async for chunk in chunks:
-            kv.release = nothing_to_release
-            yield chunk
 
 
 def _body(
