@@ -157,13 +157,21 @@ class _Connection(asyncio.Protocol):
         was_closed, self.closed = self.closed, True
         self._disarm()
         self._pool.forget(self)
-        if self.complete or self._headers is None:
-            return  # between requests: nothing to tell anyone
-        if self.status and not self._framed and exc is None:
-            self.on_message_complete()  # a body framed by the connection's end has ended
-            return
-        reason = "closed by this side" if was_closed else f"closed by the server ({exc or 'EOF'})"
-        self._fail(ResponseError(f"connection {reason} before the response ended"))
+        try:
+            if self.complete or self._headers is None:
+                return  # between requests: nothing to tell anyone
+            if self.status and not self._framed and exc is None:
+                self.on_message_complete()  # a body framed by the connection's end has ended
+                return
+            by = "this side" if was_closed else f"the server ({exc or 'EOF'})"
+            reason = f"closed by {by}"
+            self._fail(ResponseError(f"connection {reason} before the response ended"))
+        finally:
+            # Nothing reads this connection again. The transport and the parser each refer back
+            # to it: dropping them lets reference counting free all three at once, instead of
+            # leaving a cycle per closed connection to the cycle collector.
+            self.transport = None
+            del self._parser
 
     # -- httptools callbacks -------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ server-closed connections."""
 from __future__ import annotations
 
 import asyncio
+import gc
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -163,6 +165,36 @@ async def test_connection_close_and_bodies_framed_by_the_end_are_not_reused(
                 body = await r.read()
             assert body == (b"{}" if path == "/close" else b"until the end")
     assert server.connections == 3
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(
+    pool_factory: Callable[..., HttpPool],
+) -> None:
+    """Under load connections close every second (idle, ``connection: close``, failures); each
+    one left in a reference cycle would wait for the collector's rarer full passes."""
+
+    async def close(
+        path: str, body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(json_response(b"{}", b"connection: close\r\n"))
+        await writer.drain()
+        return False
+
+    async with Server(close) as url:
+        pool = pool_factory(url)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(5):
+                async with await pool.request("GET", "/") as r:
+                    assert await r.read() == b"{}"
+            await asyncio.sleep(0.05)  # let the transports report their connections lost
+            gc.collect()
+            kinds = Counter(type(o).__name__ for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert kinds["_Connection"] == 0, kinds.most_common(10)
 
 
 async def test_refused_connections_are_connect_errors(
