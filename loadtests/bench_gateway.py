@@ -2,7 +2,7 @@
 and against the Rust P/D routers, in one run on one machine.
 
 Starts 2 prefill + 2 decode ``pdgate backend`` instances with device timing off
-(``--time-scale 0``: every step is instant, so whatever sits in front of them is the
+(``--time-scale 1e9``: every step is instant, so whatever sits in front of them is the
 bottleneck), the gateway in front of them (disaggregated, vLLM's NIXL handshake; and a second
 one speaking SGLang's bootstrap handshake), ``sglang-router`` and ``vllm-router`` when they are
 installed, then drives each target with a closed-loop aiohttp load generator for ``--duration``

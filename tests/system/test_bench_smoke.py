@@ -3,6 +3,7 @@ are sane (no assertions on performance: those belong to benchmark runs, not test
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,24 @@ def test_quick_benchmark_has_every_row_with_sane_numbers(tmp_path: Path) -> None
         else:
             assert r["cpu_ms_per_req"] is None, where
     assert "c64 CPU per request, pdgate / sglang-router" in run.stdout or skipped
+
+
+def test_ab_compares_two_versions_round_by_round() -> None:
+    """HEAD against the working tree: one table row per round, then the paired ratios."""
+    argv = [sys.executable, "-m", "loadtests.bench_ab", "--a", "HEAD", "--b", "."]
+    quick = ["--rounds", "2", "--duration", "0.5", "--warmup", "0.2"]
+    run = subprocess.run([*argv, *quick], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2, run.stdout
+    for line in rows:
+        cells = [float(c) for c in line.strip("| ").split(" | ")[1:]]
+        assert all(c > 0 for c in cells), line  # req/s and CPU per request, both versions
+    ratios = re.search(
+        r"req/s ([\d.]+), tokens/s ([\d.]+), gateway CPU per request ([\d.]+)", run.stdout
+    )
+    assert ratios is not None, run.stdout
+    assert all(0.2 < float(r) < 5 for r in ratios.groups()), ratios.groups()
 
 
 def test_soak_slope_is_the_least_squares_fit_after_the_warm_up() -> None:
