@@ -13,6 +13,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -147,11 +148,8 @@ class LocalHistogram(_Family[HistogramChild]):
     def collect(self) -> Iterator[Metric]:
         family = self._family()
         for values, child in self._children.items():
-            cumulative, buckets = 0, []
-            for le, count in zip(self._le, child.counts, strict=True):
-                cumulative += count
-                buckets.append((le, float(cumulative)))
-            family.add_metric(values, buckets, child.sum)
+            cumulative = map(float, accumulate(child.counts))
+            family.add_metric(values, list(zip(self._le, cumulative, strict=True)), child.sum)
         yield family
 
 
