@@ -31,9 +31,9 @@ from typing import Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from gateway.errors import Overloaded, Unauthorized
+from gateway.state_redis import REDIS_DOWN
 
 log = logging.getLogger("pdgate.auth")
 
@@ -176,7 +176,7 @@ class RedisRateLimiter:
         ]
         try:
             admitted = await self._admit(keys=self._keys(key, window), args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             self._failed(exc)
             return self._fallback.admit_now(key, prompt_tokens)
         return None if admitted else left
@@ -191,7 +191,7 @@ class RedisRateLimiter:
             pipe.incrby(tokens_key, tokens)
             pipe.expire(tokens_key, WINDOW_S + 5)
             await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             self._failed(exc)
             await self._fallback.charge(key, tokens)
 
@@ -292,7 +292,7 @@ class Authenticator:
             try:
                 for key in await load_redis_keys(redis, self._prefix):
                     self.keys.add(key)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_DOWN as exc:
                 log.debug("api keys: Redis unavailable (%s); keeping the known keys", exc)
             await asyncio.sleep(self._refresh_s)
 

@@ -42,6 +42,12 @@ from redis.typing import EncodableT
 
 from gateway.state import InMemoryStateStore, StoreStatus, WorkerLoad
 
+# What a Redis call raises while the server is away: the client's own errors, socket errors,
+# timeouts, and RuntimeError from uvloop when the client writes to a connection the server has
+# just closed (redis-py does not check the transport first). Every caller falls back to local
+# state on these; the calls guarded by it are Redis calls only.
+REDIS_DOWN: tuple[type[Exception], ...] = (RedisError, OSError, TimeoutError, RuntimeError)
+
 log = logging.getLogger("pdgate.state")
 
 _EVENTS_MAXLEN = 100_000
@@ -131,7 +137,7 @@ class RedisStateStore:
         try:  # leave nothing behind for the others to count
             async with asyncio.timeout(self.op_timeout_s * 4):
                 await self._client.delete(self._key("load", self.replica_id))
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_DOWN:
             pass
 
     # -- sync ----------------------------------------------------------------------------
@@ -144,7 +150,7 @@ class RedisStateStore:
                 if not self.up:
                     log.info("shared state: connected to Redis, sharing with other replicas")
                 self.up = True
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_DOWN as exc:
                 self.failures += 1
                 if self.up or self.failures == 1:
                     log.warning("shared state: Redis unavailable (%s); serving local state", exc)

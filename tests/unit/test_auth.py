@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import cast
+
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.auth import (
     WINDOW_S,
@@ -10,6 +14,7 @@ from gateway.auth import (
     Authenticator,
     KeyRing,
     LocalRateLimiter,
+    RedisRateLimiter,
     digest,
     resolve_secret,
 )
@@ -101,3 +106,24 @@ def test_secrets_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PDGATE_TEST_KEY")
     with pytest.raises(ValueError, match="PDGATE_TEST_KEY"):
         resolve_secret(None, "PDGATE_TEST_KEY", "k")
+
+
+class _ClosingRedis:
+    """A Redis client caught as the server goes away: under uvloop, redis-py's write to the
+    connection the server just closed raises RuntimeError instead of a Redis error."""
+
+    def register_script(self, script: str) -> Callable[..., Awaitable[int]]:
+        async def run(**kw: object) -> int:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+        return run
+
+
+async def test_a_redis_connection_closing_under_a_request_falls_back_to_local_limits() -> None:
+    limiter = RedisRateLimiter(
+        cast(aioredis.Redis, _ClosingRedis()), key_prefix="pdgate", op_timeout_s=0.1
+    )
+    limited = key("limited", rpm=1)
+    assert await limiter.admit(limited, 10) is None  # served from the local window
+    assert limiter.failures == 1
+    assert await limiter.admit(limited, 10) is not None  # and the local window still limits
