@@ -1,0 +1,72 @@
+"""LoopClock: full resolution on a real loop (uvloop's own clock counts whole milliseconds),
+the loop's own time on a virtual one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import uvloop
+
+from backends.clock import LoopClock, close_loop, virtual_event_loop
+
+
+def _readings(clock: LoopClock, count: int = 50) -> list[float]:
+    out = []
+    for _ in range(count):
+        until = time.perf_counter() + 37e-6
+        while time.perf_counter() < until:
+            pass
+        out.append(clock.now())
+    return out
+
+
+def _whole_ms(t: float) -> bool:
+    return abs(t * 1000 - round(t * 1000)) < 1e-6
+
+
+def test_uvloop_time_counts_whole_milliseconds_but_the_clock_does_not() -> None:
+    async def main() -> tuple[list[float], list[float], float, float]:
+        loop = asyncio.get_running_loop()
+        looptimes = []
+        for _ in range(20):
+            looptimes.append(loop.time())
+            until = time.perf_counter() + 37e-6
+            while time.perf_counter() < until:
+                pass
+        before = loop.time()
+        readings = _readings(LoopClock())
+        return looptimes, readings, before, loop.time()
+
+    looptimes, readings, before, after = uvloop.run(main())
+    assert all(_whole_ms(t) for t in looptimes)  # why LoopClock does not read it
+    assert not all(_whole_ms(t) for t in readings)
+    assert readings == sorted(readings)
+    # The same clock as the loop's: within the loop's millisecond truncation.
+    assert before <= readings[0] < after + 0.001
+    assert readings[-1] < after + 0.001
+
+
+def test_asyncio_loop_reads_the_same_monotonic_clock() -> None:
+    async def main() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        return loop.time(), LoopClock().now(), loop.time()
+
+    before, now, after = asyncio.run(main())
+    assert before <= now <= after
+
+
+def test_virtual_loop_keeps_its_own_time() -> None:
+    loop = virtual_event_loop()
+    clock = LoopClock()
+
+    async def main() -> tuple[float, float]:
+        start = clock.now()
+        await clock.sleep(3600.0)
+        return start, clock.now()
+
+    try:
+        start, end = loop.run_until_complete(main())
+    finally:
+        close_loop(loop)
+    assert end - start == 3600.0
