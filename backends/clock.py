@@ -40,6 +40,9 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None: ...
 
 
+_EARLY_S = 1e-6  # a wake-up this close to its deadline is on time
+
+
 class LoopClock:
     """The running event loop's monotonic clock (real or virtual), in float seconds.
 
@@ -51,9 +54,17 @@ class LoopClock:
         return loop.time() if type(loop) is _VirtualEventLoop else time.monotonic()
 
     async def sleep_until(self, deadline: float) -> None:
+        """Returns at ``deadline`` or later, never before: a device cannot deliver a token
+        ahead of its schedule. uvloop rounds a timer to the nearest millisecond, counted from
+        its last reading of the clock, so a third of its sleeps end early, by up to 1 ms; what
+        is left is slept again, for at least a millisecond (a shorter uvloop sleep is a
+        callback on the next loop pass, so a remainder of microseconds would spin)."""
         delay = deadline - self.now()
-        if delay > 0:
+        while delay > _EARLY_S:
             await asyncio.sleep(delay)
+            delay = deadline - self.now()
+            if delay > _EARLY_S:
+                delay = max(delay, 0.001)
 
     async def sleep(self, seconds: float) -> None:
         if seconds > 0:
