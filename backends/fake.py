@@ -35,6 +35,7 @@ class FakeBackend:
         fail_prefill: bool = False,
         fail_after_tokens: int | None = None,
         hang_after_tokens: int | None = None,
+        wind_down: asyncio.Event | None = None,
     ) -> None:
         self.name = name
         self.prefill_delay_s = prefill_delay_s
@@ -42,6 +43,8 @@ class FakeBackend:
         self.fail_prefill = fail_prefill
         self.fail_after_tokens = fail_after_tokens
         self.hang_after_tokens = hang_after_tokens
+        # Set: a leg, after its last token, waits for it before it ends (an upstream's drain).
+        self.wind_down = wind_down
         self.healthy_flag = True
         self.running = 0
         self.held_kv = 0
@@ -135,5 +138,7 @@ class FakeBackend:
                     "length" if last else None,
                     LegStats() if last else None,
                 )
+            if self.wind_down is not None:
+                await self.wind_down.wait()
         finally:
             self.running -= 1

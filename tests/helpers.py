@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 import yaml
 from fastapi import FastAPI
 
@@ -73,6 +75,25 @@ async def app_client(
             transport=transport, base_url="http://pdgate", timeout=30
         ) as c:
             yield app, c
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_in_process(app: FastAPI) -> AsyncIterator[str]:
+    """The app under real uvicorn (httptools) on a free loopback port, in this process and
+    its event loop, so a test can look inside while it serves; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 def gateway_of(app: FastAPI) -> Gateway:

@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
-from backends.base import GenerationParams, ReportedUsage, TokenChunk
+from backends.base import GenerationParams, ReportedUsage
 from gateway.api.errors import invalid_request
 from gateway.api.responses import (
     DeferredJSONResponse,
@@ -249,11 +249,7 @@ async def _generate(
     headers = header_list(x_request_id=request_id)
     if body.stream:
         return EventStreamResponse(_sse(gw, dreq, fmt), headers)
-
-    async def produce() -> bytes:
-        return await _complete(gw, dreq, fmt)
-
-    return DeferredJSONResponse(produce, headers)
+    return DeferredJSONResponse(_complete(gw, dreq, fmt), headers)
 
 
 def _seconds(headers: dict[str, str], name: str, default: float) -> float:
@@ -270,39 +266,74 @@ def _seconds(headers: dict[str, str], name: str, default: float) -> float:
 
 
 async def _sse(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> AsyncGenerator[bytes, None]:
+    """The stream's events; the last chunk's go out as :class:`LastEvents`, ending the response
+    before the request's remaining work (see :mod:`gateway.api.responses`)."""
     completion = 0
-    finish = "length"
     reported: ReportedUsage | None = None
+    ended = False
     async with gw.dispatcher.open(dreq) as chunks:
         opening = fmt.opening()
         async for chunk in chunks:
+            if ended:
+                continue  # nothing follows a last chunk
             completion += chunk.tokens
-            finish = chunk.finish_reason or finish
             reported = chunk.usage or reported
             out = fmt.text(chunk.text) if chunk.text else b""
             if opening:
                 out, opening = opening + out, b""
-            if out:
+            if chunk.finish_reason is not None:
+                ended = True
+                yield LastEvents(out + _tail(dreq, fmt, chunk.finish_reason, completion, reported))
+            elif out:
                 yield out
+    if not ended:
+        yield LastEvents(_tail(dreq, fmt, "length", completion, reported))
+
+
+def _tail(
+    dreq: DispatchRequest,
+    fmt: WireFormat,
+    finish: str,
+    completion: int,
+    reported: ReportedUsage | None,
+) -> bytes:
     tail = fmt.finish(finish)
     if fmt.include_usage:
         prompt, cached = _prompt_usage(dreq, reported)
         tail += fmt.usage(prompt, completion, cached)
-    yield LastEvents(tail + DONE)
+    return tail + DONE
 
 
-async def _complete(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> bytes:
+async def _complete(
+    gw: Gateway, dreq: DispatchRequest, fmt: WireFormat
+) -> AsyncGenerator[bytes, None]:
+    """The response body, once (see :class:`DeferredJSONResponse`)."""
     parts: list[str] = []
     completion = 0
-    last: TokenChunk | None = None
     reported: ReportedUsage | None = None
+    ended = False
     async with gw.dispatcher.open(dreq) as chunks:
         async for chunk in chunks:
+            if ended:
+                continue  # nothing follows a last chunk
             parts.append(chunk.text)
             completion += chunk.tokens
-            last = chunk
             reported = chunk.usage or reported
-    finish = (last.finish_reason if last else None) or "length"
+            if chunk.finish_reason is not None:
+                ended = True
+                yield _body(dreq, fmt, parts, chunk.finish_reason, completion, reported)
+    if not ended:
+        yield _body(dreq, fmt, parts, "length", completion, reported)
+
+
+def _body(
+    dreq: DispatchRequest,
+    fmt: WireFormat,
+    parts: list[str],
+    finish: str,
+    completion: int,
+    reported: ReportedUsage | None,
+) -> bytes:
     prompt, cached = _prompt_usage(dreq, reported)
     return fmt.body("".join(parts), finish, prompt, completion, cached)
 

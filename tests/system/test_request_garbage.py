@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 
 from gateway.app import YOUNG_GC_THRESHOLD, create_app, settle_heap
-from tests.helpers import MODEL, config, free_port, pool, settings
+from tests.helpers import MODEL, config, pool, settings, uvicorn_in_process
 
 pytestmark = pytest.mark.system
 
@@ -27,19 +26,8 @@ REQUESTS = 30
 @pytest.fixture
 async def base() -> AsyncIterator[str]:
     app = create_app(settings(config(prefill=pool("h100-sxm"), decode=pool("groq-lpu-v1"))))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", log_level="warning")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with uvicorn_in_process(app) as url:
+        yield url
 
 
 def _body(stream: bool) -> dict[str, object]:
