@@ -6,7 +6,8 @@ On a shared machine the speed drifts by tens of percent within minutes, so two r
 run at once in front of the same four backends (``bench_gateway``'s cluster, device timing
 off); each round measures A then B (B then A in the next, so neither always goes first) for
 ``--duration`` seconds, and the report is the median over rounds of B's figure divided by A's
-in the same round.
+in the same round. For ``c1`` it then also takes turns (``--turns`` rounds of one request
+each to A, B and direct-pd): latency differences of a fraction of a millisecond need that.
 
 A version is a git revision (its ``gateway/`` and ``backends/`` exported to a temporary
 directory) or ``.``, the working tree::
@@ -35,13 +36,16 @@ from loadtests.bench_gateway import (
     SCENARIOS,
     Processes,
     Result,
+    Turns,
     exit_on_sigterm,
     free_port,
     gateway_config,
+    make_sender,
     measure,
     plain_sender,
     run_loop,
     start_cluster,
+    take_turns,
     wait_serving,
 )
 
@@ -81,6 +85,7 @@ class Comparison:
     a: str
     b: str
     rounds: list[tuple[Result, Result]]  # (A's, B's), one pair per round
+    turns: Turns | None = None  # c1: A, B and direct-pd in turns
 
     def ratio(self, field: str) -> float:
         """Median over rounds of B's ``field`` over A's."""
@@ -104,6 +109,13 @@ class Comparison:
             f"req/s {self.ratio('rps'):.3f}, tokens/s {self.ratio('tokens_per_s'):.3f}, "
             f"gateway CPU per request {self.ratio('cpu_ms_per_req'):.3f}",
         ]
+        if self.turns is not None:
+            lines += ["", f"A: {self.a}, B: {self.b}"]
+            lines += [f"* {line}" for line in self.turns.report("direct-pd")]
+            lines.append(
+                f"* c1 in turns, B − A (median of paired rounds): "
+                f"{self.turns.added_ms('B', 'A'):+.3f} ms"
+            )
         return "\n".join(lines)
 
 
@@ -147,7 +159,15 @@ async def compare(args: argparse.Namespace) -> Comparison:
                     file=sys.stderr,
                     flush=True,
                 )
-    return Comparison(args.scenario, _label(args.a), _label(args.b), rounds)
+            turns = None
+            if scenario.name == "c1" and args.turns:
+                senders = {
+                    name: plain_sender(session, [front.url], scenario)
+                    for name, front in fronts.items()
+                }
+                senders["direct-pd"] = make_sender(session, cluster, "direct-pd", scenario)
+                turns = await take_turns(senders, args.turns)
+    return Comparison(args.scenario, _label(args.a), _label(args.b), rounds, turns)
 
 
 def _label(revision: str) -> str:
@@ -164,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each")
+    parser.add_argument(
+        "--turns", type=int, default=1000,
+        help="c1 only: then rounds of one request each to A, B and direct-pd in turn",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     exit_on_sigterm()
     print(run_loop(compare(args)).report())

@@ -9,7 +9,10 @@ installed, then drives each target with a closed-loop aiohttp load generator for
 seconds per scenario:
 
 * ``c1``, ``c16``, ``c64`` — non-streaming 16-token completions at concurrency 1, 16 and 64;
-* ``stream64`` — streaming chat, 256 tokens, 64 concurrent streams.
+* ``stream64`` — streaming chat, 256 tokens, 64 concurrent streams;
+* then ``c1`` in turns (``--turns`` rounds of one request to each target in rotation): the
+  latency a router adds at concurrency 1, measured on the same machine moment as its
+  reference (see :class:`Turns`).
 
 Targets (rows of the table):
 
@@ -47,6 +50,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -499,6 +503,52 @@ async def measure(
     )
 
 
+@dataclass
+class Turns:
+    """Concurrency 1 in turns: one request to each target, then the next round, so every
+    target sees the machine as it is at that moment. Separate 15 s windows see it drift by tens
+    of percent, which swamps the fraction of a millisecond a router adds; here that drift is
+    shared, and the added latency is the median of per-round differences."""
+
+    latencies_ms: dict[str, list[float]]  # target -> one latency per round
+
+    def p50(self, target: str) -> float:
+        return percentile(self.latencies_ms[target], 50)
+
+    def added_ms(self, target: str, base: str) -> float:
+        """Median over rounds of ``target``'s latency minus ``base``'s in the same round."""
+        pairs = zip(self.latencies_ms[target], self.latencies_ms[base], strict=True)
+        return statistics.median(t - b for t, b in pairs)
+
+    def report(self, base: str) -> list[str]:
+        rounds = len(next(iter(self.latencies_ms.values())))
+        lines = [f"c1 in turns ({rounds} rounds), p50 ms: " + ", ".join(
+            f"{t} {self.p50(t):.2f}" for t in self.latencies_ms
+        )]  # fmt: skip
+        if base in self.latencies_ms:
+            lines += [
+                f"c1 in turns, added latency vs {base} (median of paired rounds): "
+                f"{t} {self.added_ms(t, base):+.2f} ms"
+                for t in self.latencies_ms
+                if t != base
+            ]
+        return lines
+
+
+async def take_turns(senders: dict[str, Send], rounds: int, warmup: int = 50) -> Turns:
+    """``rounds`` rounds of one request per target (first ``warmup`` rounds not kept); the
+    order rotates each round, so no target always follows the same one."""
+    names = list(senders)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + rounds):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            sample = await senders[name](i)
+            if i >= warmup:
+                latencies[name].append(sample.latency * 1000)
+    return Turns(latencies)
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -640,13 +690,14 @@ def _frame(frame: str) -> str:
     return f"{name} ({where})"
 
 
-async def run_bench(args: argparse.Namespace) -> list[Result]:
+async def run_bench(args: argparse.Namespace) -> tuple[list[Result], Turns | None]:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         raise SystemExit(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
     scenarios = [s for s in SCENARIOS if s.name in args.scenarios.split(",")]
     results: list[Result] = []
+    turns: Turns | None = None
     with tempfile.TemporaryDirectory(prefix="pdgate-bench-") as tmp, Processes(Path(tmp)) as procs:
         cluster = await start_cluster(procs, targets)
         for kind, reason in cluster.skipped.items():
@@ -675,7 +726,13 @@ async def run_bench(args: argparse.Namespace) -> list[Result]:
                     print(row(result), file=sys.stderr, flush=True)
                     for kind, count in result.error_kinds.items():
                         print(f"#   {count} × {kind}", file=sys.stderr)
-    return results
+            c1 = next((s for s in scenarios if s.name == "c1"), None)
+            if c1 is not None and args.turns and len(targets) > 1:
+                senders = {t: make_sender(session, cluster, t, c1) for t in targets}
+                turns = await take_turns(senders, args.turns)
+                for line in turns.report("direct-pd"):
+                    print(f"# {line}", file=sys.stderr, flush=True)
+    return results, turns
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -699,8 +756,8 @@ def row(r: Result) -> str:
     )
 
 
-def summary(results: list[Result]) -> list[str]:
-    """The issue's targets as ratios of this run's rows."""
+def summary(results: list[Result], turns: Turns | None = None) -> list[str]:
+    """The targets as ratios of this run's rows (the c1 latency from ``turns`` too)."""
     by = {(r.scenario, r.target): r for r in results}
     out = []
 
@@ -717,6 +774,9 @@ def summary(results: list[Result]) -> list[str]:
         gw, ref = get("c1", "pdgate"), get("c1", base)
         if gw and ref:
             out.append(f"c1 added p50 latency vs {base}: {gw.p50_ms - ref.p50_ms:+.2f} ms (≤ 1)")
+    if turns is not None and {"pdgate", "direct-pd"} <= turns.latencies_ms.keys():
+        added = turns.added_ms("pdgate", "direct-pd")
+        out.append(f"c1 added latency vs direct-pd, in turns: {added:+.2f} ms (≤ 1)")
     gw, ref = get("stream64", "pdgate"), get("stream64", "direct")
     if gw and ref and ref.tokens_per_s:
         ratio = gw.tokens_per_s / ref.tokens_per_s
@@ -724,9 +784,11 @@ def summary(results: list[Result]) -> list[str]:
     return out
 
 
-def report(results: list[Result]) -> str:
+def report(results: list[Result], turns: Turns | None = None) -> str:
     lines = [HEADER, *(row(r) for r in results), ""]
-    lines += [f"* {line}" for line in summary(results)]
+    lines += [f"* {line}" for line in summary(results, turns)]
+    if turns is not None:
+        lines += ["", *(f"* {line}" for line in turns.report("direct-pd"))]
     return "\n".join(lines)
 
 
@@ -741,6 +803,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenarios", default=",".join(s.name for s in SCENARIOS), help="comma-separated"
     )
+    parser.add_argument(
+        "--turns", type=int, default=1000,
+        help="rounds of c1 in turns, one request per target each (0: none); see Turns",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--profile", type=Path, help="py-spy the gateway (collapsed stacks) into this folder"
@@ -748,9 +814,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = min(args.duration, 1.5), min(args.warmup, 0.3)
+        args.turns = min(args.turns, 100)
     exit_on_sigterm()
-    results = run_loop(run_bench(args))
-    print(report(results))
+    results, turns = run_loop(run_bench(args))
+    print(report(results, turns))
     if args.json:
         args.json.write_bytes(
             orjson.dumps([asdict(r) for r in results], option=orjson.OPT_INDENT_2)

@@ -56,6 +56,9 @@ def test_quick_benchmark_has_every_row_with_sane_numbers(tmp_path: Path) -> None
         else:
             assert r["cpu_ms_per_req"] is None, where
     assert "c64 CPU per request, pdgate / sglang-router" in run.stdout or skipped
+    turns = next(line for line in run.stdout.splitlines() if "c1 in turns (100 rounds)" in line)
+    assert all(f" {t} " in turns for t in targets), turns
+    assert re.search(r"c1 added latency vs direct-pd, in turns: [+-]\d+\.\d\d ms", run.stdout)
 
 
 def test_ab_compares_two_versions_round_by_round() -> None:
