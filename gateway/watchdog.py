@@ -31,14 +31,18 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Any
 
 
 class IdleTimeout:
-    """Fails a wait that lasts longer than its limit (see the module docstring)."""
+    """Fails a wait that lasts longer than its limit (see the module docstring); the waits
+    are those of the task that created it."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task[object] | None = None
+        task = asyncio.current_task(self._loop)
+        assert task is not None, "IdleTimeout outside a task"
+        self._task: asyncio.Task[Any] = task  # the task whose waits it times
         self._since: float | None = None  # when the current wait began; None between waits
         self._limit = 0.0
         self._cancelling = 0  # the task's pending cancellations when the wait began
@@ -61,10 +65,8 @@ class IdleTimeout:
 
     def waiting(self, limit_s: float) -> None:
         """A wait of at most ``limit_s`` begins now."""
-        task = asyncio.current_task()
-        assert task is not None, "IdleTimeout outside a task"
-        self._task, self._limit = task, limit_s
-        self._cancelling = task.cancelling()
+        self._limit = limit_s
+        self._cancelling = self._task.cancelling()
         self._since = now = self._loop.time()
         due = now + limit_s
         if self._handle is not None and self._handle.when() > due:  # a shorter limit than before
@@ -83,12 +85,11 @@ class IdleTimeout:
         if not self._fired:
             return False
         self._fired = False
-        assert self._task is not None
         return self._task.uncancel() <= self._cancelling
 
     def _check(self) -> None:
         self._handle = None
-        if self._since is None or self._task is None:
+        if self._since is None:
             return  # between waits; the next wait arms the timer again
         due = self._since + self._limit
         if self._loop.time() < due:
