@@ -7,7 +7,8 @@ run at once in front of the same four backends (``bench_gateway``'s cluster, dev
 off); each round measures A then B (B then A in the next, so neither always goes first) for
 ``--duration`` seconds, and the report is the median over rounds of B's figure divided by A's
 in the same round. For ``c1`` it then also takes turns (``--turns`` rounds of one request
-each to A, B and direct-pd): latency differences of a fraction of a millisecond need that.
+each to A, B and direct-pd): latency differences of a fraction of a millisecond need that,
+and several runs (see ``bench_gateway.Turns``).
 
 A version is a git revision (its ``gateway/`` and ``backends/`` exported to a temporary
 directory) or ``.``, the working tree::

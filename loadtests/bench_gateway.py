@@ -508,7 +508,9 @@ class Turns:
     """Concurrency 1 in turns: one request to each target, then the next round, so every
     target sees the machine as it is at that moment. Separate 15 s windows see it drift by tens
     of percent, which swamps the fraction of a millisecond a router adds; here that drift is
-    shared, and the added latency is the median of per-round differences."""
+    shared, and the added latency is the median of per-round differences. What pairing cannot
+    share is where the kernel placed each process on the cores: that biases a whole run, by a
+    few tenths of a millisecond here, so compare several runs."""
 
     latencies_ms: dict[str, list[float]]  # target -> one latency per round
 

@@ -30,11 +30,11 @@ async def base() -> AsyncIterator[str]:
         yield url
 
 
-def _body(stream: bool) -> dict[str, object]:
+def _body(stream: bool, max_tokens: int) -> dict[str, object]:
     return {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Hello"}],
-        "max_tokens": 4,
+        "max_tokens": max_tokens,
         "stream": stream,
     }
 
@@ -54,14 +54,17 @@ async def _garbage_of(requests: AsyncIterator[None]) -> Counter[str]:
         gc.garbage.clear()
 
 
+# 4 tokens: a few milliseconds; 60: about 0.1 s of LPU decode, in many reads and writes.
+@pytest.mark.parametrize("max_tokens", [4, 60], ids=["short", "long"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-async def test_completed_requests_leave_no_cycles(base: str, stream: bool) -> None:
+async def test_completed_requests_leave_no_cycles(base: str, stream: bool, max_tokens: int) -> None:
+    body = _body(stream, max_tokens)
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-        await client.post("/v1/chat/completions", json=_body(stream))  # warm: first-use caches
+        await client.post("/v1/chat/completions", json=body)  # warm: first-use caches
 
         async def requests() -> AsyncIterator[None]:
-            for _ in range(REQUESTS):
-                resp = await client.post("/v1/chat/completions", json=_body(stream))
+            for _ in range(REQUESTS if max_tokens < 10 else REQUESTS // 3):
+                resp = await client.post("/v1/chat/completions", json=body)
                 assert resp.status_code == 200, resp.text
                 yield None
 
