@@ -783,6 +783,12 @@ def summary(results: list[Result], turns: Turns | None = None) -> list[str]:
     if gw and ref and ref.tokens_per_s:
         ratio = gw.tokens_per_s / ref.tokens_per_s
         out.append(f"stream64 tokens/s, pdgate / direct: {ratio:.2f} (target ≥ 0.9)")
+    for other in ("direct-pd", "sglang-router", "vllm-router"):  # the two-leg references
+        ref = get("stream64", other)
+        if gw and ref and ref.tokens_per_s:
+            out.append(
+                f"stream64 tokens/s, pdgate / {other}: {gw.tokens_per_s / ref.tokens_per_s:.2f}"
+            )
     return out
 
 
