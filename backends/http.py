@@ -73,6 +73,10 @@ class HttpOptions:
     served_model_name: str | None = (
         None  # the upstream's name for the model (default: the client's)
     )
+    # Ask streams for usage on every event (vLLM's and SGLang's continuous_usage_stats): exact
+    # tokens per chunk when an event carries several (speculative decoding, a stream interval
+    # above 1). Off, an event with text counts one token and the final usage settles the total.
+    usage_per_chunk: bool = True
 
 
 class HttpBackend:
@@ -98,7 +102,8 @@ class HttpBackend:
         self._pool: HttpPool | None = None
         self._releases: set[asyncio.Task[None]] = set()  # KV releases under way
         self._healthy = True
-        self._continuous = protocol != "openai"  # vLLM and SGLang report usage per chunk
+        # vLLM and SGLang report usage per chunk when asked; an OpenAI server does not.
+        self._continuous = protocol != "openai" and self.options.usage_per_chunk
 
     # -- lifecycle and health ----------------------------------------------------------------
 
@@ -153,11 +158,12 @@ class HttpBackend:
         if self.protocol == "openai":
             raise BackendUnavailable(f"{self.name}: protocol 'openai' is aggregated only")
         if self.protocol == "sglang-bootstrap":
-            body = _body(params, stream=True, continuous=True, **kv.params["bootstrap"])
+            body = _body(params, stream=True, continuous=self._continuous, **kv.params["bootstrap"])
             task: asyncio.Task[dict[str, Any]] = kv.params["prefill"]
             stream = self._stream(params, body, prompt_usage=lambda: _task_usage(task))
             return _fail_with(task, stream, self.name)
-        body = _body(params, stream=True, continuous=True, kv_transfer_params=kv.params.get("ktp"))
+        ktp = kv.params.get("ktp")
+        body = _body(params, stream=True, continuous=self._continuous, kv_transfer_params=ktp)
         prior = kv.params.get("usage")
         counted = prior if isinstance(prior, ReportedUsage) else None
 

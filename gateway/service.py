@@ -272,6 +272,7 @@ def http_backend(name: str, spec: HttpWorker) -> HttpBackend:
         prefill_timeout_s=spec.prefill_timeout_s,
         read_timeout_s=spec.read_timeout_s,
         served_model_name=spec.served_model_name,
+        usage_per_chunk=spec.usage_per_chunk,
     )
     return HttpBackend(
         name, spec.url, spec.protocol, bootstrap_port=spec.bootstrap_port, options=options

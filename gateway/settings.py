@@ -97,6 +97,12 @@ class HttpWorker(_Strict):
     served_model_name: str | None = Field(
         None, description="the model name the upstream serves (default: the name clients send)"
     )
+    usage_per_chunk: bool = Field(
+        True,
+        description="ask streams for usage on every event (continuous_usage_stats): exact "
+        "tokens per chunk for ITL and TPOT when events carry several tokens; off saves upstream "
+        "and gateway CPU, counts one token per event, and still settles totals exactly",
+    )
 
     @property
     def replicas(self) -> int:
