@@ -30,7 +30,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import yaml
 
 from loadtests.bench_gateway import (
@@ -38,6 +37,7 @@ from loadtests.bench_gateway import (
     Processes,
     Result,
     Turns,
+    client_session,
     exit_on_sigterm,
     free_port,
     gateway_config,
@@ -134,34 +134,32 @@ async def compare(args: argparse.Namespace) -> Comparison:
             source = export(revision, Path(tmp) / f"src-{name}")
             port = free_port()
             fronts[name] = procs.start(name, gateway_argv(source, config, port), port)
-        connector = aiohttp.TCPConnector(limit=0)
-        timeout = aiohttp.ClientTimeout(total=60)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with client_session() as session:
             await asyncio.gather(*(wait_serving(session, p) for p in fronts.values()))
-            rounds: list[tuple[Result, Result]] = []
-            for i in range(args.rounds):
-                got: dict[str, Result] = {}
-                for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
-                    front = fronts[name]
+        rounds: list[tuple[Result, Result]] = []
+        for i in range(args.rounds):
+            got: dict[str, Result] = {}
+            for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
+                front = fronts[name]
+                async with client_session() as session:
                     got[name] = await measure(
                         plain_sender(session, [front.url], scenario), scenario, versions[name],
                         duration=args.duration, warmup=args.warmup, router_pid=front.pid,
                         backend_pids=cluster.backend_pids,
                     )  # fmt: skip
-                    errors = got[name].errors
-                    if errors:
-                        raise SystemExit(
-                            f"{versions[name]}: {errors} errors: {got[name].error_kinds}"
-                        )
-                rounds.append((got["A"], got["B"]))
-                a, b = got["A"], got["B"]
-                print(
-                    f"# round {i + 1}: {args.a} {a.rps:.0f} req/s, {args.b} {b.rps:.0f} req/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            turns = None
-            if scenario.name == "c1" and args.turns:
+                errors = got[name].errors
+                if errors:
+                    raise SystemExit(f"{versions[name]}: {errors} errors: {got[name].error_kinds}")
+            rounds.append((got["A"], got["B"]))
+            a, b = got["A"], got["B"]
+            print(
+                f"# round {i + 1}: {args.a} {a.rps:.0f} req/s, {args.b} {b.rps:.0f} req/s",
+                file=sys.stderr,
+                flush=True,
+            )
+        turns = None
+        if scenario.name == "c1" and args.turns:
+            async with client_session() as session:
                 senders = {
                     name: plain_sender(session, [front.url], scenario)
                     for name, front in fronts.items()

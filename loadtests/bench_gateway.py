@@ -537,6 +537,18 @@ class Turns:
         return lines
 
 
+def client_session() -> aiohttp.ClientSession:
+    """The load generator's client for one measurement.
+
+    Each measurement opens its own: connections pooled by an earlier one sit idle while other
+    targets are measured, and a server closes an idle keep-alive connection (uvicorn after
+    5 s) just as a request may be written on it. A fresh pool never reuses such a one.
+    """
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=60)  # a hung request is an error, not a hang
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+
 async def take_turns(senders: dict[str, Send], rounds: int, warmup: int = 50) -> Turns:
     """``rounds`` rounds of one request per target (first ``warmup`` rounds not kept); the
     order rotates each round, so no target always follows the same one."""
@@ -705,35 +717,34 @@ async def run_bench(args: argparse.Namespace) -> tuple[list[Result], Turns | Non
         for kind, reason in cluster.skipped.items():
             print(f"# {kind} skipped: {reason}", file=sys.stderr)
         targets = [t for t in targets if t not in cluster.skipped]
-        connector = aiohttp.TCPConnector(limit=0)
-        timeout = aiohttp.ClientTimeout(total=60)  # a hung request is an error, not a hang
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            for scenario in scenarios:
-                for target in targets:
-                    front = cluster.fronts.get(target)
-                    pid = front.pid if front else None
-                    send = make_sender(session, cluster, target, scenario)
-                    profiler = None
-                    if args.profile and pid is not None and target.startswith("pdgate"):
-                        args.profile.mkdir(parents=True, exist_ok=True)
-                        out = args.profile / f"{target}-{scenario.name}.txt"
-                        profiler = Profiler(pid, out, args.duration)
+        for scenario in scenarios:
+            for target in targets:
+                front = cluster.fronts.get(target)
+                pid = front.pid if front else None
+                profiler = None
+                if args.profile and pid is not None and target.startswith("pdgate"):
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    out = args.profile / f"{target}-{scenario.name}.txt"
+                    profiler = Profiler(pid, out, args.duration)
+                async with client_session() as session:
                     result = await measure(
-                        send, scenario, target, duration=args.duration, warmup=args.warmup,
-                        router_pid=pid, backend_pids=cluster.backend_pids, profiler=profiler,
+                        make_sender(session, cluster, target, scenario), scenario, target,
+                        duration=args.duration, warmup=args.warmup, router_pid=pid,
+                        backend_pids=cluster.backend_pids, profiler=profiler,
                     )  # fmt: skip
-                    if profiler is not None and profiler.path.exists():
-                        print(profile_summary(profiler.path), file=sys.stderr)
-                    results.append(result)
-                    print(row(result), file=sys.stderr, flush=True)
-                    for kind, count in result.error_kinds.items():
-                        print(f"#   {count} × {kind}", file=sys.stderr)
-            c1 = next((s for s in scenarios if s.name == "c1"), None)
-            if c1 is not None and args.turns and len(targets) > 1:
+                if profiler is not None and profiler.path.exists():
+                    print(profile_summary(profiler.path), file=sys.stderr)
+                results.append(result)
+                print(row(result), file=sys.stderr, flush=True)
+                for kind, count in result.error_kinds.items():
+                    print(f"#   {count} × {kind}", file=sys.stderr)
+        c1 = next((s for s in scenarios if s.name == "c1"), None)
+        if c1 is not None and args.turns and len(targets) > 1:
+            async with client_session() as session:
                 senders = {t: make_sender(session, cluster, t, c1) for t in targets}
                 turns = await take_turns(senders, args.turns)
-                for line in turns.report("direct-pd"):
-                    print(f"# {line}", file=sys.stderr, flush=True)
+            for line in turns.report("direct-pd"):
+                print(f"# {line}", file=sys.stderr, flush=True)
     return results, turns
 
 
