@@ -15,11 +15,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PDGATE_HEALTH_URL=http://127.0.0.1:8000/health
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
+# The pinned versions first (scripts/lock refreshes them), then pdgate itself on top.
+RUN pip install --no-cache-dir -r requirements.lock
 COPY gateway/ gateway/
 COPY backends/ backends/
 COPY config/ config/
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps . \
     && rm -rf /src \
     && useradd --system --uid 10001 --user-group --create-home --shell /usr/sbin/nologin pdgate
 

@@ -6,8 +6,10 @@ lifespan starts and closes it. Nothing here is a module-level singleton.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol
@@ -42,6 +44,20 @@ from gateway.state import InMemoryStateStore, StateStore
 from gateway.state_redis import RedisStateStore, redis_client
 from gateway.tokens import TokenCounter
 
+log = logging.getLogger("pdgate.service")
+
+# Each shutdown step gets this long; one that hangs (a wedged upstream, a Redis client that
+# swallows its cancellation) is abandoned with a warning so the process still exits.
+SHUTDOWN_STEP_S = 5.0
+
+
+async def _bounded(step: Awaitable[None], what: str, seconds: float = SHUTDOWN_STEP_S) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await step
+    except TimeoutError:
+        log.warning("shutdown: %s did not finish within %.1f s; abandoned", what, seconds)
+
 
 @dataclass
 class ServedModel:
@@ -73,12 +89,13 @@ class Gateway:
             self.health.start()
 
     async def close(self) -> None:
+        """Stop background work and release clients; every step is bounded in time."""
         if self.health is not None:
-            await self.health.close()
-        await self.auth.close()
-        await self.registry.close()
+            await _bounded(self.health.close(), "health checks")
+        await _bounded(self.auth.close(), "authenticator")
+        await _bounded(self.registry.close(), "workers and state store")
         if self.redis is not None:
-            await self.redis.aclose()
+            await _bounded(self.redis.aclose(), "Redis client")
 
     def unready_pools(self) -> list[str]:
         """Pools the serving modes need that have no available worker."""

@@ -91,6 +91,7 @@ class RedisStateStore:
         self.up = False
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- StateStore (synchronous, local view) ------------------------------------------------
 
@@ -125,17 +126,26 @@ class RedisStateStore:
     def status(self) -> StoreStatus:
         return StoreStatus(shared=True, up=self.up, failures=self.failures)
 
+    @property
+    def syncing(self) -> bool:
+        """Whether the background sync task is alive."""
+        return self._task is not None and not self._task.done()
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="state-sync")
 
     async def close(self) -> None:
+        """Stop syncing and withdraw this replica's counts; returns within ``4 · op_timeout_s``
+        plus one sync round, whatever Redis or its client does with the cancellation."""
+        self._closing = True
+        budget = self.op_timeout_s * 4
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=budget + self.sync_interval_s)
         try:  # leave nothing behind for the others to count
-            async with asyncio.timeout(self.op_timeout_s * 4):
+            async with asyncio.timeout(budget):
                 await self._client.delete(self._key("load", self.replica_id))
         except REDIS_DOWN:
             pass
@@ -143,7 +153,8 @@ class RedisStateStore:
     # -- sync ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        task = asyncio.current_task()
+        while not self._closing:
             try:
                 async with asyncio.timeout(self.op_timeout_s * 4):
                     await self._sync()
@@ -151,14 +162,21 @@ class RedisStateStore:
                     log.info("shared state: connected to Redis, sharing with other replicas")
                 self.up = True
             except REDIS_DOWN as exc:
-                self.failures += 1
-                if self.up or self.failures == 1:
-                    log.warning("shared state: Redis unavailable (%s); serving local state", exc)
-                self.up = False
-                if time.monotonic() - self._others_at > self.lease_s:
-                    self._others.clear()
-                    self._open_elsewhere.clear()
+                # redis-py may turn a cancellation that lands mid-command into a connection
+                # error; a task being cancelled must still stop, not retry as if Redis were down.
+                if self._closing or (task is not None and task.cancelling()):
+                    raise asyncio.CancelledError from exc
+                self._note_outage(exc)
             await asyncio.sleep(self.sync_interval_s)
+
+    def _note_outage(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.up or self.failures == 1:
+            log.warning("shared state: Redis unavailable (%s); serving local state", exc)
+        self.up = False
+        if time.monotonic() - self._others_at > self.lease_s:
+            self._others.clear()
+            self._open_elsewhere.clear()
 
     def _key(self, *parts: str) -> str:
         return ":".join((self._p, *parts))

@@ -127,3 +127,22 @@ async def test_redis_outage_falls_back_to_local_state_and_recovers(
     await until(lambda: a.load("m/decode-0").requests == 1)
     server.start()
     await until(lambda: a.status().up and a.load("m/decode-0").requests == 6)
+
+
+@pytest.mark.parametrize("interval", [0.0, SYNC])
+async def test_close_ends_the_sync_task_even_mid_command(
+    server: RedisServer, interval: float
+) -> None:
+    """A cancellation that lands inside a Redis command must end the loop, not look like an
+    outage to retry (redis-py 8 raises its own error there): close() returns, the task is done."""
+    client = redis_client(server.url, 0.05)
+    store = RedisStateStore(client, replica_id="gw-c", sync_interval_s=interval)
+    store.register_workers(["m/decode-0"])
+    await store.start()
+    await until(lambda: store.up)
+    for _ in range(5):  # land the cancellation at different points of the sync round
+        await asyncio.sleep(0.003)
+    async with asyncio.timeout(2.0):
+        await store.close()
+    assert not store.syncing
+    await client.aclose()
