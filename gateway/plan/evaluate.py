@@ -83,7 +83,8 @@ class PlanWorkload:
                 RequestSpec(r.prompt_tokens, r.output_tokens, t, r.block_hashes)
                 for r, t in zip(lines, times, strict=True)
             ]
-        assert self.isl is not None and self.osl is not None
+        assert self.isl is not None
+        assert self.osl is not None
         draws = random.Random(seed * 7919 + 1 + window)
         return [RequestSpec(self.isl.draw(draws), self.osl.draw(draws), t) for t in times]
 
@@ -111,7 +112,7 @@ def candidate_settings(candidate: Candidate, model: str, slos: Slos) -> Settings
     """The gateway config of ``candidate``: what ``pdgate serve --config`` would run."""
     pools = {p.role: _pool_config(p, candidate.link) for p in candidate.pools}
     slo = SloConfig(ttft_s=slos.limit("ttft", 2.0), tpot_s=slos.limit("tpot", 0.1))
-    served = ModelConfig(name=model, mode=candidate.mode, slo=slo, pools=pools)  # type: ignore[arg-type]
+    served = ModelConfig(name=model, mode=candidate.mode, slo=slo, pools=pools)
     return Settings(models=[served])
 
 
@@ -121,7 +122,7 @@ def _pool_config(pool: Pool, link: str | None) -> PoolConfig:
         device=i.device,
         count=i.count,
         tp=i.tp,
-        dtype=i.dtype,  # type: ignore[arg-type]
+        dtype=i.dtype,
         replicas=pool.replicas,
         engine=i.knobs,
     )
@@ -195,8 +196,8 @@ def judge(
     good = sum(1 for r in records if _meets_all(r, slos))
     attainment = good / len(records) if records else 0.0
     failed = sum(1 for r in records if r.error is not None)
-    meets = failed == 0 and all(v <= 1.0 for v in ratios.values()) and (
-        attainment >= slos.attainment
+    meets = (
+        failed == 0 and all(v <= 1.0 for v in ratios.values()) and (attainment >= slos.attainment)
     )
     binding = "errors" if failed else max(ratios, key=lambda k: ratios[k], default="-")
     tpot_mean = (metrics.get("tpot_s") or {}).get("mean")

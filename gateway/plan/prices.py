@@ -35,9 +35,7 @@ class PriceBook:
         self.prices = prices
 
     @classmethod
-    def load(
-        cls, path: Path | None = None, overrides: dict[str, float] | None = None
-    ) -> PriceBook:
+    def load(cls, path: Path | None = None, overrides: dict[str, float] | None = None) -> PriceBook:
         path = path or Path(str(resources.files("pdgate_config"))) / "prices.yaml"
         raw = yaml.safe_load(path.read_text()) or {}
         prices = {

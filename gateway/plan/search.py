@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -45,12 +45,23 @@ from gateway.plan.sizing import (
     prefill_time,
     size_pools,
 )
-from gateway.plan.space import MODES, Candidate, Instance, Pool, Space, link_between
+from gateway.plan.space import (
+    CHUNK_BUDGETS,
+    MAX_NUM_SEQS,
+    MODES,
+    TP_DEGREES,
+    Candidate,
+    Instance,
+    Pool,
+    Space,
+    link_between,
+)
 
 OBJECTIVES = ("cost", "energy", "devices")
 LOCAL_MAX_PROMPT = 512  # ConditionalConfig.local_max_prompt_tokens default
 BUMPS = 4  # instances added to a missing candidate before it is given up
 BISECT_STEPS = 4
+TRIMS = 2  # instances taken from a candidate that met as sized, while it still meets
 
 
 class PlanError(Exception):
@@ -79,6 +90,9 @@ class PlanRequest:
     progress: bool = False
     robustness: bool = True
     catalog_dir: str | None = None
+    tp_degrees: Sequence[int] = TP_DEGREES
+    max_num_seqs: Sequence[int] = MAX_NUM_SEQS
+    chunk_budgets: Sequence[int] = CHUNK_BUDGETS
 
 
 @dataclass
@@ -183,7 +197,17 @@ def screen(req: PlanRequest, catalog: Catalog, prices: PriceBook) -> tuple[list[
         tpot_pct=req.slos.pct("tpot"),
     )
     devices = list(req.devices) if req.devices else default_devices(catalog, prices, req.objective)
-    space = Space(catalog, req.model, devices, dtype=req.dtype, isl=demand.isl, osl=demand.osl)
+    space = Space(
+        catalog,
+        req.model,
+        devices,
+        dtype=req.dtype,
+        isl=demand.isl,
+        osl=demand.osl,
+        tp_degrees=req.tp_degrees,
+        max_num_seqs=req.max_num_seqs,
+        chunk_budgets=req.chunk_budgets,
+    )
     caps = _capacities(space, demand, targets)
     out: list[Screened] = []
     for c in caps if "aggregated" in req.modes else []:
@@ -204,7 +228,9 @@ def default_devices(catalog: Catalog, prices: PriceBook, objective: str) -> list
     return [d for d in sorted(catalog.devices) if prices.usd_per_hour(d) is not None]
 
 
-def _economics(c: Candidate, catalog: Catalog, prices: PriceBook) -> tuple[float | None, float | None]:
+def _economics(
+    c: Candidate, catalog: Catalog, prices: PriceBook
+) -> tuple[float | None, float | None]:
     usd = 0.0
     watts = 0.0
     usd_known = watts_known = True
@@ -327,6 +353,15 @@ def _bump(c: Candidate, binding: str) -> Candidate:
     return c.with_replicas(role, c.pool(role).replicas + 1)
 
 
+def _trim(c: Candidate) -> Candidate | None:
+    """One instance fewer in the largest pool that has more than one (None: none has)."""
+    pools = [p for p in c.pools if p.replicas > 1]
+    if not pools:
+        return None
+    pool = max(pools, key=lambda p: p.devices)
+    return c.with_replicas(pool.role, pool.replicas - 1)
+
+
 def evaluate(task: _Task) -> Evaluated:
     """Simulate one candidate: grow it until it meets the SLOs at the target rate (or the
     device cap), then bisect its highest rate under the SLOs."""
@@ -356,6 +391,16 @@ def evaluate(task: _Task) -> Evaluated:
         sims += 1
     if not out.meets:
         return Evaluated(cand, task.screened, out, 0.0, sims)
+    if sims == 1:  # met as the screen sized it: the screen may have sized it generously
+        for _ in range(TRIMS):
+            smaller = _trim(cand)
+            if smaller is None:
+                break
+            sims += 1
+            trial = run(smaller, task.rate)
+            if not trial.meets:
+                break
+            cand, out = smaller, trial
     lo, hi = task.rate, None
     probe = task.rate * 1.5
     for _ in range(2):  # find a rate it misses
@@ -451,14 +496,26 @@ def search(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     _check(req, catalog)
     screened, space = screen(req, catalog, prices)
     if not space.instances():
-        raise PlanError(f"no device can serve {req.model}: " + "; ".join(
-            f"{d}: {why}" for d, why in space.skipped.items()
-        ) if space.skipped else f"no devices to plan over for {req.model}")
+        raise PlanError(
+            f"no device can serve {req.model}: "
+            + "; ".join(f"{d}: {why}" for d, why in space.skipped.items())
+            if space.skipped
+            else f"no devices to plan over for {req.model}"
+        )
     osl = demand_of(req.workload, req.slos).osl
     short = shortlist(screened, req, osl)
     tasks = [
-        _Task(s, req.model, req.workload, req.slos, req.rate, req.requests, req.seed,
-              req.max_devices, req.catalog_dir)
+        _Task(
+            s,
+            req.model,
+            req.workload,
+            req.slos,
+            req.rate,
+            req.requests,
+            req.seed,
+            req.max_devices,
+            req.catalog_dir,
+        )
         for s in short
     ]
     evaluated = parallel_map(evaluate, tasks, req.jobs, req.ray_address, req.progress)
@@ -506,7 +563,14 @@ def _verdict(meeting: Sequence[Evaluated], req: PlanRequest, osl: float) -> str:
     if best.candidate.mode == "aggregated":
         if split is None:
             return "aggregated: no disaggregated plan met the SLOs"
-        more = score(split, req.objective, req.rate, osl) / score(best, req.objective, req.rate, osl)
+        more = score(split, req.objective, req.rate, osl) / score(
+            best, req.objective, req.rate, osl
+        )
+        if more < 1.005:
+            return (
+                f"aggregated: disaggregation does not pay here (the best {split.candidate.mode} "
+                f"plan needs as many {unit} and sustains less)"
+            )
         return (
             f"aggregated: disaggregation does not pay here (the best {split.candidate.mode} "
             f"plan needs {more - 1:.0%} more {unit})"
@@ -523,11 +587,16 @@ def infeasible_message(
     """Why nothing meets the SLOs: the binding target and the best that is reachable."""
     limits = {t.metric: t for t in req.slos.targets}
     if evaluated:
-        closest = min(evaluated, key=lambda e: max(
-            e.outcome.values[t.name] / t.limit_s for t in req.slos.targets
-        ))
+        closest = min(
+            evaluated,
+            key=lambda e: max(e.outcome.values[t.name] / t.limit_s for t in req.slos.targets),
+        )
         o = closest.outcome
-        t = next(t for t in req.slos.targets if t.name == o.binding) if o.binding in o.values else None
+        t = (
+            next(t for t in req.slos.targets if t.name == o.binding)
+            if o.binding in o.values
+            else None
+        )
         what = (
             f"{t.name} ≤ {t.limit_s:g} s: the closest plan reaches {o.values[t.name]:.3g} s"
             if t is not None
@@ -565,7 +634,9 @@ def infeasible_message(
             f"TPOT): even at batch 1 the fastest decode step takes {best.tpot_s:.3g} s "
             f"({best.candidate.label}); best reachable TPOT ≈ {best.tpot_s:.3g} s"
         )
-    return f"no plan meets the SLOs (binding: {binding}: the model does not fit the devices' memory)"
+    return (
+        f"no plan meets the SLOs (binding: {binding}: the model does not fit the devices' memory)"
+    )
 
 
 def _check_best(plan: Plan, req: PlanRequest) -> None:
@@ -583,7 +654,9 @@ def _check_best(plan: Plan, req: PlanRequest) -> None:
         if lost is not None:
             runs.append(("one instance lost", lost, req.rate, req.seed, 0))
     jobs = [
-        _Run(c, req.model, req.workload, req.slos, rate, req.requests, seed, window, req.catalog_dir)
+        _Run(
+            c, req.model, req.workload, req.slos, rate, req.requests, seed, window, req.catalog_dir
+        )
         for _, c, rate, seed, window in runs
     ]
     outs = parallel_map(_run, jobs, req.jobs, req.ray_address, False)
@@ -618,8 +691,13 @@ class _Run:
 
 def _run(r: _Run) -> Outcome:
     return run_candidate(
-        r.candidate, r.model, r.workload, r.slos, r.rate,
-        requests=r.requests, seed=r.seed, window=r.window, catalog_dir=r.catalog_dir,
+        r.candidate,
+        r.model,
+        r.workload,
+        r.slos,
+        r.rate,
+        requests=r.requests,
+        seed=r.seed,
+        window=r.window,
+        catalog_dir=r.catalog_dir,
     )
-
-

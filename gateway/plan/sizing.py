@@ -149,9 +149,7 @@ def colocated(
     return Capacity(lo, ttft, tpot, binding)
 
 
-def prefill_only(
-    dep: Deployment, demand: Demand, targets: Targets, share: float = 1.0
-) -> Capacity:
+def prefill_only(dep: Deployment, demand: Demand, targets: Targets, share: float = 1.0) -> Capacity:
     """Highest rate of requests one prefill instance takes while the TTFT target holds
     (``share`` of the requests reach it; conditional mode keeps the rest local)."""
     mu = prefill_rate(dep, demand.isl)

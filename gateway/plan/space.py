@@ -129,11 +129,17 @@ class Space:
         for seqs in self.max_num_seqs:
             for chunk in self.chunk_budgets:
                 knobs = EngineKnobs(max_num_seqs=seqs, max_num_batched_tokens=chunk)
-                sizes: Iterable[int | None] = (None,) if profile.sized_by_memory else self.tp_degrees
+                sizes: Iterable[int | None] = (
+                    (None,) if profile.sized_by_memory else self.tp_degrees
+                )
                 for tp in sizes:
                     try:
                         dep = self.catalog.deployment(
-                            device, self.model, dtype=self.dtype, tp=tp or 1, count=tp,
+                            device,
+                            self.model,
+                            dtype=self.dtype,
+                            tp=tp or 1,
+                            count=tp,
                             engine=knobs,
                         )
                     except CatalogError as exc:

@@ -1,0 +1,147 @@
+"""Plan search on spaces small enough to simulate every candidate."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from backends.catalog import Catalog
+from backends.sim.workload import parse_length
+from gateway.plan.evaluate import PlanWorkload, Slos, parse_slo, run_candidate
+from gateway.plan.prices import PriceBook
+from gateway.plan.search import PlanError, PlanRequest, parallel_map, search
+from gateway.plan.space import Candidate, Pool, Space
+
+MODEL = "llama-3.1-8b"
+
+
+def _request(**kw: object) -> PlanRequest:
+    base: dict[str, object] = dict(
+        model=MODEL,
+        workload=PlanWorkload(parse_length("1000"), parse_length("100")),
+        rate=12.0,
+        slos=Slos((parse_slo("ttft:p90=0.3"), parse_slo("tpot:p90=0.02")), 0.9),
+        devices=["h100-sxm"],
+        modes=["aggregated", "disaggregated"],
+        max_devices=4,
+        prices=PriceBook.load(),
+        requests=120,
+        tp_degrees=(1,),
+        max_num_seqs=(256,),
+        chunk_budgets=(8192,),
+        robustness=False,
+    )
+    base.update(kw)
+    return PlanRequest(**base)  # type: ignore[arg-type]
+
+
+def _every_candidate(req: PlanRequest) -> list[Candidate]:
+    space = Space(Catalog.load(), MODEL, req.devices or [], dtype=req.dtype,
+                  tp_degrees=req.tp_degrees, max_num_seqs=req.max_num_seqs,
+                  chunk_budgets=req.chunk_budgets)  # fmt: skip
+    out = []
+    for inst in space.instances():
+        for n in range(1, req.max_devices // inst.count + 1):
+            out.append(Candidate("aggregated", (Pool("aggregated", inst, n),)))
+        for p, d in itertools.product(range(1, req.max_devices), repeat=2):
+            if (p + d) * inst.count <= req.max_devices:
+                pools = (Pool("prefill", inst, p), Pool("decode", inst, d))
+                out.append(Candidate("disaggregated", pools, req.same_vendor_link))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_the_pick_is_the_cheapest_candidate_that_meets_the_slos() -> None:
+    req = _request(
+        jobs=2,
+        workload=PlanWorkload(parse_length("2000"), parse_length("150")),
+        rate=40.0,
+        slos=Slos((parse_slo("ttft:p90=0.25"), parse_slo("tpot:p90=0.012")), 0.9),
+        max_devices=5,
+        tp_degrees=(1, 2),
+    )
+    plan = search(req)
+    assert plan.best is not None, plan.infeasible
+    price = PriceBook.load().usd_per_hour("h100-sxm") or 0.0
+    meeting = [
+        c
+        for c in _every_candidate(req)
+        if run_candidate(
+            c, MODEL, req.workload, req.slos, req.rate, requests=req.requests, seed=req.seed
+        ).meets
+    ]
+    assert meeting, "the space must hold a plan that meets the SLOs"
+    assert len(meeting) < len(_every_candidate(req)), "some candidate must miss, or it is no test"
+    cheapest = min(c.devices for c in meeting) * price
+    assert plan.best.usd_per_hour == pytest.approx(cheapest)
+    assert plan.best.meets
+    assert plan.best.max_rate >= req.rate
+    # The plan's own run at the target rate is a run of the chosen candidate.
+    again = run_candidate(plan.best.candidate, MODEL, req.workload, req.slos, req.rate,
+                          requests=req.requests, seed=req.seed)  # fmt: skip
+    assert again.values == plan.best.outcome.values
+
+
+@pytest.mark.timeout(300)
+def test_replay_with_another_seed_meets_and_keeps_the_goodput() -> None:
+    plan = search(_request(requests=200, robustness=True))
+    assert plan.best is not None
+    assert plan.replay is not None
+    assert plan.replay.meets
+    assert plan.replay.goodput == pytest.approx(plan.best.outcome.goodput, rel=0.1)
+    assert set(plan.robustness) >= {"rate -25%", "rate +25%", "one instance lost"}
+    assert plan.robustness["rate -25%"].rate == pytest.approx(0.75 * 12.0)
+    assert plan.robustness["rate -25%"].meets
+
+
+@pytest.mark.timeout(120)
+def test_short_prompts_at_light_load_stay_aggregated() -> None:
+    req = _request(
+        workload=PlanWorkload(parse_length("64"), parse_length("64")),
+        rate=2.0,
+        slos=Slos((parse_slo("ttft:p90=1"), parse_slo("tpot:p90=0.05"))),
+    )
+    plan = search(req)
+    assert plan.best is not None
+    assert plan.best.candidate.mode == "aggregated"
+    assert plan.best.candidate.devices == 1
+    assert plan.verdict.startswith("aggregated")
+
+
+@pytest.mark.timeout(120)
+def test_an_unreachable_ttft_names_the_binding_constraint_and_the_best_reachable() -> None:
+    req = _request(slos=Slos((parse_slo("ttft:p90=0.001"), parse_slo("tpot:p90=0.05"))))
+    plan = search(req)
+    assert plan.best is None
+    assert plan.infeasible is not None
+    assert "TTFT" in plan.infeasible
+    assert "best reachable" in plan.infeasible
+    assert "ttft:p90 ≤ 0.001 s" in plan.infeasible
+
+
+@pytest.mark.timeout(120)
+def test_too_few_devices_for_the_rate_is_named() -> None:
+    plan = search(_request(rate=200.0, max_devices=2))
+    assert plan.best is None
+    assert plan.infeasible is not None
+    assert "--max-devices" in plan.infeasible
+
+
+def test_ray_absent_is_a_clear_error() -> None:
+    try:
+        import ray  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        with pytest.raises(PlanError, match="pip install"):
+            parallel_map(abs, [1, -2], 1, "127.0.0.1:6379", False)
+    else:
+        pytest.skip("ray is installed here")
+
+
+def test_bad_inputs_are_plan_errors() -> None:
+    with pytest.raises(PlanError, match="unknown model"):
+        search(_request(model="gpt-9"))
+    with pytest.raises(PlanError, match="mode"):
+        search(_request(modes=["sideways"]))
+    with pytest.raises(PlanError, match="--slo"):
+        search(_request(slos=Slos(())))
