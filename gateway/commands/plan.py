@@ -50,6 +50,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--attainment", type=float, default=0.9, help="share meeting every target")
     space = parser.add_argument_group("search space")
     space.add_argument("--devices", help="comma-separated devices (default: every priced one)")
+    space.add_argument(
+        "--decode-devices", default="", help="comma-separated devices allowed only to decode"
+    )
     space.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
     space.add_argument("--engine", default="default", help="engine profile (only 'default' yet)")
     space.add_argument("--objective", default="cost", choices=OBJECTIVES)
@@ -61,7 +64,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     space.add_argument("--cross-link", default="roce_200g", help="KV link across vendors")
     run = parser.add_argument_group("search")
     run.add_argument("--top", type=int, default=8, help="candidates to simulate")
-    run.add_argument("--requests", type=int, default=400, help="requests per simulation")
+    run.add_argument(
+        "--requests", type=int, help="requests per simulation (default: a minute's, 300-3,000)"
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     run.add_argument("--ray", metavar="ADDRESS", help="run the simulations on a Ray cluster")
@@ -99,6 +104,7 @@ def build(args: argparse.Namespace) -> PlanRequest:
         rate=rate,
         slos=Slos(tuple(parse_slo(s) for s in args.slo), args.attainment),
         devices=devices,
+        decode_only=[d for d in args.decode_devices.split(",") if d],
         modes=[m for m in args.modes.split(",") if m],
         dtype=args.dtype,
         objective=args.objective,

@@ -132,7 +132,19 @@ def table(plan: Plan, limit: int = 10) -> str:
             + f"{_num(r['joules_per_output_token'], '.2f'):>7}{r['headroom']:>9.2f}  {r['binding']}"
         )
         lines.append(f"{'':4}{r['pools']}" + (f" (KV over {r['kv_link']})" if r["kv_link"] else ""))
+    unpriced = sorted(
+        {
+            p.instance.device
+            for s in plan.screened
+            if s.usd_per_hour is None
+            for p in s.candidate.pools
+        }
+        - set(plan.request.prices.priced() if plan.request.prices else [])
+    )
     lines.append("")
+    if unpriced and req.objective == "cost":
+        names = ", ".join(unpriced)
+        lines.append(f"unpriced (left out of the cost ranking; give --price DEVICE=USD): {names}")
     lines.append(f"verdict: {plan.verdict}")
     if plan.infeasible:
         lines.append(f"infeasible: {plan.infeasible}")

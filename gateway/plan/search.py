@@ -75,13 +75,14 @@ class PlanRequest:
     rate: float
     slos: Slos
     devices: Sequence[str] | None = None  # None: every device with a price (all for energy)
+    decode_only: Sequence[str] = ()  # devices allowed only in decode pools (e.g. an LPU)
     modes: Sequence[str] = MODES
     dtype: str = "fp8"
     objective: str = "cost"
     max_devices: int = 64
     prices: PriceBook | None = None
     top: int = 8
-    requests: int = 400
+    requests: int | None = None  # per simulation; None: a minute of arrivals (300 to 3,000)
     seed: int = 0
     jobs: int = 1
     ray_address: str | None = None
@@ -197,6 +198,7 @@ def screen(req: PlanRequest, catalog: Catalog, prices: PriceBook) -> tuple[list[
         tpot_pct=req.slos.pct("tpot"),
     )
     devices = list(req.devices) if req.devices else default_devices(catalog, prices, req.objective)
+    devices += [d for d in req.decode_only if d not in devices]
     space = Space(
         catalog,
         req.model,
@@ -209,13 +211,14 @@ def screen(req: PlanRequest, catalog: Catalog, prices: PriceBook) -> tuple[list[
         chunk_budgets=req.chunk_budgets,
     )
     caps = _capacities(space, demand, targets)
+    both = [c for c in caps if c.instance.device not in req.decode_only]
     out: list[Screened] = []
-    for c in caps if "aggregated" in req.modes else []:
+    for c in both if "aggregated" in req.modes else []:
         out.append(_aggregated(c, req, catalog, prices))
     for mode in ("disaggregated", "conditional"):
         if mode not in req.modes:
             continue
-        for p in caps:
+        for p in both:
             for d in caps:
                 out.append(_split(mode, p, d, req, catalog, prices, space, demand))
     return out, space
@@ -318,6 +321,10 @@ def shortlist(screened: Sequence[Screened], req: PlanRequest, osl: float) -> lis
     mixed = next((s for s in ok if s.candidate.heterogeneous), None)
     if mixed is not None:
         picked.setdefault(_shape(mixed.candidate), mixed)
+    for device in req.decode_only:  # asked for by name: show its best plan
+        best = next((s for s in ok if s.candidate.pools[-1].instance.device == device), None)
+        if best is not None:
+            picked.setdefault(_shape(best.candidate), best)
     return list(picked.values())
 
 
@@ -503,6 +510,7 @@ def search(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
             else f"no devices to plan over for {req.model}"
         )
     osl = demand_of(req.workload, req.slos).osl
+    req = replace(req, requests=req.requests or requests_for(req.rate))
     short = shortlist(screened, req, osl)
     tasks = [
         _Task(
@@ -511,7 +519,7 @@ def search(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
             req.workload,
             req.slos,
             req.rate,
-            req.requests,
+            req.requests or requests_for(req.rate),
             req.seed,
             req.max_devices,
             req.catalog_dir,
@@ -535,10 +543,16 @@ def search(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     return plan
 
 
+def requests_for(rate: float) -> int:
+    """Requests per simulation: a minute of arrivals at the target rate, so a decode batch
+    fills several times over (it fills in about ``osl · TPOT``, seconds), within 300-3,000."""
+    return max(300, min(3000, round(rate * 60)))
+
+
 def _check(req: PlanRequest, catalog: Catalog) -> None:
     try:
         catalog.model(req.model)
-        for d in req.devices or ():
+        for d in [*(req.devices or ()), *req.decode_only]:
             catalog.device(d)
     except CatalogError as exc:
         raise PlanError(str(exc)) from None
@@ -655,7 +669,15 @@ def _check_best(plan: Plan, req: PlanRequest) -> None:
             runs.append(("one instance lost", lost, req.rate, req.seed, 0))
     jobs = [
         _Run(
-            c, req.model, req.workload, req.slos, rate, req.requests, seed, window, req.catalog_dir
+            c,
+            req.model,
+            req.workload,
+            req.slos,
+            rate,
+            req.requests or requests_for(req.rate),
+            seed,
+            window,
+            req.catalog_dir,
         )
         for _, c, rate, seed, window in runs
     ]
