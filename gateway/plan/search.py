@@ -463,7 +463,7 @@ def _ray_map(fn: Callable[[T], R], items: Sequence[T], address: str, bar: Any) -
         import ray  # type: ignore[import-not-found]  # optional: pip install ray
     except ImportError:
         raise PlanError(
-            "--ray needs the Ray package on this machine and the cluster: pip install 'ray'"
+            "--ray needs the Ray package here and on the cluster: pip install 'pdgate[ray]'"
         ) from None
     ray.init(address=address, ignore_reinit_error=True)
     remote = ray.remote(fn)

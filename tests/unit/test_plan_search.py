@@ -145,3 +145,50 @@ def test_bad_inputs_are_plan_errors() -> None:
         search(_request(modes=["sideways"]))
     with pytest.raises(PlanError, match="--slo"):
         search(_request(slos=Slos(())))
+
+
+def test_a_trace_replays_another_window_at_the_planned_rate() -> None:
+    from pathlib import Path
+
+    from backends.sim.workload import load_trace
+
+    trace = load_trace(
+        Path(__file__).resolve().parents[2] / "loadtests/traces/mooncake_sample.jsonl"
+    )
+    w = PlanWorkload(trace=trace)
+    first, again, other = w.requests(2.0, 50, 0), w.requests(2.0, 50, 0), w.requests(2.0, 50, 1, 1)
+    assert first == again
+    assert [r.prompt_tokens for r in first] == [r.prompt_tokens for r in trace[:50]]
+    assert [r.prompt_tokens for r in other] == [r.prompt_tokens for r in trace[50:100]]
+    arrivals = [r.arrival_s for r in first]
+    assert arrivals == sorted(arrivals)
+    assert 50 / (arrivals[-1] or 1) == pytest.approx(2.0, rel=0.4)  # Poisson at the rate
+
+
+def test_the_documented_space_holds_hundreds_of_candidates() -> None:
+    """docs/plan.md's search: four GPUs for any pool, the LPU for decode, three modes."""
+    from gateway.plan.search import screen
+
+    req = _request(
+        model="llama-3.1-70b",
+        workload=PlanWorkload(
+            parse_length("lognormal:1000,600"), parse_length("lognormal:250,150")
+        ),
+        rate=20.0,
+        devices=["h100-sxm", "h200-sxm", "b200", "mi300x"],
+        decode_only=["groq-lpu-v1"],
+        modes=["aggregated", "disaggregated", "conditional"],
+        tp_degrees=(1, 2, 4, 8),
+        max_num_seqs=(64, 256),
+        chunk_budgets=(2048, 8192),
+    )
+    screened, _ = screen(req, Catalog.load(), PriceBook.load())
+    assert len(screened) >= 500
+    assert {s.candidate.mode for s in screened} == {"aggregated", "disaggregated", "conditional"}
+    lpu = [
+        s for s in screened if any(p.instance.device == "groq-lpu-v1" for p in s.candidate.pools)
+    ]
+    assert lpu
+    assert all(s.candidate.pools[-1].instance.device == "groq-lpu-v1" for s in lpu)  # decode only
+    assert any(s.candidate.heterogeneous and s.candidate.link == "roce_200g" for s in screened)
+    assert all(s.usd_per_hour is None for s in lpu)  # unpriced without --price
