@@ -143,8 +143,8 @@ def table(plan: Plan, limit: int = 10) -> str:
     )
     lines.append("")
     if unpriced and req.objective == "cost":
-        names = ", ".join(unpriced)
-        lines.append(f"unpriced (left out of the cost ranking; give --price DEVICE=USD): {names}")
+        listed = ", ".join(unpriced)
+        lines.append(f"unpriced (left out of the cost ranking; give --price DEVICE=USD): {listed}")
     lines.append(f"verdict: {plan.verdict}")
     if plan.infeasible:
         lines.append(f"infeasible: {plan.infeasible}")
