@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 
-from backends.catalog import Catalog
-from backends.sim.workload import parse_length
-from gateway.plan.evaluate import PlanWorkload, Slos, parse_slo, run_candidate
-from gateway.plan.prices import PriceBook
-from gateway.plan.search import PlanError, PlanRequest, parallel_map, search
-from gateway.plan.space import Candidate, Pool, Space
+from backends.emulator.catalog import Catalog
+from gateway.sim.plan.evaluate import PlanWorkload, Slos, parse_slo, run_candidate
+from gateway.sim.plan.prices import PriceBook
+from gateway.sim.plan.search import PlanError, PlanRequest, parallel_map, search
+from gateway.sim.plan.space import Candidate, Pool, Space
+from gateway.sim.workload import parse_length
 
 MODEL = "llama-3.1-8b"
 
@@ -150,7 +150,7 @@ def test_bad_inputs_are_plan_errors() -> None:
 def test_a_trace_replays_another_window_at_the_planned_rate() -> None:
     from pathlib import Path
 
-    from backends.sim.workload import load_trace
+    from gateway.sim.workload import load_trace
 
     trace = load_trace(
         Path(__file__).resolve().parents[2] / "loadtests/traces/mooncake_sample.jsonl"
@@ -167,7 +167,7 @@ def test_a_trace_replays_another_window_at_the_planned_rate() -> None:
 
 def test_the_documented_space_holds_hundreds_of_candidates() -> None:
     """docs/plan.md's search: four GPUs for any pool, the LPU for decode, three modes."""
-    from gateway.plan.search import screen
+    from gateway.sim.plan.search import screen
 
     req = _request(
         model="llama-3.1-70b",

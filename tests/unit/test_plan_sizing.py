@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from backends.catalog import Catalog
-from gateway.plan.evaluate import parse_slo
-from gateway.plan.prices import PriceBook, parse_price
-from gateway.plan.sizing import (
+from backends.emulator.catalog import Catalog
+from gateway.sim.plan.evaluate import parse_slo
+from gateway.sim.plan.prices import PriceBook, parse_price
+from gateway.sim.plan.sizing import (
     Demand,
     Targets,
     colocated,

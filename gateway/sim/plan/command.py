@@ -4,7 +4,7 @@
         --rate 10 --slo ttft:p90=1.0 --slo tpot:p90=0.05 --attainment 0.9 \\
         --devices h100-sxm,h200-sxm,b200,mi300x --plot plan.png --write-config plan.yaml
 
-See :mod:`gateway.plan.search` for how the search works.
+See :mod:`gateway.sim.plan.search` for how the search works.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import os
 import sys
 from pathlib import Path
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from backends.errors import CatalogError
-from backends.sim.workload import RequestSpec, WorkloadError, load_trace
-from gateway.commands.simulate import _length
-from gateway.plan.evaluate import PlanWorkload, Slos, parse_slo
-from gateway.plan.output import as_csv, as_json, plot, table, write_config
-from gateway.plan.prices import PriceBook, parse_price
-from gateway.plan.search import OBJECTIVES, PlanError, PlanRequest, search
-from gateway.plan.space import MODES
+from gateway.sim.plan.evaluate import PlanWorkload, Slos, parse_slo
+from gateway.sim.plan.output import as_csv, as_json, plot, table, write_config
+from gateway.sim.plan.prices import PriceBook, parse_price
+from gateway.sim.plan.search import OBJECTIVES, PlanError, PlanRequest, search
+from gateway.sim.plan.space import MODES
+from gateway.sim.simulate import _length
+from gateway.sim.workload import RequestSpec, WorkloadError, load_trace
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

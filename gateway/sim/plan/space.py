@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from backends.catalog import Catalog, Deployment, EngineKnobs
+from backends.emulator.catalog import Catalog, Deployment, EngineKnobs
 from backends.errors import CatalogError
 
 TP_DEGREES = (1, 2, 4, 8)

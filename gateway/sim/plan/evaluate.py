@@ -1,7 +1,7 @@
 """One candidate simulated in virtual time and judged against the SLOs.
 
 A candidate becomes the gateway config a user would write (:func:`candidate_settings`), runs
-through :func:`gateway.sim.simulate` — the production dispatch, policies and engines — under
+through :func:`gateway.sim.run.simulate` — the production dispatch, policies and engines — under
 the workload at a given rate, and is judged as DistServe and Vidur judge a deployment: every
 latency target at its percentile, and the share of requests that meet all targets at once
 (attainment) at or above the floor. A failed request misses every target.
@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.catalog import Catalog
-from backends.sim.workload import Length, RequestSpec, poisson_arrivals
-from gateway.plan.space import Candidate, Pool
+from backends.emulator.catalog import Catalog
 from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings, SloConfig
-from gateway.sim import RequestRecord, SimulationSpec, Slo, simulate
+from gateway.sim.plan.space import Candidate, Pool
+from gateway.sim.run import RequestRecord, SimulationSpec, Slo, simulate
+from gateway.sim.workload import Length, RequestSpec, poisson_arrivals
 
 METRICS = ("ttft", "tpot", "e2e")
 

@@ -7,5 +7,6 @@
 * :mod:`.evaluate` — one candidate simulated in virtual time, judged against the SLOs;
 * :mod:`.search` — analytic screen, then simulation and bisection of the best candidates
   (Vidur-Search), over a process pool or a Ray cluster; replay and robustness;
-* :mod:`.output` — table, JSON, CSV, the Pareto plot and the gateway config of a plan.
+* :mod:`.output` — table, JSON, CSV, the Pareto plot and the gateway config of a plan;
+* :mod:`.command` — the `pdgate plan` command line.
 """

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from gateway.plan.evaluate import Outcome, candidate_settings
-from gateway.plan.search import Evaluated, Plan, Screened, demand_of
+from gateway.sim.plan.evaluate import Outcome, candidate_settings
+from gateway.sim.plan.search import Evaluated, Plan, Screened, demand_of
 
 MODE_COLOURS = {"aggregated": "tab:blue", "disaggregated": "tab:orange", "conditional": "tab:green"}
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from backends.catalog import Deployment
-from backends.timing import Link, StepShape, kv_transfer_time
+from backends.emulator.catalog import Deployment
+from backends.emulator.timing import Link, StepShape, kv_transfer_time
 
 
 @dataclass(frozen=True)

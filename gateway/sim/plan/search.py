@@ -1,8 +1,8 @@
 """The search: screen every candidate analytically, simulate the most promising, keep the
 cheapest that meets the SLOs.
 
-1. **Screen.** For every instance layout the catalog allows (:class:`~gateway.plan.space.Space`)
-   :mod:`~gateway.plan.sizing` predicts what one instance sustains as an aggregated instance,
+1. **Screen.** For every instance layout the catalog allows (:class:`~gateway.sim.plan.space.Space`)
+   :mod:`~gateway.sim.plan.sizing` predicts what one instance sustains as an aggregated instance,
    a prefill instance, a decode instance and a conditional decode instance. Every mode × pool
    pairing (prefill on one device, decode on another: heterogeneous pools, the KV link between
    them) is then sized for the target rate by rate matching and scored by the objective.
@@ -31,11 +31,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from backends.errors import CatalogError
-from gateway.plan.evaluate import Outcome, PlanWorkload, Slos, run_candidate
-from gateway.plan.prices import PriceBook
-from gateway.plan.sizing import (
+from gateway.sim.plan.evaluate import Outcome, PlanWorkload, Slos, run_candidate
+from gateway.sim.plan.prices import PriceBook
+from gateway.sim.plan.sizing import (
     Capacity,
     Demand,
     Targets,
@@ -45,7 +45,7 @@ from gateway.plan.sizing import (
     prefill_time,
     size_pools,
 )
-from gateway.plan.space import (
+from gateway.sim.plan.space import (
     CHUNK_BUDGETS,
     MAX_NUM_SEQS,
     MODES,
