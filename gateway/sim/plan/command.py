@@ -23,7 +23,7 @@ from gateway.sim.plan.prices import PriceBook, parse_price
 from gateway.sim.plan.search import OBJECTIVES, PlanError, PlanRequest, search
 from gateway.sim.plan.space import MODES
 from gateway.sim.simulate import _length
-from gateway.sim.workload import RequestSpec, WorkloadError, load_trace
+from gateway.sim.workload import WorkloadError, load_trace
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--osl-dist", help="as --isl-dist")
     work.add_argument("--trace", type=Path, help="Mooncake-format JSONL trace (its lengths)")
     work.add_argument(
-        "--rate", type=float, help="requests/s to sustain (default with --trace: the trace's)"
+        "--rate",
+        type=float,
+        help="requests/s to sustain (a trace's arrivals are time-scaled to it; default: its own)",
     )
     slo = parser.add_argument_group("service levels")
     slo.add_argument(
@@ -93,7 +95,9 @@ def build(args: argparse.Namespace) -> PlanRequest:
     )
     if trace is None and (workload.isl is None or workload.osl is None):
         raise WorkloadError("give --isl/--isl-dist and --osl/--osl-dist, or --trace")
-    rate = args.rate if args.rate is not None else _trace_rate(trace)
+    rate = args.rate if args.rate is not None else workload.trace_rate()
+    if rate is None:
+        raise WorkloadError("give --rate: the trace has no arrival times to take a rate from")
     prices = PriceBook.load(overrides=dict(parse_price(p) for p in args.price))
     for device in prices.prices:
         catalog.device(device)
@@ -120,15 +124,6 @@ def build(args: argparse.Namespace) -> PlanRequest:
         progress=not args.no_progress,
         robustness=not args.no_robustness,
     )
-
-
-def _trace_rate(trace: list[RequestSpec] | None) -> float:
-    if not trace:
-        raise WorkloadError("give --rate (requests per second to sustain)")
-    times: list[float] = [r.arrival_s for r in trace if r.arrival_s is not None]
-    if len(times) < 2 or max(times) <= min(times):
-        raise WorkloadError("the trace has no arrival times to take a rate from: give --rate")
-    return (len(times) - 1) / (max(times) - min(times))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -67,17 +67,49 @@ class Slos:
 
 @dataclass
 class PlanWorkload:
-    """Request lengths (distributions, or a trace's lines) sent as Poisson arrivals at a
-    rate. ``window`` picks another stretch of the trace (or other length draws)."""
+    """Request lengths (distributions, or a trace's lines) and their arrivals at a rate.
+
+    Synthetic lengths arrive as a Poisson process. A trace with timestamps keeps its own
+    arrival pattern (bursts included), time-scaled so its mean rate is the rate asked for; a
+    trace without them arrives as Poisson. ``window`` picks another stretch of the trace (or
+    other length draws); a trace shorter than the run repeats, one mean gap after its end.
+    """
 
     isl: Length | None = None
     osl: Length | None = None
     trace: Sequence[RequestSpec] | None = None
 
+    def trace_rate(self) -> float | None:
+        """The trace's own mean arrival rate (None: no usable timestamps)."""
+        times = [r.arrival_s for r in self.trace or ()]
+        if len(times) < 2 or any(t is None for t in times):
+            return None
+        ts = [t for t in times if t is not None]
+        if ts != sorted(ts) or ts[-1] <= ts[0]:
+            return None
+        return (len(ts) - 1) / (ts[-1] - ts[0])
+
+    def _trace_times(self, rate: float, start: int, count: int) -> list[float] | None:
+        own = self.trace_rate()
+        if own is None or self.trace is None:
+            return None
+        n = len(self.trace)
+        first = self.trace[0].arrival_s or 0.0
+        period = (self.trace[-1].arrival_s or 0.0) - first + 1.0 / own
+        scale = own / rate
+        times = []
+        for i in range(start, start + count):
+            k, j = divmod(i, n)
+            times.append((k * period + (self.trace[j].arrival_s or 0.0) - first) * scale)
+        return [t - times[0] for t in times]
+
     def requests(self, rate: float, count: int, seed: int, window: int = 0) -> list[RequestSpec]:
         times = poisson_arrivals(rate, count, random.Random(seed))
         if self.trace is not None:
-            start = window * count
+            # Another window starts ``count`` lines on, or half the trace on when the trace
+            # is shorter than two runs (``count`` lines on would wrap to the same lines).
+            start = window * min(count, len(self.trace) // 2)
+            times = self._trace_times(rate, start, count) or times
             lines = [self.trace[(start + i) % len(self.trace)] for i in range(count)]
             return [
                 RequestSpec(r.prompt_tokens, r.output_tokens, t, r.block_hashes)
