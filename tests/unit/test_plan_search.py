@@ -93,6 +93,10 @@ def test_replay_with_another_seed_meets_and_keeps_the_goodput() -> None:
     assert set(plan.robustness) >= {"rate -25%", "rate +25%", "one instance lost"}
     assert plan.robustness["rate -25%"].rate == pytest.approx(0.75 * 12.0)
     assert plan.robustness["rate -25%"].meets
+    for e in plan.evaluated:  # every plan that met the SLOs, not only the pick
+        if e.meets:
+            assert set(e.robustness) == {"rate -25%", "rate +25%", "one instance lost"}
+            assert e.robustness["rate +25%"].rate == pytest.approx(1.25 * 12.0)
 
 
 @pytest.mark.timeout(120)

@@ -47,6 +47,7 @@ def row(plan: Plan, e: Evaluated) -> dict[str, Any]:
         "binding": o.binding,
         "tokens_per_s_per_user": o.tokens_per_s_per_user,
         "simulations": e.sims,
+        **{f"goodput {k}": v.goodput for k, v in e.robustness.items()},
     }
 
 
@@ -76,7 +77,7 @@ def as_json(plan: Plan) -> dict[str, Any]:
         "infeasible": plan.infeasible,
         "candidates_screened": len(plan.screened),
         "candidates_simulated": len(plan.evaluated),
-        "simulations": sum(e.sims for e in plan.evaluated),
+        "simulations": sum(e.sims for e in plan.evaluated) + plan.check_runs,
         "wall_s": plan.wall_s,
         "plans": [_clean(row(plan, e)) for e in plan.evaluated],
         "replay": _clean(_outcome(plan.replay)) if plan.replay else None,
@@ -104,20 +105,31 @@ def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None or not math.isfinite(v) else format(v, fmt)
 
 
+ROBUSTNESS = ("rate -25%", "rate +25%", "one instance lost")
+
+
+def _share(e: Evaluated, name: str) -> str:
+    """Goodput in a robustness run as a share of the requests offered ('-' when not run)."""
+    o = e.robustness.get(name)
+    return "-" if o is None else f"{o.attainment:.0%}"
+
+
 def table(plan: Plan, limit: int = 10) -> str:
     req = plan.request
     names = [t.name for t in req.slos.targets]
     head = (
         f"{'':2}{'mode':14}{'devices':>8}{'sustained':>10}"
         + "".join(f"{n:>11}" for n in names)
-        + f"{'attain':>7}{'$/h':>9}{'$/Mtok':>8}{'J/tok':>7}{'headroom':>9}  binding"
+        + f"{'attain':>7}{'$/h':>9}{'$/Mtok':>8}{'J/tok':>7}{'headroom':>9}"
+        + f"{'-25%':>6}{'+25%':>6}{'lost':>6}  binding"
     )
     lines = [
         f"pdgate plan: {req.model} at {req.rate:g} req/s, "
         + ", ".join(f"{t.name} ≤ {t.limit_s:g} s" for t in req.slos.targets)
         + f", attainment ≥ {req.slos.attainment:.0%}; objective {req.objective}",
         f"{len(plan.screened)} candidates screened, {len(plan.evaluated)} simulated "
-        f"({sum(e.sims for e in plan.evaluated)} runs) in {plan.wall_s:.1f} s",
+        f"({sum(e.sims for e in plan.evaluated)} runs, {plan.check_runs} checks) in "
+        f"{plan.wall_s:.1f} s",
         "",
         head,
     ]
@@ -129,7 +141,9 @@ def table(plan: Plan, limit: int = 10) -> str:
             + "".join(f"{_num(r[n], '.3g'):>11}" for n in names)
             + f"{r['attainment']:>7.0%}{_num(r['usd_per_hour'], '.2f'):>9}"
             + f"{_num(r['usd_per_million_output_tokens'], '.2f'):>8}"
-            + f"{_num(r['joules_per_output_token'], '.2f'):>7}{r['headroom']:>9.2f}  {r['binding']}"
+            + f"{_num(r['joules_per_output_token'], '.2f'):>7}{r['headroom']:>9.2f}"
+            + "".join(f"{_share(e, k):>6}" for k in ROBUSTNESS)
+            + f"  {r['binding']}"
         )
         lines.append(f"{'':4}{r['pools']}" + (f" (KV over {r['kv_link']})" if r["kv_link"] else ""))
     unpriced = sorted(
@@ -142,6 +156,11 @@ def table(plan: Plan, limit: int = 10) -> str:
         - set(plan.request.prices.priced() if plan.request.prices else [])
     )
     lines.append("")
+    if req.robustness:
+        lines.append(
+            "-25% / +25% / lost: share of requests meeting every target at 0.75× and 1.25× the "
+            "rate, and with one instance of the largest pool lost"
+        )
     if unpriced and req.objective == "cost":
         listed = ", ".join(unpriced)
         lines.append(f"unpriced (left out of the cost ranking; give --price DEVICE=USD): {listed}")

@@ -120,6 +120,7 @@ class Evaluated:
     sims: int
     usd_per_hour: float | None = None
     watts: float | None = None
+    robustness: dict[str, Outcome] = field(default_factory=dict)  # rate ±25 %, one lost
 
     @property
     def meets(self) -> bool:
@@ -138,6 +139,7 @@ class Plan:
     robustness: dict[str, Outcome] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
+    check_runs: int = 0  # replay and robustness simulations
 
 
 # -- screen ------------------------------------------------------------------------------------
@@ -654,40 +656,38 @@ def infeasible_message(
 
 
 def _check_best(plan: Plan, req: PlanRequest) -> None:
-    """Replay the chosen plan with another seed and window; its goodput at rate ±25 % and
-    with one instance lost."""
+    """Replay the chosen plan with another seed and window; every plan that met the SLOs at
+    rate ±25 % and with one instance lost (its goodput in each)."""
     best = plan.best
     assert best is not None
-    runs: list[tuple[str, Candidate, float, int, int]] = [
-        ("replay", best.candidate, req.rate, req.seed + 1, 1)
+    requests = req.requests or requests_for(req.rate)
+    runs: list[tuple[Evaluated, str, Candidate, float, int, int]] = [
+        (best, "replay", best.candidate, req.rate, req.seed + 1, 1)
     ]
-    if req.robustness:
-        runs.append(("rate -25%", best.candidate, req.rate * 0.75, req.seed, 0))
-        runs.append(("rate +25%", best.candidate, req.rate * 1.25, req.seed, 0))
-        lost = _one_lost(best.candidate)
+    for e in plan.evaluated if req.robustness else []:
+        if not e.meets:
+            continue
+        runs.append((e, "rate -25%", e.candidate, req.rate * 0.75, req.seed, 0))
+        runs.append((e, "rate +25%", e.candidate, req.rate * 1.25, req.seed, 0))
+        lost = _one_lost(e.candidate)
         if lost is not None:
-            runs.append(("one instance lost", lost, req.rate, req.seed, 0))
+            runs.append((e, "one instance lost", lost, req.rate, req.seed, 0))
     jobs = [
-        _Run(
-            c,
-            req.model,
-            req.workload,
-            req.slos,
-            rate,
-            req.requests or requests_for(req.rate),
-            seed,
-            window,
-            req.catalog_dir,
-        )
-        for _, c, rate, seed, window in runs
+        _Run(c, req.model, req.workload, req.slos, rate, requests, seed, window, req.catalog_dir)
+        for _, _, c, rate, seed, window in runs
     ]
-    outs = parallel_map(_run, jobs, req.jobs, req.ray_address, False)
+    outs = parallel_map(_run, jobs, req.jobs, req.ray_address, req.progress)
+    plan.check_runs = len(outs)
     plan.replay = outs[0]
-    plan.robustness = {name: o for (name, *_), o in zip(runs[1:], outs[1:], strict=True)}
-    if req.robustness and _one_lost(best.candidate) is None:
-        plan.robustness["one instance lost"] = replace(
-            outs[0], meets=False, goodput=0.0, binding="a pool of one instance: no spare"
-        )
+    for (e, name, *_), o in zip(runs[1:], outs[1:], strict=True):
+        e.robustness[name] = o
+    for e in plan.evaluated if req.robustness else []:
+        if e.meets and "one instance lost" not in e.robustness:
+            e.robustness["one instance lost"] = replace(
+                e.outcome, meets=False, goodput=0.0, attainment=0.0,
+                binding="a pool of one instance: no spare",
+            )  # fmt: skip
+    plan.robustness = best.robustness
 
 
 def _one_lost(c: Candidate) -> Candidate | None:
