@@ -20,7 +20,9 @@ import time
 from backends.emulator.catalog import Catalog
 from gateway.sim.plan.evaluate import PlanWorkload, Slos, parse_slo
 from gateway.sim.plan.prices import PriceBook
-from gateway.sim.plan.search import PlanRequest, screen, search
+from gateway.sim.plan.request import PlanRequest
+from gateway.sim.plan.screen import screen
+from gateway.sim.plan.search import search
 from gateway.sim.workload import parse_length
 
 

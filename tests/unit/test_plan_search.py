@@ -8,8 +8,10 @@ import pytest
 
 from backends.emulator.catalog import Catalog
 from gateway.sim.plan.evaluate import PlanWorkload, Slos, parse_slo, run_candidate
+from gateway.sim.plan.parallel import parallel_map
 from gateway.sim.plan.prices import PriceBook
-from gateway.sim.plan.search import PlanError, PlanRequest, parallel_map, search
+from gateway.sim.plan.request import PlanError, PlanRequest
+from gateway.sim.plan.search import search
 from gateway.sim.plan.space import Candidate, Pool, Space
 from gateway.sim.workload import parse_length
 
@@ -180,7 +182,7 @@ def test_a_trace_replays_another_window_at_the_planned_rate() -> None:
 
 def test_the_documented_space_holds_hundreds_of_candidates() -> None:
     """docs/plan.md's search: four GPUs for any pool, the LPU for decode, three modes."""
-    from gateway.sim.plan.search import screen
+    from gateway.sim.plan.screen import screen
 
     req = _request(
         model="llama-3.1-70b",

@@ -20,7 +20,8 @@ from backends.errors import CatalogError
 from gateway.sim.plan.evaluate import PlanWorkload, Slos, parse_slo
 from gateway.sim.plan.output import as_csv, as_json, plot, table, write_config
 from gateway.sim.plan.prices import PriceBook, parse_price
-from gateway.sim.plan.search import OBJECTIVES, PlanError, PlanRequest, search
+from gateway.sim.plan.request import OBJECTIVES, PlanError, PlanRequest
+from gateway.sim.plan.search import search
 from gateway.sim.plan.space import MODES
 from gateway.sim.simulate import _length
 from gateway.sim.workload import WorkloadError, load_trace

@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 
 from gateway.sim.plan.evaluate import Outcome, candidate_settings
-from gateway.sim.plan.search import Evaluated, Plan, Screened, demand_of
+from gateway.sim.plan.screen import Screened, demand_of
+from gateway.sim.plan.search import Evaluated, Plan
 
 MODE_COLOURS = {"aggregated": "tab:blue", "disaggregated": "tab:orange", "conditional": "tab:green"}
 

@@ -1,112 +1,46 @@
 """The search: screen every candidate analytically, simulate the most promising, keep the
 cheapest that meets the SLOs.
 
-1. **Screen.** For every instance layout the catalog allows (:class:`~gateway.sim.plan.space.Space`)
-   :mod:`~gateway.sim.plan.sizing` predicts what one instance sustains as an aggregated instance,
-   a prefill instance, a decode instance and a conditional decode instance. Every mode × pool
-   pairing (prefill on one device, decode on another: heterogeneous pools, the KV link between
-   them) is then sized for the target rate by rate matching and scored by the objective.
+1. **Screen** (:mod:`.screen`). For every instance layout the catalog allows, the sizing
+   predicts what one instance sustains as an aggregated instance, a prefill instance, a decode
+   instance and a conditional decode instance. Every mode × pool pairing (prefill on one
+   device, decode on another: heterogeneous pools, the KV link between them) is then sized for
+   the target rate by rate matching and scored by the objective.
 2. **Simulate.** The best ``top`` candidates (and the best of each mode, so the comparison is
    honest) are simulated in virtual time at the target rate. One that misses gets an instance
    more in the pool its binding target points at (TTFT: prefill; TPOT: decode), a few times
-   at most; one that meets is bisected for its highest rate under the SLOs (Vidur-Search), so
-   its headroom is measured, not guessed. Candidates run in parallel over a process pool
-   (``jobs``) or a Ray cluster.
-3. **Check.** The chosen plan is replayed with another seed (another window of a trace) and
-   run at the rate ±25 % and with one instance lost.
+   at most; one that meets as sized is trimmed while it still meets; then it is bisected for
+   its highest rate under the SLOs (Vidur-Search), so its headroom is measured, not guessed.
+   Candidates run in parallel over a process pool (``jobs``) or a Ray cluster.
+3. **Check.** The chosen plan is replayed with another seed (another window of a trace);
+   every plan that met is run at the rate ±25 % and with one instance lost.
 
 Example::
 
-    plan = search(PlanRequest(model="llama-3.1-8b", workload=PlanWorkload(Length("fixed", 512),
-                  Length("fixed", 128)), rate=20.0, slos=Slos((parse_slo("ttft:p90=1"),))))
-    plan.best.candidate.label
+    workload = PlanWorkload(parse_length("512"), parse_length("128"))
+    slos = Slos((parse_slo("ttft:p90=1"),))
+    plan = search(PlanRequest("llama-3.1-8b", workload, 20.0, slos, devices=["h100-sxm"]))
+    plan.best.candidate.label   # 'aggregated A: 1 × (h100-sxm tp1 fp8 seqs 256 chunk 8192)'
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
 
 from backends.emulator.catalog import Catalog
 from backends.errors import CatalogError
 from gateway.sim.plan.evaluate import Outcome, PlanWorkload, Slos, run_candidate
+from gateway.sim.plan.parallel import parallel_map
 from gateway.sim.plan.prices import PriceBook
-from gateway.sim.plan.sizing import (
-    Capacity,
-    Demand,
-    Targets,
-    colocated,
-    kv_handoff_s,
-    prefill_only,
-    prefill_time,
-    size_pools,
-)
-from gateway.sim.plan.space import (
-    CHUNK_BUDGETS,
-    MAX_NUM_SEQS,
-    MODES,
-    TP_DEGREES,
-    Candidate,
-    Instance,
-    Pool,
-    Space,
-    link_between,
-)
+from gateway.sim.plan.request import OBJECTIVES, PlanError, PlanRequest
+from gateway.sim.plan.screen import Screened, demand_of, economics, score, screen, shortlist
+from gateway.sim.plan.space import MODES, Candidate
 
-OBJECTIVES = ("cost", "energy", "devices")
-LOCAL_MAX_PROMPT = 512  # ConditionalConfig.local_max_prompt_tokens default
 BUMPS = 4  # instances added to a missing candidate before it is given up
 BISECT_STEPS = 4
 TRIMS = 2  # instances taken from a candidate that met as sized, while it still meets
-
-
-class PlanError(Exception):
-    """The plan cannot be made (bad input, nothing to search, Ray missing)."""
-
-
-@dataclass
-class PlanRequest:
-    model: str
-    workload: PlanWorkload
-    rate: float
-    slos: Slos
-    devices: Sequence[str] | None = None  # None: every device with a price (all for energy)
-    decode_only: Sequence[str] = ()  # devices allowed only in decode pools (e.g. an LPU)
-    modes: Sequence[str] = MODES
-    dtype: str = "fp8"
-    objective: str = "cost"
-    max_devices: int = 64
-    prices: PriceBook | None = None
-    top: int = 8
-    requests: int | None = None  # per simulation; None: a minute of arrivals (300 to 3,000)
-    seed: int = 0
-    jobs: int = 1
-    ray_address: str | None = None
-    same_vendor_link: str = "ib_ndr"
-    cross_vendor_link: str = "roce_200g"
-    progress: bool = False
-    robustness: bool = True
-    catalog_dir: str | None = None
-    tp_degrees: Sequence[int] = TP_DEGREES
-    max_num_seqs: Sequence[int] = MAX_NUM_SEQS
-    chunk_budgets: Sequence[int] = CHUNK_BUDGETS
-
-
-@dataclass
-class Screened:
-    """A candidate as the screen sees it: counts for the target rate and predictions."""
-
-    candidate: Candidate
-    est_rate: float  # highest total rate the screen predicts for these counts
-    ttft_s: float
-    tpot_s: float
-    binding: str
-    usd_per_hour: float | None
-    watts: float | None
 
 
 @dataclass
@@ -140,199 +74,6 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
     check_runs: int = 0  # replay and robustness simulations
-
-
-# -- screen ------------------------------------------------------------------------------------
-
-
-def demand_of(workload: PlanWorkload, slos: Slos) -> Demand:
-    sample = workload.sample()
-    isl = sorted(r.prompt_tokens for r in sample)
-    pct = slos.pct("ttft")
-    tail = isl[max(0, math.ceil(pct * len(isl)) - 1)]
-    local = sum(1 for x in isl if x <= LOCAL_MAX_PROMPT) / len(isl)
-    return Demand(
-        isl=sum(isl) / len(isl),
-        osl=sum(r.output_tokens for r in sample) / len(sample),
-        isl_tail=float(tail),
-        local_share=local,
-    )
-
-
-@dataclass
-class _Caps:
-    instance: Instance
-    aggregated: Capacity
-    prefill: Capacity
-    decode: Capacity
-    cond_prefill: Capacity
-    cond_decode: Capacity
-    first_token_s: float
-
-
-def _capacities(space: Space, demand: Demand, targets: Targets) -> list[_Caps]:
-    out = []
-    for inst in space.instances():
-        dep = space.deployment(inst)
-        local = demand.local_share
-        out.append(
-            _Caps(
-                inst,
-                aggregated=colocated(dep, demand, targets, 1.0),
-                prefill=prefill_only(dep, demand, targets),
-                decode=colocated(dep, demand, targets, 0.0),
-                cond_prefill=prefill_only(dep, demand, targets, max(1e-9, 1.0 - local)),
-                cond_decode=colocated(dep, demand, targets, local),
-                first_token_s=prefill_time(dep, demand.isl_tail),
-            )
-        )
-    return out
-
-
-def screen(req: PlanRequest, catalog: Catalog, prices: PriceBook) -> tuple[list[Screened], Space]:
-    """Every candidate the space holds, sized for ``req.rate`` (infeasible ones included with
-    a zero ``est_rate``), in no particular order."""
-    demand = demand_of(req.workload, req.slos)
-    targets = Targets(
-        ttft_s=req.slos.limit("ttft", math.inf),
-        tpot_s=req.slos.limit("tpot", math.inf),
-        ttft_pct=req.slos.pct("ttft"),
-        tpot_pct=req.slos.pct("tpot"),
-    )
-    devices = list(req.devices) if req.devices else default_devices(catalog, prices, req.objective)
-    devices += [d for d in req.decode_only if d not in devices]
-    space = Space(
-        catalog,
-        req.model,
-        devices,
-        dtype=req.dtype,
-        isl=demand.isl,
-        osl=demand.osl,
-        tp_degrees=req.tp_degrees,
-        max_num_seqs=req.max_num_seqs,
-        chunk_budgets=req.chunk_budgets,
-    )
-    caps = _capacities(space, demand, targets)
-    both = [c for c in caps if c.instance.device not in req.decode_only]
-    out: list[Screened] = []
-    for c in both if "aggregated" in req.modes else []:
-        out.append(_aggregated(c, req, catalog, prices))
-    for mode in ("disaggregated", "conditional"):
-        if mode not in req.modes:
-            continue
-        for p in both:
-            for d in caps:
-                out.append(_split(mode, p, d, req, catalog, prices, space, demand))
-    return out, space
-
-
-def default_devices(catalog: Catalog, prices: PriceBook, objective: str) -> list[str]:
-    """Every catalog device with a price; every device for the energy and device objectives."""
-    if objective != "cost":
-        return sorted(catalog.devices)
-    return [d for d in sorted(catalog.devices) if prices.usd_per_hour(d) is not None]
-
-
-def _economics(
-    c: Candidate, catalog: Catalog, prices: PriceBook
-) -> tuple[float | None, float | None]:
-    usd = 0.0
-    watts = 0.0
-    usd_known = watts_known = True
-    for p in c.pools:
-        price = prices.usd_per_hour(p.instance.device)
-        tdp = catalog.device(p.instance.device).tdp_w
-        if price is None:
-            usd_known = False
-        else:
-            usd += price * p.devices
-        if tdp is None:
-            watts_known = False
-        else:
-            watts += tdp * p.devices
-    return (usd if usd_known else None), (watts if watts_known else None)
-
-
-def _aggregated(c: _Caps, req: PlanRequest, catalog: Catalog, prices: PriceBook) -> Screened:
-    cap = c.aggregated
-    n = max(1, math.ceil(req.rate / cap.rate - 1e-9)) if cap.rate > 0 else 1
-    cand = Candidate("aggregated", (Pool("aggregated", c.instance, n),))
-    usd, watts = _economics(cand, catalog, prices)
-    return Screened(cand, cap.rate * n, cap.ttft_s, cap.tpot_s, cap.binding, usd, watts)
-
-
-def _split(
-    mode: str,
-    p: _Caps,
-    d: _Caps,
-    req: PlanRequest,
-    catalog: Catalog,
-    prices: PriceBook,
-    space: Space,
-    demand: Demand,
-) -> Screened:
-    pre, dec = (p.prefill, d.decode) if mode == "disaggregated" else (p.cond_prefill, d.cond_decode)
-    link = link_between(
-        catalog, p.instance.device, d.instance.device, req.same_vendor_link, req.cross_vendor_link
-    )
-    if pre.rate > 0 and dec.rate > 0:
-        n_p, n_d = size_pools(req.rate, pre.rate, dec.rate)
-        est = min(n_p * pre.rate, n_d * dec.rate)
-        binding = "ttft" if n_p * pre.rate < n_d * dec.rate else "tpot"
-    else:
-        n_p = n_d = 1
-        est = 0.0
-        binding = pre.binding if pre.rate <= 0 else dec.binding
-    cand = Candidate(
-        mode, (Pool("prefill", p.instance, n_p), Pool("decode", d.instance, n_d)), link
-    )
-    handoff = kv_handoff_s(space.deployment(p.instance), catalog.link(link), demand.isl)
-    tpot = dec.tpot_s + handoff / max(1.0, demand.osl - 1)
-    usd, watts = _economics(cand, catalog, prices)
-    return Screened(cand, est, p.first_token_s, tpot, binding, usd, watts)
-
-
-def score(s: Screened | Evaluated, objective: str, rate: float, osl: float) -> float:
-    """Lower is better: $/hour, watts (∝ joules per token at the target rate) or devices."""
-    if objective == "cost":
-        return s.usd_per_hour if s.usd_per_hour is not None else math.inf
-    if objective == "energy":
-        return s.watts if s.watts is not None else math.inf
-    return float(s.candidate.devices)
-
-
-def shortlist(screened: Sequence[Screened], req: PlanRequest, osl: float) -> list[Screened]:
-    """The ``top`` best feasible candidates by objective, plus the best of each mode."""
-    ok = [
-        s
-        for s in screened
-        if s.est_rate >= req.rate * (1 - 1e-9)
-        and s.candidate.devices <= req.max_devices
-        and math.isfinite(score(s, req.objective, req.rate, osl))
-    ]
-    ok.sort(key=lambda s: (score(s, req.objective, req.rate, osl), -s.est_rate))
-    picked: dict[tuple[object, ...], Screened] = {}
-    for s in ok:
-        if len(picked) >= req.top:
-            break
-        picked.setdefault(_shape(s.candidate), s)
-    for mode in req.modes:
-        best = next((s for s in ok if s.candidate.mode == mode), None)
-        if best is not None:
-            picked.setdefault(_shape(best.candidate), best)
-    mixed = next((s for s in ok if s.candidate.heterogeneous), None)
-    if mixed is not None:
-        picked.setdefault(_shape(mixed.candidate), mixed)
-    for device in req.decode_only:  # asked for by name: show its best plan
-        best = next((s for s in ok if s.candidate.pools[-1].instance.device == device), None)
-        if best is not None:
-            picked.setdefault(_shape(best.candidate), best)
-    return list(picked.values())
-
-
-def _shape(c: Candidate) -> tuple[object, ...]:
-    """Candidates differing only in engine knobs share a shape; the best of them stands for it."""
-    return (c.mode, *((p.role, p.instance.device, p.instance.count, p.replicas) for p in c.pools))
 
 
 # -- simulation ----------------------------------------------------------------------------------
@@ -430,69 +171,6 @@ def evaluate(task: _Task) -> Evaluated:
     return Evaluated(cand, task.screened, out, lo, sims)
 
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def parallel_map(
-    fn: Callable[[T], R], items: Sequence[T], jobs: int, ray_address: str | None, progress: bool
-) -> list[R]:
-    """``[fn(x) for x in items]``, in order, over a process pool or a Ray cluster, with a
-    progress bar on a terminal."""
-    bar = _bar(len(items), progress)
-    try:
-        if ray_address is not None:
-            return _ray_map(fn, items, ray_address, bar)
-        if jobs <= 1 or len(items) <= 1:
-            out = []
-            for x in items:
-                out.append(fn(x))
-                bar.update()
-            return out
-        results: dict[int, R] = {}
-        with ProcessPoolExecutor(max_workers=min(jobs, len(items))) as pool:
-            futures = {pool.submit(fn, x): i for i, x in enumerate(items)}
-            for f in as_completed(futures):
-                results[futures[f]] = f.result()
-                bar.update()
-        return [results[i] for i in range(len(items))]
-    finally:
-        bar.close()
-
-
-def _ray_map(fn: Callable[[T], R], items: Sequence[T], address: str, bar: Any) -> list[R]:
-    try:
-        import ray  # type: ignore[import-not-found]  # optional: pip install ray
-    except ImportError:
-        raise PlanError(
-            "--ray needs the Ray package here and on the cluster: pip install 'pdgate[ray]'"
-        ) from None
-    ray.init(address=address, ignore_reinit_error=True)
-    remote = ray.remote(fn)
-    refs = [remote.remote(x) for x in items]
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        bar.update(len(done))
-    return list(ray.get(refs))
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-def _bar(total: int, enabled: bool) -> Any:
-    if enabled and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="plan", file=sys.stderr, leave=False)
-    return _NoBar()
-
-
 # -- the whole search --------------------------------------------------------------------------
 
 
@@ -530,7 +208,7 @@ def search(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     ]
     evaluated = parallel_map(evaluate, tasks, req.jobs, req.ray_address, req.progress)
     for e in evaluated:
-        e.usd_per_hour, e.watts = _economics(e.candidate, catalog, prices)
+        e.usd_per_hour, e.watts = economics(e.candidate, catalog, prices)
     meeting = [e for e in evaluated if e.meets and e.candidate.devices <= req.max_devices]
     meeting.sort(key=lambda e: (score(e, req.objective, req.rate, osl), -e.max_rate))
     rest = [e for e in evaluated if e not in meeting]
