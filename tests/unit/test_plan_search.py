@@ -144,6 +144,11 @@ def test_ray_absent_is_a_clear_error() -> None:
         pytest.skip("ray is installed here")
 
 
+def test_only_unpriced_devices_under_the_cost_objective_is_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="--price"):
+        search(_request(devices=["groq-lpu-v1"], modes=["aggregated"]))
+
+
 def test_bad_inputs_are_plan_errors() -> None:
     with pytest.raises(PlanError, match="unknown model"):
         search(_request(model="gpt-9"))

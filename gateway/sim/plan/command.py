@@ -30,7 +30,9 @@ from gateway.sim.workload import WorkloadError, load_trace
 def configure(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to serve")
     what.add_argument("--model", required=True, help="model profile, e.g. llama-3.1-70b")
-    what.add_argument("--dtype", default="fp8", choices=["bf16", "fp8", "fp4"])
+    what.add_argument(
+        "--dtype", default="fp8", choices=["bf16", "fp8", "fp4"], help="weights (default fp8)"
+    )
     work = parser.add_argument_group("workload (as pdgate simulate takes it)")
     work.add_argument("--isl", help="input length: N, or a distribution as for --isl-dist")
     work.add_argument("--osl", help="output length: N, or a distribution")
@@ -50,7 +52,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="METRIC:pNN=S",
         help="latency target, e.g. ttft:p90=1.0, tpot:p90=0.05, e2e:p99=30 (repeatable)",
     )
-    slo.add_argument("--attainment", type=float, default=0.9, help="share meeting every target")
+    slo.add_argument(
+        "--attainment",
+        type=float,
+        default=0.9,
+        help="share of requests meeting every target at once (default 0.9)",
+    )
     space = parser.add_argument_group("search space")
     space.add_argument("--devices", help="comma-separated devices (default: every priced one)")
     space.add_argument(
@@ -58,8 +65,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     space.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
     space.add_argument("--engine", default="default", help="engine profile (only 'default' yet)")
-    space.add_argument("--objective", default="cost", choices=OBJECTIVES)
-    space.add_argument("--max-devices", type=int, default=64)
+    space.add_argument(
+        "--objective",
+        default="cost",
+        choices=OBJECTIVES,
+        help="minimise $/hour, watts at TDP (J/token) or devices (default cost)",
+    )
+    space.add_argument(
+        "--max-devices", type=int, default=64, help="devices in all at most (default 64)"
+    )
     space.add_argument(
         "--price", action="append", default=[], metavar="DEVICE=USD", help="$/device-hour"
     )
@@ -70,11 +84,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--requests", type=int, help="requests per simulation (default: a minute's, 300-3,000)"
     )
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="arrivals and lengths (replay: +1)")
     run.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     run.add_argument("--ray", metavar="ADDRESS", help="run the simulations on a Ray cluster")
     run.add_argument("--no-robustness", action="store_true", help="skip the ±25%% and loss runs")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     out.add_argument("--csv", type=Path, help="write the simulated plans as CSV")

@@ -38,6 +38,7 @@ def row(plan: Plan, e: Evaluated) -> dict[str, Any]:
         "devices": e.candidate.devices,
         "target_rate": req.rate,
         "sustained_rate": e.max_rate,
+        "screened_rate": e.screened.est_rate,  # what the analytic screen predicted
         **{k: v for k, v in o.values.items()},
         "attainment": o.attainment,
         "goodput": o.goodput,

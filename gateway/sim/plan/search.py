@@ -191,6 +191,12 @@ def search(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
         )
     osl = demand_of(req.workload, req.slos).osl
     req = replace(req, requests=req.requests or requests_for(req.rate))
+    if req.objective == "cost" and all(s.usd_per_hour is None for s in screened):
+        unpriced = sorted({p.instance.device for s in screened for p in s.candidate.pools})
+        raise PlanError(
+            f"no device in the search has a price ({', '.join(unpriced)}): give "
+            "--price DEVICE=USD_PER_HOUR, or --objective energy or devices"
+        )
     short = shortlist(screened, req, osl)
     tasks = [
         _Task(
