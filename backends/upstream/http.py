@@ -137,6 +137,9 @@ class HttpBackend:
         except (UpstreamError, TimeoutError, BackendUnavailable):
             return False
 
+    def describe(self) -> dict[str, Any]:
+        return {"type": "http", "url": self.url, "protocol": self.protocol}
+
     def load(self) -> BackendLoad:
         return BackendLoad()
 
