@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SLO = (2.0, 0.1)  # the gateway's SloConfig defaults
+from gateway.settings import SLO_TPOT_S, SLO_TTFT_S
+
+DEFAULT_SLO = (SLO_TTFT_S, SLO_TPOT_S)  # the gateway's, simulate's: one default
 QUANTILES = (0.5, 0.9, 0.99)
 
 # One row per request in ``<csv prefix>_requests.csv`` (written by ``loadtests/locustfile.py``).
@@ -68,8 +70,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="a locust --csv PREFIX (or its _requests.csv), or pdgate simulate --json files",
     )
     parser.add_argument("--out", type=Path, help="output directory (default: beside the input)")
-    parser.add_argument("--slo-ttft", type=float, help="goodput TTFT target, s (default 2)")
-    parser.add_argument("--slo-tpot", type=float, help="goodput TPOT target, s (default 0.1)")
+    parser.add_argument(
+        "--slo-ttft", type=float, help=f"goodput TTFT target, s (default {SLO_TTFT_S:g})"
+    )
+    parser.add_argument(
+        "--slo-tpot", type=float, help=f"goodput TPOT target, s (default {SLO_TPOT_S:g})"
+    )
     parser.add_argument("--title", help="title of the plots and the summary")
 
 

@@ -46,6 +46,8 @@ from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.service import Gateway, build_gateway, worker_deployment
 from gateway.settings import (
+    SLO_TPOT_S,
+    SLO_TTFT_S,
     EmulatedWorker,
     HttpWorker,
     ModelConfig,
@@ -62,10 +64,11 @@ NO_TIMEOUT_S = 1e9  # "never" in virtual seconds, still a finite timer
 
 @dataclass(frozen=True)
 class Slo:
-    """Latency targets a request must meet to count as goodput (MLPerf server defaults)."""
+    """Latency targets a request must meet to count as goodput (default: the gateway's, see
+    :data:`gateway.settings.SLO_TPOT_S`)."""
 
-    ttft_s: float = 2.0
-    tpot_s: float = 0.2
+    ttft_s: float = SLO_TTFT_S
+    tpot_s: float = SLO_TPOT_S
 
 
 @dataclass
