@@ -21,7 +21,7 @@ vLLM's ``continuous_usage_stats``, reconciled with the final ``usage``).
 The client is :mod:`backends.upstream.httpclient`: keep-alive pools over asyncio protocols and
 httptools, with TCP_NODELAY (asyncio and uvloop set it on every TCP transport). It costs less
 than half the CPU of aiohttp per request, and httpx's default transport collapses under
-concurrency (encode/httpx#3215); figures in the README. Its errors never leave this module:
+concurrency (encode/httpx#3215); figures in docs/performance.md. Its errors never leave this module:
 they become :mod:`backends.errors`.
 
 Example::
