@@ -7,7 +7,9 @@
   long-polls ``GET /pdgate/rooms/{room}`` until the room's prefill is done, then releases it
   with ``POST /pdgate/rooms/{room}/release``.
 
-aiohttp errors never leave this module: a failed call is :class:`PeerError`.
+Calls go through the project's HTTP client (:mod:`backends.upstream.httpclient`, one
+keep-alive pool per peer); the bootstrap endpoint is a small aiohttp server. Neither's errors
+leave this module: a failed call is :class:`PeerError`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import asyncio
 import logging
 from typing import Any
 
-import aiohttp
+import orjson
 from aiohttp import web
 
 from backends.server.kv import KVMeta, RoomError, Rooms
+from backends.upstream.httpclient import HttpPool, UpstreamError
 
 log = logging.getLogger("pdgate.backend.peers")
 
@@ -29,42 +32,62 @@ class PeerError(Exception):
 
 
 class PeerClient:
-    """Calls to other instances (one pooled aiohttp session per instance)."""
+    """Calls to other instances: one keep-alive pool per peer (``host:port``)."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._pools: dict[str, HttpPool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-        )
+        self._closed = False
 
     async def close(self) -> None:
+        self._closed = True
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2)
-        if self._session is not None:
-            await self._session.close()
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.close()
+
+    def _pool(self, base: str) -> HttpPool:
+        if self._closed:
+            raise PeerError(f"{base}: the peer client is closed")
+        pool = self._pools.get(base)
+        if pool is None:
+            pool = self._pools[base] = HttpPool(base, max_connections=256, connect_timeout_s=5.0)
+        return pool
 
     async def _call(
-        self, method: str, url: str, *, json: dict[str, Any] | None = None, limit_s: float = 10.0
+        self,
+        method: str,
+        base: str,
+        path: str,
+        *,
+        json: dict[str, Any] | None = None,
+        limit_s: float = 10.0,
     ) -> tuple[int, dict[str, Any]]:
-        assert self._session is not None, "PeerClient not started"
+        body = b"" if json is None else orjson.dumps(json)
+        headers = (("Content-Type", "application/json"),) if json is not None else ()
         try:
-            async with self._session.request(
-                method, url, json=json, timeout=aiohttp.ClientTimeout(total=limit_s)
-            ) as resp:
-                data = await resp.json(content_type=None)
-                return resp.status, data if isinstance(data, dict) else {}
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise PeerError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+            async with asyncio.timeout(limit_s):
+                pool = self._pool(base)
+                async with await pool.request(
+                    method, path, body, headers, timeout_s=limit_s
+                ) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            data = orjson.loads(raw) if raw else {}
+        except (UpstreamError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
+            raise PeerError(f"{method} {base}{path}: {type(exc).__name__}: {exc}") from exc
+        return status, data if isinstance(data, dict) else {}
 
     async def pull(self, host: str, port: int, request_id: str, engine_id: str) -> KVMeta | None:
         """A NIXL prefill's held KV, or None when it holds nothing under that id."""
         status, data = await self._call(
             "POST",
-            f"http://{_host(host)}:{port}/pdgate/kv/pull",
+            _base(host, port),
+            "/pdgate/kv/pull",
             json={"remote_request_id": request_id, "remote_engine_id": engine_id},
         )
         if status == 404:
@@ -74,18 +97,18 @@ class PeerClient:
         return KVMeta.from_dict(data)
 
     async def wait_room(self, host: str, port: int, room: int, limit_s: float) -> KVMeta:
-        url = f"http://{_host(host)}:{port}/pdgate/rooms/{room}?timeout={limit_s}"
-        status, data = await self._call("GET", url, limit_s=limit_s + 5.0)
+        path = f"/pdgate/rooms/{room}?timeout={limit_s}"
+        status, data = await self._call("GET", _base(host, port), path, limit_s=limit_s + 5.0)
         if status != 200:
             raise RoomError(str(data.get("error") or f"bootstrap server answered {status}"))
         return KVMeta.from_dict(data)
 
-    def notify(self, url: str, body: dict[str, Any]) -> None:
+    def notify(self, base: str, path: str, body: dict[str, Any]) -> None:
         """Fire-and-forget POST (NIXL's notify): failures are logged, never raised."""
 
         async def send() -> None:
             try:
-                await self._call("POST", url, json=body)
+                await self._call("POST", base, path, json=body)
             except PeerError as exc:
                 log.warning("KV release notification failed: %s", exc)
 
@@ -94,16 +117,15 @@ class PeerClient:
         task.add_done_callback(self._tasks.discard)
 
     def release_nixl(self, host: str, port: int, request_id: str) -> None:
-        self.notify(
-            f"http://{_host(host)}:{port}/pdgate/kv/release", {"remote_request_id": request_id}
-        )
+        self.notify(_base(host, port), "/pdgate/kv/release", {"remote_request_id": request_id})
 
     def release_room(self, host: str, port: int, room: int) -> None:
-        self.notify(f"http://{_host(host)}:{port}/pdgate/rooms/{room}/release", {})
+        self.notify(_base(host, port), f"/pdgate/rooms/{room}/release", {})
 
 
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+def _base(host: str, port: int) -> str:
+    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{bracketed}:{port}"
 
 
 class BootstrapServer:
