@@ -40,8 +40,10 @@ class Event:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def event_of(obj: Mapping[str, Any]) -> Event:
-    """An event (a parsed ``data:`` object, or a whole response body) reduced to its parts."""
+def event_of(obj: Mapping[str, Any], *, extra: bool = True) -> Event:
+    """An event (a parsed ``data:`` object, or a whole response body) reduced to its parts;
+    ``extra=False`` skips collecting the other fields (the streaming hot path, until a caller
+    passes them through)."""
     usage = obj.get("usage")
     event = Event(usage=usage if isinstance(usage, dict) else None)
     for choice in obj.get("choices") or ():
@@ -50,16 +52,20 @@ def event_of(obj: Mapping[str, Any]) -> Event:
         inner = choice.get("delta")
         if not isinstance(inner, dict):
             inner = choice.get("message")
-        if isinstance(inner, dict):
-            part = inner.get("content")
-            extra = [(k, v) for k, v in inner.items() if k not in _NOT_EXTRA and v is not None]
-        else:
-            part, extra = choice.get("text"), []
-        event.text += part if isinstance(part, str) else ""
+        part = inner.get("content") if isinstance(inner, dict) else choice.get("text")
+        if isinstance(part, str):
+            event.text += part
         event.finish_reason = choice.get("finish_reason") or event.finish_reason
-        extra += [(k, v) for k, v in choice.items() if k not in _NOT_EXTRA and v is not None]
-        event.extra.update(extra)
+        if extra:
+            _collect(event.extra, inner if isinstance(inner, dict) else {}, choice)
     return event
+
+
+def _collect(into: dict[str, Any], inner: Mapping[str, Any], choice: Mapping[str, Any]) -> None:
+    for fields in (inner, choice):
+        for key, value in fields.items():
+            if value is not None and key not in _NOT_EXTRA:
+                into[key] = value
 
 
 class StreamParser:
@@ -71,10 +77,11 @@ class StreamParser:
     next, so tokens already produced are delivered (and a leg that produced some is never
     retried)."""
 
-    __slots__ = ("counted", "done", "failure", "finish", "name", "partial", "usage")
+    __slots__ = ("counted", "done", "failure", "finish", "keep_extra", "name", "partial", "usage")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, keep_extra: bool = False) -> None:
         self.name = name
+        self.keep_extra = keep_extra  # collect each event's other fields (Event.extra)
         self.partial = b""  # an incomplete last line, waiting for the next read
         self.counted = 0
         self.finish: str | None = None
@@ -115,7 +122,7 @@ class StreamParser:
         if "error" in obj:
             error = snippet(orjson.dumps(obj["error"]))
             raise LegFailed(f"{self.name}: upstream stream failed: {error}")
-        event = event_of(obj)
+        event = event_of(obj, extra=self.keep_extra)
         usage = event.usage
         if usage is not None:
             self.usage = usage
