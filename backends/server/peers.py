@@ -8,18 +8,24 @@
   with ``POST /pdgate/rooms/{room}/release``.
 
 Calls go through the project's HTTP client (:mod:`backends.upstream.httpclient`, one
-keep-alive pool per peer); the bootstrap endpoint is a small aiohttp server. Neither's errors
-leave this module: a failed call is :class:`PeerError`.
+keep-alive pool per peer), whose errors never leave this module: a failed call is
+:class:`PeerError`. The bootstrap endpoint is served with Starlette and uvicorn, like the
+instance itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 import orjson
-from aiohttp import web
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from backends.server.kv import KVMeta, RoomError, Rooms
 from backends.upstream.httpclient import HttpPool, UpstreamError
@@ -129,47 +135,76 @@ def _base(host: str, port: int) -> str:
 
 
 class BootstrapServer:
-    """The prefill instance's bootstrap endpoint (SGLang's ``--disaggregation-bootstrap-port``)."""
+    """The prefill instance's bootstrap endpoint (SGLang's ``--disaggregation-bootstrap-port``):
+    a small Starlette app on its own port, served by uvicorn inside the instance's event loop.
+
+    The server is started and stopped with ``uvicorn.Server.startup``/``shutdown`` on a socket
+    bound here, not with ``serve()``: that would take over the process's signal handlers from
+    the instance's own server, and exit the process if the port were taken."""
 
     def __init__(self, rooms: Rooms, host: str, port: int, max_wait_s: float) -> None:
         self._rooms = rooms
         self._host = host
         self._port = port
         self._max_wait = max_wait_s
-        self._runner: web.AppRunner | None = None
+        self._server: uvicorn.Server | None = None
+        self._sockets: list[socket.socket] = []
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/pdgate/rooms/{room}", self._wait)
-        app.router.add_post("/pdgate/rooms/{room}/release", self._release)
-        app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port).start()
+        app = Starlette(
+            routes=[
+                Route("/pdgate/rooms/{room}", self._wait, methods=["GET"]),
+                Route("/pdgate/rooms/{room}/release", self._release, methods=["POST"]),
+                Route("/health", self._health, methods=["GET"]),
+            ]
+        )
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,  # leave the process's logging (the instance's server) alone
+            log_level=None,
+            access_log=False,
+            timeout_graceful_shutdown=1,  # long polls in flight are cut after this
+        )
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        # Bound here, so a taken port is an OSError for the instance, as any bind failure.
+        self._sockets = [socket.create_server((self._host, self._port), family=family)]
+        await server.startup(sockets=self._sockets)
+        self._server = server
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.shutdown(sockets=self._sockets)
 
-    async def _wait(self, request: web.Request) -> web.Response:
+    async def _wait(self, request: Request) -> Response:
         try:
-            room = int(request.match_info["room"])
-            limit_s = min(float(request.query.get("timeout", self._max_wait)), self._max_wait)
+            room = int(request.path_params["room"])
+            limit_s = min(
+                float(request.query_params.get("timeout", self._max_wait)), self._max_wait
+            )
         except ValueError:
-            return web.json_response({"error": "room and timeout must be numbers"}, status=400)
+            return _json({"error": "room and timeout must be numbers"}, 400)
         try:
             meta = await self._rooms.wait(room, limit_s)
         except RoomError as exc:
-            return web.json_response({"error": str(exc)}, status=504)
-        return web.json_response(meta.as_dict())
+            return _json({"error": str(exc)}, 504)
+        return _json(meta.as_dict())
 
-    async def _release(self, request: web.Request) -> web.Response:
+    async def _release(self, request: Request) -> Response:
         try:
-            room = int(request.match_info["room"])
+            room = int(request.path_params["room"])
         except ValueError:
-            return web.json_response({"error": "room must be a number"}, status=400)
+            return _json({"error": "room must be a number"}, 400)
         found = self._rooms.release(room)
-        return web.json_response({"released": found}, status=200 if found else 404)
+        return _json({"released": found}, 200 if found else 404)
 
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def _health(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
