@@ -38,6 +38,7 @@ def row(plan: Plan, e: Evaluated) -> dict[str, Any]:
         "devices": e.candidate.devices,
         "target_rate": req.rate,
         "sustained_rate": e.max_rate,
+        "sustained_rate_is_lower_bound": e.capped,
         "screened_rate": e.screened.est_rate,  # what the analytic screen predicted
         **{k: v for k, v in o.values.items()},
         "attainment": o.attainment,
@@ -110,6 +111,11 @@ def _num(v: float | None, fmt: str) -> str:
 ROBUSTNESS = ("rate -25%", "rate +25%", "one instance lost")
 
 
+def _rate(e: Evaluated) -> str:
+    """The sustained rate; '≥' when the plan met the SLOs at every rate probed."""
+    return ("≥" if e.capped else "") + format(e.max_rate, ".3g")
+
+
 def _share(e: Evaluated, name: str) -> str:
     """Goodput in a robustness run as a share of the requests offered ('-' when not run)."""
     o = e.robustness.get(name)
@@ -139,7 +145,7 @@ def table(plan: Plan, limit: int = 10) -> str:
         r = row(plan, e)
         mark = "*" if r["chosen"] else (" " if r["meets"] else "x")
         lines.append(
-            f"{mark:2}{r['mode']:14}{r['devices']:>8}{r['sustained_rate']:>10.3g}"
+            f"{mark:2}{r['mode']:14}{r['devices']:>8}{_rate(e):>10}"
             + "".join(f"{_num(r[n], '.3g'):>11}" for n in names)
             + f"{r['attainment']:>7.0%}{_num(r['usd_per_hour'], '.2f'):>9}"
             + f"{_num(r['usd_per_million_output_tokens'], '.2f'):>8}"

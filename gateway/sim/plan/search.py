@@ -40,6 +40,7 @@ from gateway.sim.plan.space import MODES, Candidate
 
 BUMPS = 4  # instances added to a missing candidate before it is given up
 BISECT_STEPS = 4
+PROBES = 3  # rates tried above the target (1.5×, 3×, 6×) before the headroom is "at least"
 TRIMS = 2  # instances taken from a candidate that met as sized, while it still meets
 
 
@@ -55,6 +56,7 @@ class Evaluated:
     usd_per_hour: float | None = None
     watts: float | None = None
     robustness: dict[str, Outcome] = field(default_factory=dict)  # rate ±25 %, one lost
+    capped: bool = False  # met at every rate probed: max_rate is a lower bound
 
     @property
     def meets(self) -> bool:
@@ -153,10 +155,10 @@ def evaluate(task: _Task) -> Evaluated:
             cand, out = smaller, trial
     lo, hi = task.rate, None
     probe = task.rate * 1.5
-    for _ in range(2):  # find a rate it misses
+    for _ in range(PROBES):  # find a rate it misses, doubling after the first step
         sims += 1
         if run(cand, probe).meets:
-            lo, probe = probe, probe * 1.5
+            lo, probe = probe, probe * 2
         else:
             hi = probe
             break
@@ -168,7 +170,7 @@ def evaluate(task: _Task) -> Evaluated:
                 lo = mid
             else:
                 hi = mid
-    return Evaluated(cand, task.screened, out, lo, sims)
+    return Evaluated(cand, task.screened, out, lo, sims, capped=hi is None)
 
 
 # -- the whole search --------------------------------------------------------------------------
@@ -216,7 +218,14 @@ def search(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     for e in evaluated:
         e.usd_per_hour, e.watts = economics(e.candidate, catalog, prices)
     meeting = [e for e in evaluated if e.meets and e.candidate.devices <= req.max_devices]
-    meeting.sort(key=lambda e: (score(e, req.objective, req.rate, osl), -e.max_rate))
+    # Ties on the objective go to the larger headroom, then to aggregated (one pool).
+    meeting.sort(
+        key=lambda e: (
+            round(score(e, req.objective, req.rate, osl), 9),
+            -e.max_rate,
+            e.candidate.mode != "aggregated",
+        )
+    )
     rest = [e for e in evaluated if e not in meeting]
     ordered = meeting + rest
     best = meeting[0] if meeting else None
@@ -269,7 +278,8 @@ def _verdict(meeting: Sequence[Evaluated], req: PlanRequest, osl: float) -> str:
         if more < 1.005:
             return (
                 f"aggregated: disaggregation does not pay here (the best {split.candidate.mode} "
-                f"plan needs as many {unit} and sustains less)"
+                f"plan needs as many {unit}; it sustains {split.max_rate:.3g} req/s against "
+                f"{best.max_rate:.3g})"
             )
         return (
             f"aggregated: disaggregation does not pay here (the best {split.candidate.mode} "
@@ -278,6 +288,11 @@ def _verdict(meeting: Sequence[Evaluated], req: PlanRequest, osl: float) -> str:
     if agg is None:
         return f"{best.candidate.mode}: no aggregated plan met the SLOs"
     saved = 1 - score(best, req.objective, req.rate, osl) / score(agg, req.objective, req.rate, osl)
+    if saved < 0.005:
+        return (
+            f"{best.candidate.mode}: as many {unit} as the best aggregated plan, with more "
+            f"headroom ({best.max_rate:.3g} req/s against {agg.max_rate:.3g})"
+        )
     return f"{best.candidate.mode}: {saved:.0%} fewer {unit} than the best aggregated plan"
 
 
