@@ -164,7 +164,7 @@ def table(plan: Plan, limit: int = 10) -> str:
         - set(plan.request.prices.priced() if plan.request.prices else [])
     )
     lines.append("")
-    if req.robustness:
+    if req.robustness and plan.best is not None:
         lines.append(
             "-25% / +25% / lost: share of requests meeting every target at 0.75× and 1.25× the "
             "rate, and with one instance of the largest pool lost"
