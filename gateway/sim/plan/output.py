@@ -39,7 +39,10 @@ def row(plan: Plan, e: Evaluated) -> dict[str, Any]:
         "target_rate": req.rate,
         "sustained_rate": e.max_rate,
         "sustained_rate_is_lower_bound": e.capped,
-        "screened_rate": e.screened.est_rate,  # what the analytic screen predicted
+        # What the analytic screen predicted, for the counts it proposed (the simulation may
+        # then have added or removed instances).
+        "screened_rate": e.screened.est_rate,
+        "screened_devices": e.screened.candidate.devices,
         **{k: v for k, v in o.values.items()},
         "attainment": o.attainment,
         "goodput": o.goodput,
