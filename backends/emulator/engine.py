@@ -45,6 +45,8 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import bisect
+import heapq
 import itertools
 import logging
 import math
@@ -85,22 +87,27 @@ class Sequence:
     """
 
     __slots__ = (
+        "_base",
+        "_co",
+        "_comp",
         "_done",
+        "_ev",
+        "_fin",
+        "_gen",
+        "_last",
+        "_rank",
         "_waiter",
         "arrival",
         "blocks",
         "cached_tokens",
         "cached_units",
         "cap",
-        "computed",
         "finish_reason",
         "first_scheduled",
         "first_token_at",
-        "generated",
         "hashes",
         "hold_after_prefill",
         "id",
-        "last_token_at",
         "max_new",
         "prompt",
         "ready_at",
@@ -128,8 +135,8 @@ class Sequence:
         self.prompt = prompt
         self.max_new = max_new
         self.arrival = arrival
-        self.generated = generated
-        self.computed = computed
+        self._gen = generated
+        self._comp = computed
         self.transfer_s = transfer_s
         self.hold_after_prefill = hold_after_prefill
         self.hashes = hashes  # chained prompt block hashes, one per ``unit`` tokens
@@ -142,10 +149,53 @@ class Sequence:
         self.ready_at = 0.0
         self.first_scheduled: float | None = None
         self.first_token_at: float | None = None
-        self.last_token_at = last_token_at
+        self._last = last_token_at
         self.finish_reason: str | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
+        # Bulk decoding (see Engine): while ``_co`` is the engine, the sequence gains one token
+        # per engine step and ``_gen``/``_comp`` are its counts as of step ``_base``.
+        self._co: Engine | None = None
+        self._base = 0
+        self._rank = 0  # admission order into the running batch
+        self._ev = -1  # step at which its KV must grow next (while in bulk)
+        self._fin = -1  # step that produces its last token (while in bulk)
+
+    @property
+    def generated(self) -> int:
+        """Output tokens produced so far."""
+        co = self._co
+        return self._gen if co is None else self._gen + co.stats.steps - self._base
+
+    @generated.setter
+    def generated(self, value: int) -> None:
+        if self._co is not None:
+            self._co._leave(self)
+        self._gen = value
+
+    @property
+    def computed(self) -> int:
+        """Tokens whose KV is in the cache."""
+        co = self._co
+        return self._comp if co is None else self._comp + co.stats.steps - self._base
+
+    @computed.setter
+    def computed(self, value: int) -> None:
+        if self._co is not None:
+            self._co._leave(self)
+        self._comp = value
+
+    @property
+    def last_token_at(self) -> float | None:
+        """When its latest token was produced (or the previous leg's, for a decode leg)."""
+        co = self._co
+        return self._last if co is None else co._prev_end
+
+    @last_token_at.setter
+    def last_token_at(self, value: float | None) -> None:
+        if self._co is not None:
+            self._co._leave(self)
+        self._last = value
 
     @property
     def missing(self) -> int:
@@ -159,6 +209,8 @@ class Sequence:
         """Return once more than ``seen`` tokens exist or the sequence has finished."""
         while self.generated <= seen and not self.finished:
             self._waiter = asyncio.get_running_loop().create_future()
+            if self._co is not None:
+                self._co._notify_q.append(self)  # wake me at the next token
             try:
                 await self._waiter
             finally:
@@ -211,6 +263,14 @@ class EngineStats:
 _Step = tuple[list[tuple[Sequence, int]], StepShape, tuple[int, int] | None]
 
 
+def _rank_of(seq: Sequence) -> int:
+    return seq._rank
+
+
+def _first_rank(entry: tuple[Sequence, int]) -> int:
+    return entry[0]._rank
+
+
 class Engine:
     """Continuous batching over a clock; see the module docstring."""
 
@@ -234,6 +294,7 @@ class Engine:
         seed: int = 0,
         recorder: GapRecorder | None = None,
         reserve_max: bool = False,
+        bulk_decode: bool = True,
     ) -> None:
         self._dep = deployment
         self._clock = clock
@@ -259,6 +320,18 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._busy_until: float | None = None
         self.failed = False
+        # Bulk decoding: running sequences that just decode (one token a step, nobody waiting
+        # on each token) advance together as counters instead of one update per sequence per
+        # step; see _schedule_bulk. Everything else running is in ``_others``, in batch order.
+        self._bulk = bulk_decode and speculative_tokens == 0
+        self._ranks = itertools.count()
+        self._others: list[Sequence] = []
+        self._co: set[Sequence] = set()
+        self._co_computed = 0  # their total context now
+        self._co_max_rank = -1  # at least the newest one's rank
+        self._grow_at: dict[int, list[Sequence]] = {}  # step → those whose KV grows in it
+        self._finish_at: dict[int, list[Sequence]] = {}  # step → those it ends
+        self._notify_q: list[Sequence] = []  # those a consumer waits on for the next token
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -271,10 +344,15 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        self._abort_all()
+
+    def _abort_all(self) -> None:
         for seq in [*self.waiting, *self.running]:
             self._finish(seq, "abort")
         self.waiting.clear()
         self.running.clear()
+        self._others.clear()
+        self._dissolve()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -338,7 +416,7 @@ class Engine:
         if seq.state == "waiting":
             self.waiting.remove(seq)
         elif seq.state == "running":
-            self.running.remove(seq)
+            self._drop(seq)
         if seq.state != "finished":
             self._finish(seq, "abort")
             self._wake.set()
@@ -353,13 +431,13 @@ class Engine:
     def pending_prefill(self) -> tuple[int, int, int]:
         """(prompt tokens still to prefill, decoding sequences, their total context)."""
         queued = sum(s.missing for s in self.waiting)
-        decodes = context = 0
-        for s in self.running:
-            if s.generated == 0:
-                queued += s.missing
+        decodes, context = len(self._co), self._co_computed
+        for s in self._others:
+            if s._gen == 0:
+                queued += s.prompt - s._comp
             else:
                 decodes += 1
-                context += s.computed
+                context += s._comp
         return queued, decodes, context
 
     @property
@@ -385,10 +463,7 @@ class Engine:
                 len(self.waiting) + len(self.running),
             )
             self.failed = True
-            for seq in [*self.waiting, *self.running]:
-                self._finish(seq, "abort")
-            self.waiting.clear()
-            self.running.clear()
+            self._abort_all()
             raise
 
     async def _loop(self) -> None:
@@ -436,22 +511,42 @@ class Engine:
 
         Returns the batch, its shape (summed here, so a step costs one pass over the batch)
         and, when it verifies drafts, (speculating sequences, their context); None when
-        nothing can run.
+        nothing can run. Sequences decoding in bulk are not in the returned batch: they are
+        all in the step, and the shape counts them from the engine's running totals.
         """
         budget = self.max_batched_tokens
         spec = self.speculative_tokens
+        step_no = self.stats.steps
+        co = self._co
+        order: list[Sequence | None] | None = self._bulk_order(now, step_no) if co else None
+        if order is None:
+            if co:
+                self._dissolve()
+            order = list(self.running)
+        co_tokens_due = bool(co)  # the bulk's tokens are not yet taken from the budget
         batch: list[tuple[Sequence, int]] = []
         new = kv_read = drafts = draft_seqs = draft_context = 0
         pairs = 0.0
-        for seq in list(self.running):
+        for seq in order:
+            if seq is None:  # the bulk, older than every sequence after this mark
+                budget -= len(co)
+                co_tokens_due = False
+                continue
             if budget <= 0:
                 break
+            if seq._co is self:  # decoding in bulk, and its KV must grow in this step
+                if seq._ev != step_no:
+                    continue
+                c = seq._comp + step_no - seq._base
+                if self._grow(seq, c, 1):
+                    self._schedule_growth(seq, step_no + seq.cap - c)
+                continue
             if seq.state != "running" or seq.ready_at > now:
                 continue
-            c = seq.computed
-            n = seq.prompt + seq.generated - c
+            c = seq._comp
+            n = seq.prompt + seq._gen - c
             if n == 1 and not spec:  # the common case: one plain decode token
-                if c >= seq.cap and not self._grow(seq, 1):
+                if c >= seq.cap and not self._grow(seq, c, 1):
                     continue
                 batch.append((seq, 1))
                 budget -= 1
@@ -460,12 +555,12 @@ class Engine:
                 pairs += c + 1
                 continue
             d = 0
-            if spec and n == 1 and seq.generated:  # decoding: verify drafts, not past max_new
-                d = min(spec, seq.max_new - seq.generated - 1, budget - 1)
+            if spec and n == 1 and seq._gen:  # decoding: verify drafts, not past max_new
+                d = min(spec, seq.max_new - seq._gen - 1, budget - 1)
                 n += d
             elif n > budget:
                 n = budget
-            if c + n > seq.cap and not self._grow(seq, n):
+            if c + n > seq.cap and not self._grow(seq, c, n):
                 continue  # preempted (or ended) itself
             batch.append((seq, n))
             budget -= n
@@ -476,12 +571,15 @@ class Engine:
                 drafts += d
                 draft_seqs += 1
                 draft_context += c
+        bulk = len(co)
+        if co_tokens_due:
+            budget -= bulk
         while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.hashes and seq.computed == 0:
+            if seq.hashes and seq._comp == 0:
                 self._lookup(seq, first=seq.first_scheduled is None)
             n = min(seq.missing, budget)
-            need = seq.computed + max(n, 1)
+            need = seq._comp + max(n, 1)
             if self._reserve_max:  # never beyond the whole cache: such a request ends early
                 need = max(need, min(seq.prompt + seq.max_new, self.total_blocks * self.block_size))
             if not self._allocate(seq, need):
@@ -489,6 +587,8 @@ class Engine:
                 break  # KV full: first come, first served
             self.waiting.popleft()
             self.running.append(seq)
+            self._others.append(seq)
+            seq._rank = next(self._ranks)
             seq.state = "running"
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
@@ -500,7 +600,7 @@ class Engine:
                 # timer would ever wake the engine for it.
                 if seq.ready_at > now:
                     continue
-            c = seq.computed
+            c = seq._comp
             batch.append((seq, n))
             budget -= n
             new += n
@@ -509,10 +609,109 @@ class Engine:
         active = self.active_blocks
         if active > self.stats.kv_peak_blocks:
             self.stats.kv_peak_blocks = active
-        if not batch:
+        if bulk:  # one decode token each; every partial sum stays an exact float
+            new += bulk
+            kv_read += self._co_computed
+            pairs += self._co_computed + bulk
+        elif not batch:
             return None
-        shape = StepShape(new, pairs, kv_read, len(batch))
+        shape = StepShape(new, pairs, kv_read, len(batch) + bulk)
         return batch, shape, (draft_seqs, draft_context) if drafts else None
+
+    def _bulk_order(self, now: float, step_no: int) -> list[Sequence | None] | None:
+        """The order in which to visit this step's sequences that are not plain bulk decodes,
+        or None when the bulk must be dissolved to keep the per-sequence schedule exact.
+
+        The bulk sequences take one token each wherever they stand in the running order. That
+        place only matters when the token budget runs out: then they must all be older than
+        every other schedulable sequence (None marks where they take their tokens), or the
+        step is scheduled sequence by sequence. KV growth is visited in running order too.
+        """
+        grow = self._grow_at.pop(step_no, None)
+        others = self._others
+        bulk = len(self._co)
+        demand = bulk
+        first = -1  # rank of the oldest other sequence that can run now
+        for seq in others:
+            if seq.state == "running" and seq.ready_at <= now:
+                demand += seq.prompt + seq._gen - seq._comp
+                if first < 0:
+                    first = seq._rank
+        if grow is not None:  # those still in the bulk and due now (entries go stale)
+            grow = [s for s in grow if s._co is self and s._ev == step_no]
+            grow.sort(key=_rank_of)
+        if demand <= self.max_batched_tokens:
+            if grow is None:
+                return list(others)
+            return list(heapq.merge(others, grow, key=_rank_of))
+        if bulk > self.max_batched_tokens or 0 <= first < self._co_max_rank:
+            return None
+        return [*(grow or ()), None, *others]
+
+    def _schedule_growth(self, seq: Sequence, step_no: int) -> None:
+        seq._ev = step_no
+        at = self._grow_at.get(step_no)
+        if at is None:
+            self._grow_at[step_no] = [seq]
+        else:
+            at.append(seq)
+
+    def _join(self, seq: Sequence) -> None:
+        """A running sequence that will decode one token a step with nobody waiting on each
+        token: from now on it advances with the bulk."""
+        step_no = self.stats.steps  # the next step's number
+        self._others.remove(seq)
+        self._co.add(seq)
+        seq._co = self
+        seq._base = step_no
+        self._co_computed += seq._comp
+        if seq._rank > self._co_max_rank:
+            self._co_max_rank = seq._rank
+        self._schedule_growth(seq, step_no + max(0, seq.cap - seq._comp))
+        seq._fin = fin = step_no + seq.max_new - seq._gen - 1
+        at = self._finish_at.get(fin)
+        if at is None:
+            self._finish_at[fin] = [seq]
+        else:
+            at.append(seq)
+
+    def _leave(self, seq: Sequence, *, keep: bool = True) -> None:
+        """Take a sequence out of the bulk, with its counts brought up to date (``keep``: it
+        stays in the running batch)."""
+        k = self.stats.steps - seq._base
+        seq._gen += k
+        seq._comp += k
+        seq._last = self._prev_end  # it took part in every step since joining
+        seq._co = None
+        self._co.discard(seq)
+        self._co_computed -= seq._comp
+        if keep:
+            bisect.insort(self._others, seq, key=_rank_of)
+
+    def _dissolve(self) -> None:
+        """Every bulk sequence back to per-sequence scheduling."""
+        for seq in self._co:
+            k = self.stats.steps - seq._base
+            seq._gen += k
+            seq._comp += k
+            seq._last = self._prev_end
+            seq._co = None
+        if self._co:
+            self._others = [s for s in self.running if s.state == "running"]
+        self._co.clear()
+        self._co_computed = 0
+        self._co_max_rank = -1
+        self._grow_at.clear()
+        self._finish_at.clear()
+        self._notify_q.clear()
+
+    def _drop(self, seq: Sequence) -> None:
+        """Remove a sequence from the running batch."""
+        self.running.remove(seq)
+        if seq._co is self:
+            self._leave(seq, keep=False)
+        else:
+            self._others.remove(seq)
 
     def _draft_time(self, seqs: int, context: int) -> float:
         """The drafter's cost: k sequential passes, each a fraction of a plain decode step of
@@ -520,17 +719,18 @@ class Engine:
         plain = self._dep.step_time(StepShape(seqs, float(context + seqs), context, seqs))
         return self.speculative_tokens * self.draft_cost_fraction * plain
 
-    def _grow(self, seq: Sequence, n: int) -> bool:
-        """Make room for ``n`` more tokens of a running sequence, preempting the newest.
+    def _grow(self, seq: Sequence, computed: int, n: int) -> bool:
+        """Make room for ``n`` more tokens of a running sequence that has ``computed``,
+        preempting the newest.
 
         A sequence that has outgrown the whole cache cannot be helped by preemption: it ends
         with ``length``, as an engine ends a sequence at its maximum model length.
         """
-        if self._blocks_for(seq.computed + n) > self.total_blocks:
-            self.running.remove(seq)
+        if self._blocks_for(computed + n) > self.total_blocks:
+            self._drop(seq)
             self._finish(seq, "length")
             return False
-        while not self._allocate(seq, seq.computed + n):
+        while not self._allocate(seq, computed + n):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:
@@ -539,51 +739,76 @@ class Engine:
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop the KV, requeue at the front."""
-        self.running.remove(seq)
+        self._drop(seq)
         self._free(seq)
-        seq.computed = 0
+        seq._comp = 0
         seq.state = "waiting"
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1
 
     def _apply(self, batch: list[tuple[Sequence, int]], end: float) -> None:
         stats = self.stats
-        stats.steps += 1
+        step_no = stats.steps
+        stats.steps = step_no + 1
         recorder, prev = self._recorder, self._prev_end
-        in_step = produced = 0  # sequences whose previous token came from the previous step
-        for seq, n in batch:
+        self._prev_end = end
+        # The bulk: one more token each, all of them after a token in the previous step.
+        bulk = len(self._co)
+        self._co_computed += bulk
+        in_step = produced = bulk  # sequences whose previous token came from the previous step
+        ending = self._finish_at.pop(step_no, None)
+        if ending is not None or self._notify_q:
+            # Bulk sequences that end, or that a consumer waits on, are handled here in
+            # running order among the others: wake-ups keep the per-sequence order.
+            events = [(s, 0) for s in ending or () if s._fin == step_no and s._co is self]
+            events += [(s, -1) for s in self._notify_q]
+            self._notify_q = []
+            todo = sorted(batch + events, key=_first_rank) if events else batch
+        else:
+            todo = batch
+        for seq, n in todo:
+            if n <= 0:  # from the bulk
+                if seq._co is not self:
+                    continue
+                if n == 0:  # its last token
+                    self._drop(seq)
+                    self._finish(seq, "length")
+                else:
+                    self._leave(seq)
+                    seq._notify()
+                continue
             if seq.state != "running":
                 continue  # aborted while the step ran
-            computed = seq.computed + n
-            gen = seq.generated
+            computed = seq._comp + n
+            gen = seq._gen
             known = seq.prompt + gen
             if computed == known and gen:  # the common case: one more decoded token
-                seq.computed = computed
+                seq._comp = computed
                 gen += 1
-                seq.generated = gen
+                seq._gen = gen
                 produced += 1
-                last = seq.last_token_at
-                seq.last_token_at = end
+                last = seq._last
+                seq._last = end
                 if last == prev:
                     in_step += 1
                 elif last is not None and recorder is not None:
                     recorder.add(end - last, 1)
                 if gen >= seq.max_new:
-                    self.running.remove(seq)
+                    self._drop(seq)
                     self._finish(seq, "length")
                 elif seq._waiter is not None:
                     seq._notify()
                 continue
             if computed < known:
-                seq.computed = computed  # a prompt chunk; no token yet
+                seq._comp = computed  # a prompt chunk; no token yet
                 continue
             tokens = 1
             if computed > known:  # speculative: verified computed - known drafts
                 accepted = self._accepted(computed - known)
                 computed = known + accepted
                 tokens += accepted
-            seq.computed = computed
-            seq.generated = gen + tokens
+            seq._comp = computed
+            seq._gen = gen + tokens
             produced += tokens
             if gen == 0:
                 stats.prompt_tokens += seq.prompt  # once per request, however often recomputed
@@ -591,18 +816,18 @@ class Engine:
                     seq.first_token_at = end
                 if seq.hashes:
                     self._adopt(seq)
-            last = seq.last_token_at
-            seq.last_token_at = end
+            last = seq._last
+            seq._last = end
             if recorder is not None and last is not None:
                 if last == prev and tokens == 1:
                     in_step += 1
                 else:
                     recorder.add((end - last) / tokens, tokens)
-            if seq.generated >= seq.max_new:
-                self.running.remove(seq)
+            if seq._gen >= seq.max_new:
+                self._drop(seq)
                 self._finish(seq, "length")
             elif seq.hold_after_prefill:
-                self.running.remove(seq)
+                self._drop(seq)
                 seq.state = "held"
                 seq._end()
             elif seq._waiter is not None:
@@ -610,7 +835,16 @@ class Engine:
         if in_step and recorder is not None:
             recorder.add(end - prev, in_step)
         stats.generation_tokens += produced
-        self._prev_end = end
+        if self._bulk:
+            for seq, _ in batch:
+                if (
+                    seq.state == "running"
+                    and seq._co is None
+                    and seq._last == end
+                    and seq._comp == seq.prompt + seq._gen - 1
+                    and (seq._waiter is None or seq._waiter.done())
+                ):
+                    self._join(seq)
 
     def _accepted(self, drafts: int) -> int:
         """Drafts accepted in one verification: each with probability a, until a rejection."""
@@ -638,7 +872,7 @@ class Engine:
         if hit:
             cache.acquire(seq.hashes[:hit])
             seq.cached_units = hit
-            seq.cached_tokens = seq.computed = hit * seq.unit
+            seq.cached_tokens = seq._comp = hit * seq.unit
             seq.cap = seq.cached_tokens + seq.blocks * self.block_size
             if first:
                 self.stats.prefix_hit_tokens += seq.cached_tokens
@@ -647,7 +881,7 @@ class Engine:
         """Undo :meth:`_lookup` for a sequence that stays waiting."""
         if seq.cached_units and seq.blocks == 0 and self.cache is not None:
             self.cache.release(seq.hashes[: seq.cached_units])
-            seq.cached_units = seq.cached_tokens = seq.computed = seq.cap = 0
+            seq.cached_units = seq.cached_tokens = seq._comp = seq.cap = 0
 
     def _adopt(self, seq: Sequence) -> None:
         """After prefill, hand the prompt's full units to the prefix cache (deduplicated)."""
