@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import heapq
 import itertools
 import logging
 import math
@@ -638,15 +637,50 @@ class Engine:
                 if first < 0:
                     first = seq._rank
         if grow is not None:  # those still in the bulk and due now (entries go stale)
-            grow = [s for s in grow if s._co is self and s._ev == step_no]
-            grow.sort(key=_rank_of)
-        if demand <= self.max_batched_tokens:
-            if grow is None:
-                return list(others)
-            return list(heapq.merge(others, grow, key=_rank_of))
-        if bulk > self.max_batched_tokens or 0 <= first < self._co_max_rank:
+            grow = list(dict.fromkeys(s for s in grow if s._co is self and s._ev == step_no))
+        binding = demand > self.max_batched_tokens
+        if binding and (bulk > self.max_batched_tokens or 0 <= first < self._co_max_rank):
             return None
+        if grow and self._grow_bulk(grow, step_no, now, others if not binding else ()):
+            grow = None
+        if not binding:
+            if not grow:
+                return list(others)
+            return sorted(others + grow, key=_rank_of)
+        if grow:
+            grow.sort(key=_rank_of)
         return [*(grow or ()), None, *others]
+
+    def _grow_bulk(
+        self, grow: list[Sequence], step_no: int, now: float, before: Seq[Sequence]
+    ) -> bool:
+        """Give each bulk sequence in ``grow`` (each at its capacity) one more block at once,
+        when the free blocks cover them and whatever the sequences in ``before`` (visited
+        among them) need in this step: no allocation can then fail, so the order of the
+        allocations does not matter. False (nothing done) otherwise."""
+        free, bs = self.free_blocks, self.block_size
+        need = len(grow)
+        if need > free:
+            return False
+        for seq in before:
+            if seq.state == "running" and seq.ready_at <= now:
+                tokens = seq.prompt + seq._gen - seq.cached_tokens
+                need += max(0, -(-tokens // bs) - seq.blocks)
+        limit = self.total_blocks * bs
+        if need > free or any(s.cap >= limit for s in grow):
+            return False
+        self.free_blocks = free - len(grow)
+        due = step_no + bs  # each has just reached its capacity: one block lasts bs steps
+        for seq in grow:
+            seq.blocks += 1
+            seq.cap += bs
+            seq._ev = due
+        at = self._grow_at.get(due)
+        if at is None:
+            self._grow_at[due] = grow
+        else:
+            at.extend(grow)
+        return True
 
     def _schedule_growth(self, seq: Sequence, step_no: int) -> None:
         seq._ev = step_no
