@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -253,7 +254,10 @@ class _Legs:
 
 
 async def _timed(awaitable: Awaitable[T], seconds: float, what: str) -> T:
-    """Await under a per-leg timeout, which counts as a leg failure (retryable)."""
+    """Await under a per-leg timeout, which counts as a leg failure (retryable); an
+    infinite one arms no timer."""
+    if seconds == math.inf:
+        return await awaitable
     try:
         async with asyncio.timeout(seconds):
             return await awaitable
@@ -505,8 +509,10 @@ class Dispatcher:
     @asynccontextmanager
     async def open(self, req: DispatchRequest) -> AsyncIterator[AsyncGenerator[TokenChunk, None]]:
         """The request's token stream; leaving the block closes every leg."""
+        # An infinite deadline (a simulation without timeouts) arms no timer at all.
+        deadline = req.deadline if req.deadline < math.inf else None
         try:
-            async with asyncio.timeout_at(req.deadline), aclosing(self._observed(req)) as chunks:
+            async with asyncio.timeout_at(deadline), aclosing(self._observed(req)) as chunks:
                 yield chunks
         except TimeoutError as exc:
             raise DeadlineExceeded("request deadline exceeded") from exc

@@ -30,6 +30,7 @@ disconnect or an outer deadline arriving at the same moment still cancels the ta
 from __future__ import annotations
 
 import asyncio
+import math
 from types import TracebackType
 from typing import Any
 
@@ -68,6 +69,8 @@ class IdleTimeout:
         self._limit = limit_s
         self._cancelling = self._task.cancelling()
         self._since = now = self._loop.time()
+        if limit_s == math.inf:
+            return  # never due: no timer (one armed for an earlier limit stops at its check)
         due = now + limit_s
         if self._handle is not None and self._handle.when() > due:  # a shorter limit than before
             self._handle.cancel()
@@ -92,6 +95,8 @@ class IdleTimeout:
         if self._since is None:
             return  # between waits; the next wait arms the timer again
         due = self._since + self._limit
+        if due == math.inf:
+            return
         if self._loop.time() < due:
             self._handle = self._loop.call_at(due, self._check)
             return

@@ -59,7 +59,7 @@ from gateway.sim.economics import FleetItem, joules_per_token, usd_per_million_t
 from gateway.sim.stats import GapRecorder, summary
 from gateway.sim.workload import RequestSpec
 
-NO_TIMEOUT_S = 1e9  # "never" in virtual seconds, still a finite timer
+NO_TIMEOUT_S = math.inf  # "never": the gateway arms no timer for it
 
 
 @dataclass(frozen=True)
