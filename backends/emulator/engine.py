@@ -517,7 +517,7 @@ class Engine:
         spec = self.speculative_tokens
         step_no = self.stats.steps
         co = self._co
-        order: list[Sequence | None] | None = self._bulk_order(now, step_no) if co else None
+        order: Seq[Sequence | None] | None = self._bulk_order(now, step_no) if co else None
         if order is None:
             if co:
                 self._dissolve()
@@ -617,7 +617,7 @@ class Engine:
         shape = StepShape(new, pairs, kv_read, len(batch) + bulk)
         return batch, shape, (draft_seqs, draft_context) if drafts else None
 
-    def _bulk_order(self, now: float, step_no: int) -> list[Sequence | None] | None:
+    def _bulk_order(self, now: float, step_no: int) -> Seq[Sequence | None] | None:
         """The order in which to visit this step's sequences that are not plain bulk decodes,
         or None when the bulk must be dissolved to keep the per-sequence schedule exact.
 
