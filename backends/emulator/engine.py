@@ -33,6 +33,17 @@ A sequence's state is token counts only (``computed`` KV tokens, ``generated`` o
 bookkeeping is per step, not per token, and consumers read new tokens when they are ready,
 coalescing whatever the engine produced since they last looked.
 
+**Bulk decoding** (``bulk_decode``, on unless speculating): most of a step is sequences that
+just decode — one token each, nobody waiting on each token. They advance together: the engine
+keeps their count and total context, so a step costs the same however many there are, and a
+sequence's counts are derived from the step number it joined at (``generated`` and
+``computed`` are exact whenever read). Only events cost per sequence: a KV block every
+``block_size`` tokens, the last token, a consumer starting to wait on each token, preemption.
+The steps, their shapes and times, every token's time, the recorded gaps and the order in
+which consumers wake are those of the per-sequence path (``bulk_decode=False``), which runs
+whenever the bulk's place in the running order matters (the token budget runs out before
+sequences older than some bulk sequence) and tests compare against.
+
 Example::
 
     engine = Engine(deployment, LoopClock())

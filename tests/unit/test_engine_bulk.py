@@ -53,6 +53,8 @@ def run_scenario(seed: int, *, bulk: bool, **knobs: Any) -> dict[str, Any]:
     token_times: dict[int, list[float]] = {}
     seqs: dict[int, Sequence] = {}
     steps: list[float] = []
+    loads: list[tuple[int, int, int, int, int]] = []
+    in_bulk: list[int] = []
 
     async def consume(i: int, seq: Sequence, style: str, clock: LoopClock) -> None:
         seen = seq.generated
@@ -77,6 +79,8 @@ def run_scenario(seed: int, *, bulk: bool, **knobs: Any) -> dict[str, Any]:
         def traced(batch: list[tuple[Sequence, int]], end: float) -> None:
             apply(batch, end)
             steps.append(end)
+            loads.append((*engine.pending_prefill(), engine.used_blocks, len(engine.running)))
+            in_bulk.append(len(engine._co))
             for i, seq in seqs.items():  # every token's time, read through the public counts
                 times = token_times[i]
                 while len(times) < seq.generated:
@@ -118,6 +122,8 @@ def run_scenario(seed: int, *, bulk: bool, **knobs: Any) -> dict[str, Any]:
         return {
             "shapes": timer.shapes,
             "steps": steps,
+            "loads": loads,
+            "in_bulk": sum(in_bulk),
             "tokens": token_times,
             "gaps": gaps.entries,
             "wakes": wakes,
@@ -158,8 +164,11 @@ def test_bulk_decoding_matches_the_per_sequence_path(seed: int, knobs: dict[str,
     slow = run_scenario(seed, bulk=False, **dict(knobs))
     fast = run_scenario(seed, bulk=True, **dict(knobs))
     assert len(slow["shapes"]) > 50  # the scenario exercises the engine
+    assert slow["in_bulk"] == 0
+    assert fast["in_bulk"] > len(fast["steps"])  # and the bulk path: > 1 sequence a step
     assert fast["shapes"] == slow["shapes"]
     assert fast["steps"] == slow["steps"]
+    assert fast["loads"] == slow["loads"]  # what routing reads between steps
     assert fast["tokens"] == slow["tokens"]
     assert fast["gaps"] == slow["gaps"]
     assert fast["wakes"] == slow["wakes"]
