@@ -54,7 +54,13 @@ from backends.base import (
     TokenChunk,
     nothing_to_release,
 )
-from backends.errors import BackendUnavailable, LegFailed
+from backends.errors import (
+    BackendError,
+    BackendOverloaded,
+    BackendUnavailable,
+    LegFailed,
+    UpstreamRejected,
+)
 from backends.httpclient import ConnectError, HttpPool, Response, UpstreamError
 
 Protocol = Literal["vllm-nixl", "sglang-bootstrap", "openai"]
@@ -295,7 +301,7 @@ class HttpBackend:
             except UpstreamError as exc:
                 raise self._error(exc) from exc
             if resp.status >= 400:
-                raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
+                raise status_error(self.name, resp.status, raw)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -324,8 +330,7 @@ class HttpBackend:
         async with await self._send(params, body) as resp:
             try:
                 if resp.status >= 400:
-                    raw = await resp.read()
-                    raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
+                    raise status_error(self.name, resp.status, await resp.read())
                 parser = _StreamState(self.name)
                 ended = False
                 while not ended:
@@ -500,18 +505,73 @@ async def _fail_with(
             if task.done() and (task.cancelled() or task.exception() is not None):
                 step.cancel()
                 await asyncio.gather(step, return_exceptions=True)
-                cause = None if task.cancelled() else task.exception()
-                raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
+                raise _prefill_failure(task, name)
             try:
                 chunk = await step
             except StopAsyncIteration:
                 return
             yield chunk
         if task.cancelled() or task.exception() is not None:
-            cause = None if task.cancelled() else task.exception()
-            raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
+            raise _prefill_failure(task, name)
         async for chunk in stream:
             yield chunk
+
+
+def _prefill_failure(task: asyncio.Task[dict[str, Any]], name: str) -> BackendError:
+    """Why the concurrent prefill leg failed: a client error as it was, anything else as the
+    decode leg's failure."""
+    cause = None if task.cancelled() else task.exception()
+    if isinstance(cause, UpstreamRejected):
+        return cause
+    error = LegFailed(f"{name}: the prefill leg failed: {cause}")
+    error.__cause__ = cause
+    return error
+
+
+# 4xx an upstream answers that are not about the request: load (408, 429), or the gateway's
+# own configuration (401/403: credentials; 404: path or served model name).
+_NOT_THE_CLIENTS = frozenset({401, 403, 404, 408, 429})
+
+
+def status_error(name: str, status: int, raw: bytes) -> BackendError:
+    """The backend error for an upstream's error answer.
+
+    A 4xx is the request's fault (:class:`UpstreamRejected`, its envelope kept for the client),
+    except those in ``_NOT_THE_CLIENTS``; 429, or a 503 whose envelope says ``overloaded``, is
+    a busy worker (:class:`BackendOverloaded`); any other status is the worker's failure
+    (:class:`LegFailed`).
+    """
+    envelope = _envelope(raw)
+    if 400 <= status < 500 and status not in _NOT_THE_CLIENTS:
+        message = envelope.get("message")
+        return UpstreamRejected(
+            status,
+            message if isinstance(message, str) else f"the upstream refused the request ({status})",
+            type=str(envelope.get("type") or "invalid_request_error"),
+            param=_str_or_none(envelope.get("param")),
+            code=_str_or_none(envelope.get("code")),
+        )
+    if status == 429 or (status == 503 and envelope.get("code") == "overloaded"):
+        return BackendOverloaded(f"{name}: upstream answered {status}: {_text(raw)}")
+    return LegFailed(f"{name}: upstream answered {status}: {_text(raw)}")
+
+
+def _envelope(raw: bytes) -> dict[str, Any]:
+    """The ``error`` object of an OpenAI error body (empty if the body is not one)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return error
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return data  # FastAPI/SGLang style: the fields at the top level
+    return {}
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _text(raw: bytes, limit: int = 300) -> str:
