@@ -97,7 +97,7 @@ def test_comments_and_other_fields_are_skipped(newline: bytes) -> None:
 @pytest.mark.parametrize(
     ("status", "body", "kind"),
     [
-        (
+        (400, b'{"object":"error","message":"too long","type":"BadRequest"}', "client"),
             400,
             b'{"object":"error","message":"too long","type":"BadRequestError","code":400}',
             "client",
