@@ -144,7 +144,12 @@ async def ready(request: Request) -> Response:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(_gateway(request).metrics.render(), media_type=CONTENT_TYPE)
+    """Prometheus metrics; with API keys on, only for a valid key unless
+    ``server.public_metrics`` opens them."""
+    gw = _gateway(request)
+    if not gw.settings.metrics_public:
+        gw.auth.authenticate(request.headers.get("authorization"))
+    return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
 
 
 # -- request handling ------------------------------------------------------------------------
@@ -218,7 +223,7 @@ async def _generate(
             param="messages" if api == "chat" else "prompt",
         )
     try:
-        await gw.auth.admit(prompt.key, prompt_tokens)
+        await gw.auth.admit(prompt.key, prompt_tokens, max_tokens)
     except Overloaded as exc:
         gw.metrics.count_rejection(body.model, exc.reason)
         raise
@@ -233,7 +238,7 @@ async def _generate(
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
         sampling=body.sampling(),
-        body=raw,
+        body=_without_handshake(raw),
         block_hashes=prompt.block_hashes,
     )
     dreq = DispatchRequest(
@@ -250,6 +255,18 @@ async def _generate(
     if body.stream:
         return EventStreamResponse(_sse(gw, dreq, fmt), headers)
     return DeferredJSONResponse(_complete(gw, dreq, fmt), headers)
+
+
+# The P/D handshake belongs to the gateway (design.md §4): a client's copy of these fields would
+# reach the prefill server, which acts on them (vLLM's kv_transfer_params name a host to pull
+# KV from: a server-side request forgery).
+HANDSHAKE_FIELDS = ("kv_transfer_params", "bootstrap_host", "bootstrap_port", "bootstrap_room")
+
+
+def _without_handshake(raw: dict[str, Any]) -> dict[str, Any]:
+    for name in HANDSHAKE_FIELDS:
+        raw.pop(name, None)
+    return raw
 
 
 def _seconds(headers: dict[str, str], name: str, default: float) -> float:
