@@ -83,6 +83,7 @@ class HttpOptions:
     # tokens per chunk when an event carries several (speculative decoding, a stream interval
     # above 1). Off, an event with text counts one token and the final usage settles the total.
     usage_per_chunk: bool = True
+    control_token: str | None = None  # pdgate backend's control plane (KV release)
 
 
 class HttpBackend:
@@ -235,7 +236,9 @@ class HttpBackend:
         task.add_done_callback(self._releases.discard)
 
     async def _post_release(self, body: bytes) -> None:
-        headers = (("Content-Type", "application/json"),)
+        headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+        if self.options.control_token:
+            headers += (("Authorization", f"Bearer {self.options.control_token}"),)
         try:
             async with await self._http().request(
                 "POST", "/pdgate/kv/release", body, headers, timeout_s=5.0

@@ -97,6 +97,11 @@ class HttpWorker(_Strict):
     served_model_name: str | None = Field(
         None, description="the model name the upstream serves (default: the name clients send)"
     )
+    control_token_env: str = Field(
+        "PDGATE_CONTROL_TOKEN",
+        description="environment variable with the upstream's control-plane token (pdgate "
+        "backend's KV release); unset: none sent",
+    )
     usage_per_chunk: bool = Field(
         True,
         description="ask streams for usage on every event (continuous_usage_stats): exact "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -31,9 +32,11 @@ class PeerError(Exception):
 class PeerClient:
     """Calls to other instances (one pooled aiohttp session per instance)."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Other instances' control planes want the deployment's shared token.
+        self._headers = {"Authorization": f"Bearer {token}"} if token else None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -53,7 +56,11 @@ class PeerClient:
         assert self._session is not None, "PeerClient not started"
         try:
             async with self._session.request(
-                method, url, json=json, timeout=aiohttp.ClientTimeout(total=limit_s)
+                method,
+                url,
+                json=json,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=limit_s),
             ) as resp:
                 data = await resp.json(content_type=None)
                 return resp.status, data if isinstance(data, dict) else {}
@@ -109,7 +116,15 @@ def _host(host: str) -> str:
 class BootstrapServer:
     """The prefill instance's bootstrap endpoint (SGLang's ``--disaggregation-bootstrap-port``)."""
 
-    def __init__(self, rooms: Rooms, host: str, port: int, max_wait_s: float) -> None:
+    def __init__(
+        self,
+        rooms: Rooms,
+        host: str,
+        port: int,
+        max_wait_s: float,
+        allowed: Callable[[str | None], bool] = lambda authorization: True,
+    ) -> None:
+        self._allowed = allowed  # allowed(Authorization header): the control plane's check
         self._rooms = rooms
         self._host = host
         self._port = port
@@ -129,7 +144,14 @@ class BootstrapServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def _refused(self, request: web.Request) -> web.Response | None:
+        if self._allowed(request.headers.get("Authorization")):
+            return None
+        return web.json_response({"error": "control token required"}, status=403)
+
     async def _wait(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         try:
             room = int(request.match_info["room"])
             limit_s = min(float(request.query.get("timeout", self._max_wait)), self._max_wait)
@@ -142,6 +164,8 @@ class BootstrapServer:
         return web.json_response(meta.as_dict())
 
     async def _release(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         try:
             room = int(request.match_info["room"])
         except ValueError:

@@ -46,10 +46,17 @@ def sse_error_event(exc: GatewayError) -> bytes:
 def invalid_request(exc: ValidationError | RequestValidationError) -> InvalidRequest:
     """Name the first offending field, the way OpenAI's ``param`` does."""
     first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Without "body" (FastAPI's) and the union member a value failed as ("str", "list[int]").
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(p)]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
     return InvalidRequest(f"{param}: {message}" if param else message, param=param)
+
+
+def _union_member(part: object) -> bool:
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool") or part.startswith(("list[", "dict["))
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -69,6 +69,12 @@ async def test_non_object_json_is_400(client: Client, raw: bytes) -> None:
         (COMPLETIONS, {"model": MODEL}, "prompt"),
         (COMPLETIONS, completion_body(min_tokens=-1), "min_tokens"),
         (COMPLETIONS, completion_body(n=3), "n"),
+        # Strict types, as OpenAI's API: no coercion from strings or booleans.
+        (CHAT, chat_body(max_tokens="8"), "max_tokens"),
+        (CHAT, chat_body(max_tokens=True), "max_tokens"),
+        (COMPLETIONS, completion_body(stream="yes"), "stream"),
+        (COMPLETIONS, completion_body(prompt=[True, False]), "prompt"),
+        (CHAT, chat_body(seed="1"), "seed"),
     ],
 )
 async def test_schema_violation_names_param(
