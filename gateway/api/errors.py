@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from gateway.errors import GatewayError, InvalidRequest
@@ -76,6 +77,12 @@ def install(app: FastAPI) -> None:
         err.status, err.type = exc.status_code, "invalid_request_error"
         return error_response(err)
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # Routine: the client closed the connection before its body arrived. Nobody is left
+        # to answer; one line, no traceback.
+        log.info("client disconnected before its request body arrived (%s)", request.url.path)
+        return Response(status_code=499)
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
         return error_response(GatewayError("internal error"))
@@ -84,4 +91,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, unexpected)

@@ -106,3 +106,25 @@ def test_an_http10_stream_is_close_delimited(gateway: Proc) -> None:
     assert b"transfer-encoding" not in head.lower()
     assert payload.startswith(b"data: {")  # the events themselves, no chunk-size lines
     assert payload.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_client_leaving_mid_body_is_one_quiet_line(gateway: Proc) -> None:
+    """Before: each such disconnect logged an ERROR with a traceback."""
+    before = gateway.log()
+    for _ in range(3):
+        sock = _connect(gateway)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000\r\n\r\n" + b'{"model": "' + b"x" * 100
+        )
+        time.sleep(0.05)
+        sock.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        new = gateway.log()[len(before) :]
+        if new.count("client disconnected before its request body arrived") >= 3:
+            break
+        time.sleep(0.05)
+    assert new.count("client disconnected before its request body arrived") == 3, new
+    assert "Traceback" not in new
+    assert "ERROR" not in new
