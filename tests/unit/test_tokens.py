@@ -1,4 +1,4 @@
-"""Prompt token counting (gateway/tokens.py): the approximation and a real HF tokenizer."""
+"""Prompt token counting (backends/tokens.py): the approximation and a real HF tokenizer."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.trainers import WordLevelTrainer
 
-from backends.tokens import IMAGE_BYTES_PER_TOKEN, IMAGE_TOKENS
-from gateway.tokens import (
+from backends.tokens import (
+    IMAGE_BYTES_PER_TOKEN,
+    IMAGE_TOKENS,
     MESSAGE_OVERHEAD,
     REPLY_PRIMER,
     TokenCounter,

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from backends.catalog import Catalog, EngineKnobs
+from backends.emulator.catalog import Catalog, EngineKnobs
 from backends.errors import CatalogError
 from backends.server.config import Faults, InstanceConfig
 
