@@ -62,6 +62,7 @@ from backends.errors import (
     UpstreamRejected,
 )
 from backends.upstream.httpclient import ConnectError, HttpPool, Response, UpstreamError
+from backends.wire.relay import is_rich, usage_details
 
 Protocol = Literal["vllm-nixl", "sglang-bootstrap", "openai"]
 PROTOCOLS: tuple[Protocol, ...] = ("vllm-nixl", "sglang-bootstrap", "openai")
@@ -188,10 +189,10 @@ class HttpBackend:
         started = time.monotonic()
         if params.max_tokens <= 1:  # nothing to decode: one ordinary request
             data = await self._post(params, _body(params, stream=False))
-            text, finish = _message(data)
+            text, finish, relayed = _message(data)
             stats = LegStats(compute_s=time.monotonic() - started)
             usage = _usage(data)
-            chunk = TokenChunk(text, 1, finish or "length", stats, usage)
+            chunk = TokenChunk(text, 1, finish or "length", stats, usage, relayed)
             kv = KVHandle(self.name, params.prompt_tokens, 0.0, 0, None, text)
             return PrefillResult(chunk, kv, stats)
         ktp = {
@@ -387,6 +388,8 @@ class _StreamState:
         self.partial = lines.pop()
         text: list[str] = []
         tokens = 0
+        choices: list[dict[str, Any]] = []
+        rich = False
         for line in lines:
             if not line.startswith(b"data:"):
                 continue
@@ -395,23 +398,28 @@ class _StreamState:
                 self.done = True
                 break
             try:
-                part, n = self._event(payload)
+                part, n, event = self._event(payload)
             except LegFailed as exc:
                 self.failure = exc
                 break
             if part:
                 text.append(part)
-                tokens += n
-        return TokenChunk("".join(text), tokens) if text else None
+            tokens += n
+            if event is not None and n:
+                choices.append(event)
+                rich = rich or is_rich(event)
+        if not tokens:
+            return None
+        return TokenChunk("".join(text), tokens, choices=tuple(choices) if rich else ())
 
-    def _event(self, payload: bytes) -> tuple[str, int]:
-        """One event's text and the tokens it carries."""
+    def _event(self, payload: bytes) -> tuple[str, int, dict[str, Any] | None]:
+        """One event's text, the tokens it carries, and its choice (relayed when rich)."""
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             raise LegFailed(f"{self.name}: invalid SSE event: {_text(payload)}") from exc
         if not isinstance(obj, dict):
-            return "", 0
+            return "", 0, None
         if "error" in obj:
             error = _text(orjson.dumps(obj["error"]))
             raise LegFailed(f"{self.name}: upstream stream failed: {error}")
@@ -419,19 +427,22 @@ class _StreamState:
         if isinstance(usage, dict):
             self.usage = usage
         text = ""
+        event: dict[str, Any] | None = None
         for choice in obj.get("choices") or ():
             delta = choice.get("delta")
             part = delta.get("content") if isinstance(delta, dict) else choice.get("text")
             text += part or ""
             self.finish = choice.get("finish_reason") or self.finish
-        if not text:
-            return "", 0
+            event = choice  # the client asked for one choice (n=1)
+        if not text and (event is None or not is_rich(event)):
+            return "", 0, None
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             tokens = usage["completion_tokens"] - self.counted
         else:
             tokens = 1
+        tokens = max(tokens, 1)  # an event with something in it is at least one token
         self.counted += tokens
-        return text, tokens
+        return text, tokens, event
 
     def last(self, stats: LegStats) -> TokenChunk:
         usage = self.usage or {}
@@ -442,7 +453,9 @@ class _StreamState:
         if isinstance(prompt, int):
             details = usage.get("prompt_tokens_details")
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
-            reported = ReportedUsage(prompt, cached if isinstance(cached, int) else None)
+            reported = ReportedUsage(
+                prompt, cached if isinstance(cached, int) else None, usage_details(usage)
+            )
         return TokenChunk("", extra, self.finish or "length", stats, reported)
 
 
@@ -465,12 +478,18 @@ def _body(
     return body
 
 
-def _message(data: Mapping[str, Any]) -> tuple[str, str | None]:
+def _message(data: Mapping[str, Any]) -> tuple[str, str | None, tuple[dict[str, Any], ...]]:
+    """A whole answer's text, finish reason, and its choice as one streamed event's (a
+    ``delta`` for a chat ``message``) when it carries more than text."""
     choices = data.get("choices") or [{}]
     choice = choices[0] if isinstance(choices[0], dict) else {}
     message = choice.get("message")
     text = message.get("content") if isinstance(message, dict) else choice.get("text")
-    return (text or ""), choice.get("finish_reason")
+    event = dict(choice)
+    if isinstance(message, dict):
+        event["delta"] = event.pop("message")
+    relayed = (event,) if is_rich(event) else ()
+    return (text or ""), choice.get("finish_reason"), relayed
 
 
 def _usage(data: Mapping[str, Any]) -> ReportedUsage | None:
@@ -479,11 +498,18 @@ def _usage(data: Mapping[str, Any]) -> ReportedUsage | None:
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return ReportedUsage(usage["prompt_tokens"], cached if isinstance(cached, int) else None)
+    return ReportedUsage(
+        usage["prompt_tokens"], cached if isinstance(cached, int) else None, usage_details(usage)
+    )
 
 
 def _with_usage(chunk: TokenChunk, prompt: ReportedUsage) -> TokenChunk:
-    return TokenChunk(chunk.text, chunk.tokens, chunk.finish_reason, chunk.stats, prompt)
+    """The last chunk with the prompt counted as ``prompt`` says (the prefill server's count),
+    keeping the decode server's usage details (what it generated)."""
+    own = chunk.usage.details if chunk.usage is not None else None
+    details = {**(prompt.details or {}), **(own or {})} or None
+    usage = ReportedUsage(prompt.prompt_tokens, prompt.cached_tokens, details)
+    return TokenChunk(chunk.text, chunk.tokens, chunk.finish_reason, chunk.stats, usage)
 
 
 def _task_usage(task: asyncio.Task[dict[str, Any]]) -> ReportedUsage | None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from backends.base import GenerationParams, ReportedUsage
+from backends.wire.relay import Accumulator
 from backends.wire.render import DONE, WireFormat
 from backends.wire.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.api.errors import invalid_request
@@ -295,7 +296,10 @@ async def _sse(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> AsyncGene
                 continue  # nothing follows a last chunk
             completion += chunk.tokens
             reported = chunk.usage or reported
-            out = fmt.text(chunk.text) if chunk.text else b""
+            if chunk.choices:  # more than text: each upstream event relayed as it was
+                out = b"".join(fmt.relayed(choice) for choice in chunk.choices)
+            else:
+                out = fmt.text(chunk.text) if chunk.text else b""
             if opening:
                 out, opening = opening + out, b""
             if chunk.finish_reason is not None:
@@ -317,7 +321,7 @@ def _tail(
     tail = fmt.finish(finish)
     if fmt.include_usage:
         prompt, cached = _prompt_usage(dreq, reported)
-        tail += fmt.usage(prompt, completion, cached)
+        tail += fmt.usage(prompt, completion, cached, reported.details if reported else None)
     return tail + DONE
 
 
@@ -328,6 +332,7 @@ async def _complete(
     parts: list[str] = []
     completion = 0
     reported: ReportedUsage | None = None
+    relayed: Accumulator | None = None  # what upstream events carried beyond text
     ended = False
     async with gw.dispatcher.open(dreq) as chunks:
         async for chunk in chunks:
@@ -336,11 +341,14 @@ async def _complete(
             parts.append(chunk.text)
             completion += chunk.tokens
             reported = chunk.usage or reported
+            if chunk.choices:
+                relayed = relayed or Accumulator()
+                relayed.add(chunk.choices)
             if chunk.finish_reason is not None:
                 ended = True
-                yield _body(dreq, fmt, parts, chunk.finish_reason, completion, reported)
+                yield _body(dreq, fmt, parts, chunk.finish_reason, completion, reported, relayed)
     if not ended:
-        yield _body(dreq, fmt, parts, "length", completion, reported)
+        yield _body(dreq, fmt, parts, "length", completion, reported, relayed)
 
 
 def _body(
@@ -350,9 +358,12 @@ def _body(
     finish: str,
     completion: int,
     reported: ReportedUsage | None,
+    relayed: Accumulator | None = None,
 ) -> bytes:
     prompt, cached = _prompt_usage(dreq, reported)
-    return fmt.body("".join(parts), finish, prompt, completion, cached)
+    details = reported.details if reported is not None else None
+    text = "".join(parts)
+    return fmt.body(text, finish, prompt, completion, cached, relayed=relayed, details=details)
 
 
 def _prompt_usage(dreq: DispatchRequest, reported: ReportedUsage | None) -> tuple[int, int | None]:
