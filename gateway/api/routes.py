@@ -300,7 +300,10 @@ async def _sse(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> AsyncGene
                 out = b"".join(fmt.relayed(choice) for choice in chunk.choices)
             else:
                 out = fmt.text(chunk.text) if chunk.text else b""
-            if opening:
+            if opening and (out or chunk.finish_reason is not None):
+                # The role goes out with the first content, not with a real upstream's empty
+                # prefill chunk: until then the status is not committed, so an error of the
+                # decode leg (the upstream refusing the request) is still a plain HTTP error.
                 out, opening = opening + out, b""
             if chunk.finish_reason is not None:
                 ended = True
@@ -308,7 +311,7 @@ async def _sse(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> AsyncGene
             elif out:
                 yield out
     if not ended:
-        yield LastEvents(_tail(dreq, fmt, "length", completion, reported))
+        yield LastEvents(opening + _tail(dreq, fmt, "length", completion, reported))
 
 
 def _tail(

@@ -48,10 +48,18 @@ def test_upstream_400_is_the_clients_and_keeps_the_model_up(protocol: str) -> No
         )
         with run_gateway(data) as g:
             too_long = {"model": MODEL, "prompt": "hello", "max_tokens": 100000}
-            for stream in (False, True, False, True, False):
-                r = httpx.post(
-                    g.url + "/v1/completions", json={**too_long, "stream": stream}, timeout=30
-                )
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
+            for path, stream in (
+                ("/v1/completions", False),
+                ("/v1/completions", True),
+                ("/v1/chat/completions", True),  # the role event must not commit a 200
+                ("/v1/chat/completions", False),
+                ("/v1/completions", False),
+            ):
+                body = {**too_long, "stream": stream}
+                if path == "/v1/chat/completions":
+                    body = {**chat, "max_tokens": 100000, "stream": stream}
+                r = httpx.post(g.url + path, json=body, timeout=30)
                 assert r.status_code == 400, r.text
                 error = r.json()["error"]
                 assert "maximum context length" in error["message"]
