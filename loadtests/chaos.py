@@ -112,7 +112,7 @@ def _redis_argv(port: int, workdir: Path) -> list[str]:
 
 def _backend(procs: Processes, name: str, role: str, device: str, port: int) -> Proc:
     argv = backend_argv(
-        port, role, "--time-scale", "4", "--enable-faults", "--kv-lease", str(KV_LEASE_S),
+        port, role, "--time-scale", "2", "--enable-faults", "--kv-lease", str(KV_LEASE_S),
         device=device,
     )  # fmt: skip
     return procs.start(name, argv, port)
@@ -257,7 +257,9 @@ def _kind(rng: random.Random, phase: str) -> str:
 def _body(rng: random.Random, kind: str) -> tuple[str, dict[str, Any]]:
     chat = rng.random() < 0.5
     stream = kind == "disconnect" or rng.random() < 0.6
-    body: dict[str, Any] = {"model": MODEL, "max_tokens": rng.randint(4, 48), "stream": stream}
+    # Mostly short answers, some long ones: a fault then lands mid-stream too.
+    max_tokens = rng.randint(200, 400) if rng.random() < 0.15 else rng.randint(4, 48)
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": max_tokens, "stream": stream}
     if kind == "too_long":
         body["max_tokens"] = 100_000  # more than a decode instance holds: its 400
     elif kind == "bad_type":

@@ -34,14 +34,17 @@ _OWN_USAGE = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
 
 def is_rich(choice: Mapping[str, Any]) -> bool:
     """Whether an upstream choice carries more than text (see the module docstring)."""
-    if choice.get("logprobs") is not None or not _PLAIN_CHOICE.issuperset(choice):
+    if choice.get("logprobs") is not None or _carries(choice, _PLAIN_CHOICE):
         return True
     delta = choice.get("delta")
-    if isinstance(delta, dict):
-        return not _PLAIN_DELTA.issuperset(delta) or any(
-            delta[k] is not None for k in delta if k not in _PLAIN_DELTA
-        )
-    return False
+    return isinstance(delta, dict) and _carries(delta, _PLAIN_DELTA)
+
+
+def _carries(fields: Mapping[str, Any], plain: frozenset[str]) -> bool:
+    """Whether ``fields`` has a key beyond ``plain`` with a value (not None, not empty)."""
+    if plain.issuperset(fields):
+        return False  # the common case, without a look at the values
+    return any(v is not None and v != [] for k, v in fields.items() if k not in plain)
 
 
 def stream_event(head: bytes, choice: Mapping[str, Any], usage_tail: bytes) -> bytes:
