@@ -387,7 +387,7 @@ class Result:
     def table(self) -> str:
         columns = ["ok", "client_error", "429", "502", "503", "504", "stream_error", "disconnected"]
         head = "| phase | sent | " + " | ".join(columns) + " | lost | misattributed |"
-        rows = [head, "|---" + "|---:" * (len(columns) + 4) + "|"]
+        rows = [head, "|---" + "|---:" * (len(columns) + 3) + "|"]
         for name in PHASES:
             t = self.tallies[name]
             counts = Counter[str]()
