@@ -12,7 +12,7 @@
         └── LegTimeout        ...by going silent past its timeout while its worker stalled
 
 Adapters translate their transport's exceptions into these at their boundary
-(``raise LegFailed(...) from exc``); nothing above ``backends/`` sees httpx or aiohttp errors.
+(``raise LegFailed(...) from exc``); nothing above ``backends/`` sees the HTTP client's errors.
 """
 
 

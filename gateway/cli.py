@@ -21,7 +21,7 @@ from types import ModuleType
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.commands.serve", "run the gateway"),
     "report": (
-        "gateway.sim.report",
+        "gateway.commands.report",
         "plot a load test (locust CSV) or simulations (simulate --json): TTFT, ITL, goodput",
     ),
     "backend": (
@@ -29,11 +29,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run one emulated instance as an OpenAI server speaking vLLM's and SGLang's P/D protocols",
     ),
     "simulate": (
-        "gateway.sim.simulate",
+        "gateway.commands.simulate",
         "simulate a deployment (or a whole config) under a workload, in virtual time",
     ),
     "calibrate": (
-        "gateway.sim.calibrate",
+        "gateway.commands.calibrate",
         "check the emulated devices against the published reference points",
     ),
 }
