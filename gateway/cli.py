@@ -5,6 +5,7 @@
     pdgate backend --device D --model M [--role prefill|decode|both] [--port P] ...
     pdgate simulate (--device D --model M [--count N --tp N] | --config FILE) WORKLOAD LOAD
     pdgate calibrate [--points ID,...] [--json]
+    pdgate plan --model M WORKLOAD --rate R --slo ttft:p90=S ... [--devices D,...] [--plot F]
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and
 ``run(args) -> int``; :data:`COMMANDS` maps names to (module, one-line help). Modules are
@@ -35,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": (
         "gateway.commands.calibrate",
         "check the emulated devices against the published reference points",
+    ),
+    "plan": (
+        "gateway.sim.plan.command",
+        "find the cheapest deployment (mode, devices, counts, layouts) meeting a workload's SLOs",
     ),
 }
 

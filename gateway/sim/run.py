@@ -374,7 +374,7 @@ def simulate(spec: SimulationSpec) -> SimulationResult:
 
 async def _run(spec: SimulationSpec) -> SimulationResult:
     catalog = spec.catalog or Catalog.load()
-    clock = LoopClock()
+    clock = LoopClock(asyncio.get_running_loop())  # bound: no loop look-up per reading
     gaps = GapRecorder()
     factory = _SimFactory(catalog, clock, gaps, spec.seed)
     settings = spec.settings if spec.timeout_s is not None else _without_timeouts(spec.settings)
