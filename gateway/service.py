@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, replace
@@ -353,6 +354,7 @@ def http_backend(name: str, spec: HttpWorker) -> HttpBackend:
         read_timeout_s=spec.read_timeout_s,
         served_model_name=spec.served_model_name,
         usage_per_chunk=spec.usage_per_chunk,
+        control_token=os.environ.get(spec.control_token_env) or None,
     )
     return HttpBackend(
         name, spec.url, spec.protocol, bootstrap_port=spec.bootstrap_port, options=options
