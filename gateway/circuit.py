@@ -63,6 +63,8 @@ class CircuitBreaker:
 
     def available(self) -> bool:
         """May a new leg be sent now?"""
+        if self._opened_at is None and self._opened_elsewhere is None:
+            return True  # closed, the common case, without building the state
         state = self.state
         return state is CircuitState.CLOSED or (
             state is CircuitState.HALF_OPEN and not self._probing
