@@ -729,6 +729,10 @@ class Engine:
         seq._co = None
         self._co.discard(seq)
         self._co_computed -= seq._comp
+        if not self._co:  # the last one: drop the schedule's stale entries
+            self._co_max_rank = -1
+            self._grow_at.clear()
+            self._finish_at.clear()
         if keep:
             bisect.insort(self._others, seq, key=_rank_of)
 

@@ -175,3 +175,27 @@ def test_bulk_decoding_matches_the_per_sequence_path(seed: int, knobs: dict[str,
     assert fast["finish"] == slow["finish"]
     assert fast["stats"] == slow["stats"]
     assert fast["free"] == slow["free"]
+
+
+def test_an_engine_that_drains_keeps_no_bulk_schedule_behind() -> None:
+    """Bursts with idle time between them: once the last bulk sequence leaves, no growth or
+    finish entry (holding finished sequences) is left for a long-running server to keep."""
+
+    async def main() -> tuple[int, int, int, int]:
+        clock = LoopClock()
+        engine = Engine(Timer(100_000), clock)
+        engine.start()
+        generated = 0
+        for _ in range(20):
+            seqs = [engine.submit(100, 40) for _ in range(20)]
+            for seq in seqs:
+                await seq.wait_finished()
+                generated += seq.generated
+            await clock.sleep(1.0)
+        left = (len(engine._grow_at), len(engine._finish_at), len(engine._co))
+        await engine.stop()
+        return (*left, generated)
+
+    grow, finish, bulk, generated = run_on_virtual_loop(main)
+    assert generated == 20 * 20 * 40
+    assert (grow, finish, bulk) == (0, 0, 0)
