@@ -808,17 +808,18 @@ class Engine:
         if ending is not None or self._notify_q:
             # Bulk sequences that end, or that a consumer waits on, are handled here in
             # running order among the others: wake-ups keep the per-sequence order.
-            events = [(s, 0) for s in ending or () if s._fin == step_no and s._co is self]
-            events += [(s, -1) for s in self._notify_q]
+            # (negative: batch entries count tokens, zero for an empty prompt's first step)
+            events = [(s, -1) for s in ending or () if s._fin == step_no and s._co is self]
+            events += [(s, -2) for s in self._notify_q]
             self._notify_q = []
             todo = sorted(batch + events, key=_first_rank) if events else batch
         else:
             todo = batch
         for seq, n in todo:
-            if n <= 0:  # from the bulk
+            if n < 0:  # from the bulk
                 if seq._co is not self:
                     continue
-                if n == 0:  # its last token
+                if n == -1:  # its last token
                     self._drop(seq)
                     self._finish(seq, "length")
                 else:

@@ -199,3 +199,22 @@ def test_an_engine_that_drains_keeps_no_bulk_schedule_behind() -> None:
     grow, finish, bulk, generated = run_on_virtual_loop(main)
     assert generated == 20 * 20 * 40
     assert (grow, finish, bulk) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+def test_an_empty_prompt_decodes_beside_bulk_sequences(bulk: bool) -> None:
+    """A prompt of no tokens is scheduled with a chunk of zero tokens for its first step:
+    that batch entry must not be taken for a bulk event."""
+
+    async def main() -> tuple[int, int, str | None]:
+        engine = Engine(Timer(100_000), LoopClock(), bulk_decode=bulk)
+        engine.start()
+        other = engine.submit(50, 30)
+        await other.wait_beyond(0)
+        empty = engine.submit(0, 5)
+        await asyncio.wait_for(empty.wait_finished(), 10.0)
+        await other.wait_finished()
+        await engine.stop()
+        return empty.generated, other.generated, empty.finish_reason
+
+    assert run_on_virtual_loop(main) == (5, 30, "length")
