@@ -1,0 +1,158 @@
+"""``pdgate calibrate --devices``: one line per device — family, what its physics is based on,
+the checks it passes — and the status derived from them.
+
+A device is ``calibrated`` when at least one of its *check* points (a published figure no
+constant was fitted on, ``config/calibration.yaml``) is within tolerance, whatever its grade;
+otherwise ``spec-only``. Train points never count: a fit reproducing the figure it was fitted
+on says nothing. Nothing in the device files says which a device is.
+
+``--markdown`` prints the same table as the Markdown page ``docs/accelerators.md`` embeds
+between its ``<!-- devices:begin -->`` and ``<!-- devices:end -->`` markers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from backends.catalog import AnyDevice, Catalog
+from backends.errors import CatalogError
+from gateway.commands.calibrate import CalibrationSet, Point, Row, run_point
+
+Status = Literal["calibrated", "spec-only"]
+
+# What each family's physics is, in one phrase (backends/timing.py, backends/accelerators.py).
+MECHANISM: dict[str, str] = {
+    "hbm": "HBM roofline: max(FLOPs / (MFU·peak), bytes / (η·BW)) per kernel + overheads + "
+    "collectives over the scale-up link",
+    "sram_pipeline": "SRAM-resident pipeline over chips sized by SRAM: per-token latency "
+    "τ0 + layers·τ_layer, flat in batch until the slots fill; prompt tokens stream through",
+    "wafer_scale": "wafers sized by on-wafer SRAM, layers pipelined across them: "
+    "layers·τ_layer + (wafers−1)·τ_hop per token",
+    "lpddr_sram": "LPDDR roofline, SRAM speed when the weights fit on chip",
+    "in_memory": "in-memory compute: weights computed on in SRAM (cards sized by SRAM), "
+    "LPDDR when they spill; card-chain latency per token",
+    "dataflow": "three tiers: SRAM holds what fits of each socket's weights, HBM streams the "
+    "rest and the KV, DDR holds the model library (switch = weights / DDR bandwidth)",
+    "hardwired": "the model is the chip: fixed per-token latency, KV in on-die SRAM",
+}
+
+Runner = Callable[[Point], list[Row]]
+
+
+@dataclass(frozen=True)
+class DeviceLine:
+    """One device's line in the table."""
+
+    name: str
+    vendor: str
+    family: str
+    basis: str
+    fitted: list[str]
+    checks: list[Point]
+    passed: list[str]
+
+    @property
+    def status(self) -> Status:
+        return "calibrated" if self.passed else "spec-only"
+
+
+def check_points(cal: CalibrationSet, device: str) -> list[Point]:
+    return [p for p in cal.points if p.device == device and p.role == "check"]
+
+
+def derive_status(rows: Iterable[Row]) -> Status:
+    """``calibrated`` when any check row passes, else ``spec-only``."""
+    ok = any(r.point.role == "check" and r.passed for r in rows)
+    return "calibrated" if ok else "spec-only"
+
+
+def basis(device: AnyDevice) -> str:
+    """What a device's physics rests on: its family's mechanism and how many of its constants
+    are published figures, priors carried over from another device, or assumptions."""
+    spec = prior = assumed = 0
+    for key, text in device.sources.items():
+        if key in ("usd_per_hour", "tdp_w", "evidence", "physics"):
+            continue
+        low = text.lower()
+        if "prior" in low or "reused" in low or "carried over" in low:
+            prior += 1
+        elif "assumption" in low or "assumed" in low:
+            assumed += 1
+        else:
+            spec += 1
+    return (
+        f"{MECHANISM[device.family]}; constants: {spec} published or derived, {prior} priors "
+        f"from other devices, {assumed} assumed"
+    )
+
+
+def device_lines(
+    catalog: Catalog, cal: CalibrationSet, runner: Runner | None = None
+) -> list[DeviceLine]:
+    """Every catalog device with its check points run through ``runner`` (default: simulate)."""
+    run: Runner = runner or (lambda p: run_point(p, catalog, cal.services))
+    lines = []
+    for name, device in sorted(catalog.devices.items()):
+        checks = check_points(cal, name)
+        passed = []
+        for point in checks:
+            try:
+                rows = run(point)
+            except (CatalogError, ValueError):
+                continue
+            if rows and all(r.passed for r in rows):
+                passed.append(point.id)
+        fitted = [
+            fp.name.removeprefix(name + ".")
+            for fp in cal.free_parameters
+            if fp.name.startswith(name + ".")
+        ]
+        lines.append(
+            DeviceLine(
+                name,
+                device.vendor,
+                device.family,
+                basis(device),
+                fitted,
+                checks,
+                passed,
+            )
+        )
+    return lines
+
+
+def render(lines: list[DeviceLine], markdown: bool) -> str:
+    if markdown:
+        out = [
+            "| device | vendor | family | status | checks passed | fitted constants | physics |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for d in lines:
+            checks = _checks(d)
+            fitted = ", ".join(f"`{f}`" for f in d.fitted) or "none"
+            out.append(
+                f"| `{d.name}` | {d.vendor} | {d.family} | {d.status} | {checks} | {fitted} "
+                f"| {d.basis} |"
+            )
+        return "\n".join(out) + "\n"
+    out = [f"{'device':16} {'family':14} {'status':11} checks passed"]
+    for d in lines:
+        out.append(f"{d.name:16} {d.family:14} {d.status:11} {_checks(d)}")
+        out.append(f"{'':16} {d.basis}")
+        if d.fitted:
+            out.append(f"{'':16} fitted: {', '.join(d.fitted)}")
+    return "\n".join(out) + "\n"
+
+
+def _checks(d: DeviceLine) -> str:
+    if not d.checks:
+        return "no published figure to check"
+    return f"{len(d.passed)}/{len(d.checks)}" + (f" ({', '.join(d.passed)})" if d.passed else "")
+
+
+def device_table(
+    catalog: Catalog, cal: CalibrationSet, *, markdown: bool = False, runner: Runner | None = None
+) -> str:
+    return render(device_lines(catalog, cal, runner), markdown)
