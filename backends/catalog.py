@@ -145,7 +145,6 @@ class _DeviceBase(_Data):
     name: str
     display_name: str = ""
     vendor: str = ""
-    status: Literal["calibrated", "spec-only"]
     peak_tflops: dict[str, float] = Field(description="dense TFLOP/s per device by dtype")
     memory_gb: float = Field(gt=0, description="weight-holding memory per device (HBM or SRAM)")
     tdp_w: float | None = Field(None, gt=0)
