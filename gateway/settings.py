@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from backends.catalog import Catalog, EngineKnobs, format_validation_error
+from backends.emulator.catalog import Catalog, EngineKnobs, format_validation_error
 from backends.errors import CatalogError
 
 Role = Literal["prefill", "decode", "aggregated"]

@@ -12,8 +12,8 @@ import math
 import pytest
 import yaml
 
-from backends.catalog import Catalog
-from gateway.commands.calibrate import (
+from backends.emulator.catalog import Catalog
+from gateway.sim.calibrate import (
     QUARANTINE_SHARE,
     CalibrationSet,
     Limits,
@@ -176,7 +176,7 @@ def test_bisection_finds_the_highest_rate_within_the_limits(catalog: Catalog) ->
     rate, tput = max_rate_under_limits(point, catalog, limits, 20.0)
     assert rate > 0
     assert tput > 0
-    from gateway.commands.calibrate import _run
+    from gateway.sim.calibrate import _run
 
     assert meets_limits(_run(point, catalog, rate).metrics(), limits)
     assert not meets_limits(_run(point, catalog, rate * 1.10).metrics(), limits)

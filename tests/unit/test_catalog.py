@@ -1,4 +1,5 @@
-"""The device/model/link catalog (backends/catalog.py): loading, sizing, errors, references."""
+"""The device/model/link catalog (backends/emulator/catalog.py): loading, sizing, errors,
+references."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from backends.catalog import Catalog, EngineKnobs, HbmDevice, PipelineDevice
+from backends.emulator.catalog import Catalog, EngineKnobs, HbmDevice, PipelineDevice
+from backends.emulator.timing import StepShape
 from backends.errors import CatalogError
-from backends.timing import StepShape
 
 CONFIG = Path(Catalog.default_dir())
 DEVICE_FILES = sorted(p.stem for p in (CONFIG / "devices").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""Every device profile and every device family in the catalog (backends/catalog.py).
+"""Every device profile and every device family in the catalog (backends/emulator/catalog.py).
 
 Loading and sources for each profile; a deployment of Llama 3.1 8B (and 70B where it fits) on
 each; the published points the calibrated profiles were checked against; the memory plans of the
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from backends.catalog import (
+from backends.emulator.catalog import (
     AnyDevice,
     Catalog,
     DataflowDevice,
@@ -30,13 +30,13 @@ from backends.catalog import (
     PipelineDevice,
     plan_deployment,
 )
-from backends.errors import CatalogError
-from backends.timing import (
+from backends.emulator.timing import (
     DramSramConstants,
     InMemoryConstants,
     StepShape,
     tiered_memory_time,
 )
+from backends.errors import CatalogError
 
 CONFIG = Path(Catalog.default_dir())
 DEVICE_FILES = sorted(p.stem for p in (CONFIG / "devices").glob("*.yaml"))
@@ -89,7 +89,7 @@ def test_every_profile_loads_as_its_family_class(catalog: Catalog, name: str) ->
     family = _yaml(f"devices/{name}.yaml")["family"]
     d = catalog.device(name)
     assert type(d) is FAMILY_CLASS[family]
-    # Status is derived from the calibration checks (gateway/commands/devices.py), never written.
+    # Status is derived from the calibration checks (gateway/sim/devices.py), never written.
     assert "status" not in _yaml(f"devices/{name}.yaml")
 
 
@@ -210,7 +210,7 @@ def test_calibrated_profile_reproduces_its_published_point(catalog: Catalog, poi
 def test_every_reference_point_here_is_also_a_calibration_point() -> None:
     """The points above are in config/calibration.yaml too, where `pdgate calibrate` grades
     them and derives each device's status from its check points."""
-    from gateway.commands.calibrate import load_points
+    from gateway.sim.calibrate import load_points
 
     devices = {(p.device, p.model) for p in load_points()}
     assert {(p.device, p.model) for p in POINTS} <= devices

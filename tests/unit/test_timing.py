@@ -1,4 +1,5 @@
-"""Device timing physics (backends/timing.py), checked against hand arithmetic from the YAML."""
+"""Device timing physics (backends/emulator/timing.py), checked against hand arithmetic from
+the YAML."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from backends.catalog import Catalog
-from backends.timing import (
+from backends.emulator.catalog import Catalog
+from backends.emulator.timing import (
     HbmConstants,
     Link,
     PipelineConstants,

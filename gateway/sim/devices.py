@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from backends.catalog import AnyDevice, Catalog
+from backends.emulator.catalog import AnyDevice, Catalog
 from backends.errors import CatalogError
-from gateway.commands.calibrate import CalibrationSet, Point, Row, run_point
+from gateway.sim.calibrate import CalibrationSet, Point, Row, run_point
 
 Status = Literal["calibrated", "spec-only"]
 
-# What each family's physics is, in one phrase (backends/timing.py, backends/accelerators.py).
+# What each family's physics is, in one phrase (backends/emulator/timing.py, backends/emulator/accelerators.py).
 MECHANISM: dict[str, str] = {
     "hbm": "HBM roofline: max(FLOPs / (MFU·peak), bytes / (η·BW)) per kernel + overheads + "
     "collectives over the scale-up link",

@@ -3,8 +3,8 @@
 Device and model profiles are YAML files (``config/devices/*.yaml``, ``config/models/*.yaml``);
 KV-transfer links are presets in ``config/links.yaml``. Every number carries its source in the
 file's ``sources`` map. A device's ``family`` selects its class, and the class its physics
-(:mod:`backends.timing`) and its memory plan; nothing else in the code branches on a device's
-name or family:
+(:mod:`backends.emulator.timing`) and its memory plan; nothing else in the code branches on a
+device's name or family:
 
 * ``hbm`` → :class:`HbmDevice`: roofline over HBM (GPUs, TPUs, Trainium, Gaudi, ...),
 * ``sram_pipeline`` / ``wafer_scale`` → :class:`PipelineDevice`: SRAM-resident pipeline across
@@ -34,8 +34,7 @@ from typing import Annotated, ClassVar, Literal, TypeAlias, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from backends.errors import CatalogError
-from backends.timing import (
+from backends.emulator.timing import (
     DTYPE_BYTES,
     DataflowConstants,
     DramSramConstants,
@@ -55,6 +54,7 @@ from backends.timing import (
     model_switch_time,
     pipeline_step_time,
 )
+from backends.errors import CatalogError
 
 GB = 1e9
 TB = 1e12

@@ -41,14 +41,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from backends.catalog import Catalog, EngineKnobs, format_validation_error
+from backends.emulator.catalog import Catalog, EngineKnobs, format_validation_error
+from backends.emulator.timing import StepShape
 from backends.errors import CatalogError
-from backends.sim.workload import make_workload, parse_length
-from backends.timing import StepShape
-from gateway.sim import SimulationSpec, device_settings, simulate
+from gateway.sim.run import SimulationSpec, device_settings, simulate
+from gateway.sim.workload import make_workload, parse_length
 
 if TYPE_CHECKING:
-    from gateway.sim import SimulationResult
+    from gateway.sim.run import SimulationResult
 
 ENFORCED = ("A", "A-")
 QUARANTINE_SHARE = 0.10  # at most this share of the enforced rows may be quarantined
@@ -505,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     catalog = Catalog.load()
     if args.devices:
-        from gateway.commands.devices import device_table
+        from gateway.sim.devices import device_table
 
         print(device_table(catalog, cal, markdown=args.markdown), end="", flush=True)
         return 0
