@@ -22,7 +22,8 @@ from gateway.sim.calibrate import CalibrationSet, Point, Row, run_point
 
 Status = Literal["calibrated", "spec-only"]
 
-# What each family's physics is, in one phrase (backends/emulator/timing.py, backends/emulator/accelerators.py).
+# What each family's physics is, in one phrase (backends/emulator/timing.py and
+# backends/emulator/accelerators.py).
 MECHANISM: dict[str, str] = {
     "hbm": "HBM roofline: max(FLOPs / (MFU·peak), bytes / (η·BW)) per kernel + overheads + "
     "collectives over the scale-up link",
