@@ -471,6 +471,11 @@ class LinkProfile(_Data):
     setup_s: float = Field(ge=0)
     per_descriptor_s: float = Field(0.0, ge=0)
     source: str
+    path: str = Field("", description="what the KV crosses, hop by hop (cross-vendor presets)")
+    pairs: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="(prefill device, decode device) pairs whose handoff takes this path",
+    )
 
     def link(self, name: str) -> Link:
         return Link(
@@ -612,6 +617,10 @@ class Catalog:
         for key, item in [*devices.items(), *models.items()]:
             if item.name != key:
                 raise CatalogError(f"{root}: file '{key}.yaml' declares name '{item.name}'")
+        for key, lp in links.items():
+            unknown = sorted({d for pair in lp.pairs for d in pair} - set(devices))
+            if unknown:
+                raise CatalogError(f"{root}/links.yaml: {key}: unknown devices {unknown}")
         return cls(devices, models, links)
 
     def device(self, name: str) -> AnyDevice:
@@ -622,6 +631,14 @@ class Catalog:
 
     def link(self, name: str) -> Link:
         return _lookup(self.links, name, "link").link(name)
+
+    def handoff_link(self, prefill_device: str, decode_device: str) -> str | None:
+        """The preset whose path a KV handoff from ``prefill_device`` to ``decode_device``
+        takes (``config/links.yaml`` ``pairs``), or None where no cross-vendor path is set."""
+        for key, lp in self.links.items():
+            if (prefill_device, decode_device) in lp.pairs:
+                return key
+        return None
 
     def deployment(
         self,
