@@ -34,6 +34,7 @@ from typing import Annotated, ClassVar, Literal, TypeAlias, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from backends.emulator.accelerators import TierPlacement, dataflow_placement
 from backends.emulator.timing import (
     DTYPE_BYTES,
     DataflowConstants,
@@ -182,6 +183,10 @@ class _DeviceBase(_Data):
 
     def capacity_text(self, count: int, util: float) -> str:
         return f"{count} × {self.memory_gb:g} GB × {util:g} utilisation"
+
+    def kv_free_bytes(self, weights: float, count: int, util: float) -> float:
+        """Memory left for KV on ``count`` devices holding ``weights`` (may be negative)."""
+        return self.capacity_bytes(count, util) - weights
 
     def model_switch_s(self, dep: Deployment) -> float | None:
         """Seconds to bring another model into the deployment; None where it is not modelled."""
@@ -391,10 +396,42 @@ class DataflowDevice(_DeviceBase):
     sram_gb: float = Field(gt=0)
     ddr_gb: float = Field(gt=0)
     ddr_bandwidth_tb_s: float = Field(gt=0, description="DDR bandwidth per socket")
+    kv_reserve_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of HBM kept for KV when the weights spill to DDR"
+    )
     efficiency: DataflowEfficiency
+
+    def placement(self, weights: float, count: int, util: float) -> TierPlacement:
+        """What lives where (:func:`backends.emulator.accelerators.dataflow_placement`)."""
+        return dataflow_placement(
+            weights,
+            count,
+            self.memory_gb * GB,
+            self.sram_gb * GB,
+            self.ddr_gb * GB,
+            util,
+            self.kv_reserve_fraction,
+        )
+
+    def kv_free_bytes(self, weights: float, count: int, util: float) -> float:
+        try:
+            return self.placement(weights, count, util).hbm_kv_bytes
+        except ValueError:
+            return -1.0
+
+    def capacity_bytes(self, count: int, util: float) -> float:
+        """HBM for weights and KV, and DDR for weights that overflow it."""
+        return count * (self.memory_gb * GB * util + self.ddr_gb * GB)
+
+    def capacity_text(self, count: int, util: float) -> str:
+        return (
+            f"{count} × ({self.memory_gb:g} GB HBM × {util:g} utilisation + {self.ddr_gb:g} GB DDR)"
+        )
 
     def constants(self, dep: Deployment) -> DataflowConstants:
         e = self.efficiency
+        weights = self.resident_weight_bytes(dep.model, dep.dtype)
+        tiers = self.placement(weights, dep.count, dep.engine.gpu_memory_utilization)
         return DataflowConstants(
             peak_flops=self.peak_flops(dep.dtype),
             hbm_bandwidth=self.memory_bandwidth_tb_s * TB,
@@ -404,6 +441,7 @@ class DataflowDevice(_DeviceBase):
             layer_overhead_s=e.layer_overhead_s,
             sockets=dep.tp,
             ddr_bandwidth=self.ddr_bandwidth_tb_s * TB,
+            ddr_weight_bytes=tiers.ddr_weight_bytes,
         )
 
     def model_switch_s(self, dep: Deployment) -> float | None:
@@ -578,7 +616,7 @@ def plan_deployment(
     if count < tp or count % tp:
         raise CatalogError(f"count {count} must be a positive multiple of tp {tp}")
     total = device.capacity_bytes(count, util)
-    free = total - weights
+    free = device.kv_free_bytes(weights, count, util)
     kv_per_token = model.kv_bytes_per_token(dtype)
     capacity = int(free // kv_per_token) if free > 0 else 0
     if capacity < engine.block_size:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from backends.emulator.accelerators import service_ttft
 from backends.emulator.catalog import Catalog, EngineKnobs, format_validation_error
 from backends.emulator.timing import StepShape
 from backends.errors import CatalogError
@@ -174,8 +175,10 @@ class ServiceProfile(_Strict):
     rebatch_tokens: float = Field(ge=0)
     sources: dict[str, str] = Field(min_length=1)
 
-    def added_ttft_s(self, device_itl_s: float) -> float:
-        return self.network_rtt_s + self.frontend_s + self.rebatch_tokens / 2 * device_itl_s
+    def ttft_s(self, device_ttft_s: float, device_itl_s: float) -> float:
+        return service_ttft(
+            device_ttft_s, device_itl_s, self.network_rtt_s, self.frontend_s, self.rebatch_tokens
+        )
 
 
 class CalibrationSet(_Strict):
@@ -368,7 +371,9 @@ def run_point(
         if point.service is not None:
             service = (services or {})[point.service]
             measured["device_ttft_mean_s"] = measured["ttft_mean_s"]
-            measured["ttft_mean_s"] += service.added_ttft_s(measured["itl_mean_s"])
+            measured["ttft_mean_s"] = service.ttft_s(
+                measured["device_ttft_mean_s"], measured["itl_mean_s"]
+            )
     return [Row(point, k, v, measured.get(k)) for k, v in point.expect.items()]
 
 
@@ -494,6 +499,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--markdown", action="store_true", help="with --devices: the table as Markdown"
     )
+    parser.add_argument(
+        "--rows",
+        type=Path,
+        help="with --devices: grade the checks from a saved `pdgate calibrate --json` run "
+        "instead of simulating them again",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -505,9 +516,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     catalog = Catalog.load()
     if args.devices:
-        from gateway.sim.devices import device_table
+        from gateway.sim.devices import device_table, saved_rows
 
-        print(device_table(catalog, cal, markdown=args.markdown), end="", flush=True)
+        try:
+            runner = saved_rows(cal, args.rows) if args.rows else None
+            print(device_table(catalog, cal, markdown=args.markdown, runner=runner), end="")
+        except (OSError, LookupError, json.JSONDecodeError) as exc:
+            print(f"pdgate calibrate: {exc}", file=sys.stderr)
+            return 2
         return 0
     emit: Callable[[Row], None] = _json_row if args.json else _text_row
     if not args.json:

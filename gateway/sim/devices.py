@@ -12,8 +12,10 @@ between its ``<!-- devices:begin -->`` and ``<!-- devices:end -->`` markers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from backends.emulator.catalog import AnyDevice, Catalog
@@ -101,7 +103,7 @@ def device_lines(
         for point in checks:
             try:
                 rows = run(point)
-            except (CatalogError, ValueError):
+            except (CatalogError, ValueError):  # it cannot be simulated: it does not pass
                 continue
             if rows and all(r.passed for r in rows):
                 passed.append(point.id)
@@ -122,6 +124,23 @@ def device_lines(
             )
         )
     return lines
+
+
+def saved_rows(cal: CalibrationSet, path: Path) -> Runner:
+    """A runner reading rows from a ``pdgate calibrate --json`` run instead of simulating;
+    a point missing from it raises :class:`LookupError` (the saved run is stale)."""
+    found: dict[str, list[tuple[str, float | None]]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            d = json.loads(line)
+            found.setdefault(d["point"], []).append((d["metric"], d["predicted"]))
+
+    def run(point: Point) -> list[Row]:
+        if point.id not in found:
+            raise LookupError(f"{path}: no rows for point {point.id}: run it again")
+        return [Row(point, m, point.expect[m], v) for m, v in found[point.id]]
+
+    return run
 
 
 def render(lines: list[DeviceLine], markdown: bool) -> str:
@@ -157,3 +176,36 @@ def device_table(
     catalog: Catalog, cal: CalibrationSet, *, markdown: bool = False, runner: Runner | None = None
 ) -> str:
     return render(device_lines(catalog, cal, runner), markdown)
+
+
+BEGIN, END = "<!-- devices:begin -->", "<!-- devices:end -->"
+
+
+def splice(page: str, table: str) -> str:
+    """``page`` with the text between its device-table markers replaced by ``table``."""
+    head, sep, rest = page.partition(BEGIN)
+    _, sep2, tail = rest.partition(END)
+    if not sep or not sep2:
+        raise ValueError(f"the page has no {BEGIN} ... {END} markers")
+    return f"{head}{BEGIN}\n{table}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gateway.sim.devices PAGE [--rows FILE]``: rewrite PAGE's device table."""
+    import argparse
+
+    from gateway.sim.calibrate import load_set
+
+    parser = argparse.ArgumentParser(prog="python -m gateway.sim.devices")
+    parser.add_argument("page", type=Path, help="Markdown page with the table markers")
+    parser.add_argument("--rows", type=Path, help="a saved `pdgate calibrate --json` run")
+    args = parser.parse_args(argv)
+    cal = load_set()
+    runner = saved_rows(cal, args.rows) if args.rows else None
+    table = device_table(Catalog.load(), cal, markdown=True, runner=runner)
+    args.page.write_text(splice(args.page.read_text(), table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
