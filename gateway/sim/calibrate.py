@@ -235,6 +235,9 @@ class Row:
     metric: str
     reference: float
     predicted: float | None
+    # What the row's figure is made of, where it is not the device alone: the device's own
+    # TTFT under a service profile, the rate an MLPerf Server point was graded at.
+    detail: tuple[tuple[str, float], ...] = ()
 
     @property
     def error(self) -> float | None:
@@ -316,6 +319,7 @@ class Row:
             "status": self.status,
             "quarantine": self.quarantine.reason if self.quarantine else None,
             "quarantined_error": self.quarantine.error if self.quarantine else None,
+            **dict(self.detail),
         }
 
 
@@ -374,7 +378,10 @@ def run_point(
             measured["ttft_mean_s"] = service.ttft_s(
                 measured["device_ttft_mean_s"], measured["itl_mean_s"]
             )
-    return [Row(point, k, v, measured.get(k)) for k, v in point.expect.items()]
+    detail = tuple(
+        (k, measured[k]) for k in ("device_ttft_mean_s", "max_rate_req_s") if k in measured
+    )
+    return [Row(point, k, v, measured.get(k), detail) for k, v in point.expect.items()]
 
 
 def _step_metrics(point: Point, catalog: Catalog) -> dict[str, float]:

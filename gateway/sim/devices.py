@@ -157,12 +157,10 @@ def render(lines: list[DeviceLine], markdown: bool) -> str:
                 f"| {d.basis} |"
             )
         return "\n".join(out) + "\n"
-    out = [f"{'device':16} {'family':14} {'status':11} checks passed"]
+    out = [f"{'device':16} {'family':14} {'status':11} checks passed | fitted | physics"]
     for d in lines:
-        out.append(f"{d.name:16} {d.family:14} {d.status:11} {_checks(d)}")
-        out.append(f"{'':16} {d.basis}")
-        if d.fitted:
-            out.append(f"{'':16} fitted: {', '.join(d.fitted)}")
+        fitted = ", ".join(d.fitted) or "none"
+        out.append(f"{d.name:16} {d.family:14} {d.status:11} {_checks(d)} | {fitted} | {d.basis}")
     return "\n".join(out) + "\n"
 
 
