@@ -367,9 +367,10 @@ def run_point(
     if sc.kind == "step":
         measured = _step_metrics(point, catalog)
     else:
-        measured = _simulated_metrics(point, catalog)
+        raw = _run(point, catalog).metrics()
+        measured = _metrics(raw)
         if sc.limits is not None and sc.rate is not None:
-            rate, tput = max_rate_under_limits(point, catalog, sc.limits, sc.rate)
+            rate, tput = max_rate_under_limits(point, catalog, sc.limits, sc.rate, raw)
             measured["steady_output_tokens_per_s"] = tput
             measured["max_rate_req_s"] = rate
         if point.service is not None:
@@ -428,8 +429,7 @@ def _run(point: Point, catalog: Catalog, rate: float | None = None) -> Simulatio
     return simulate(spec)
 
 
-def _simulated_metrics(point: Point, catalog: Catalog) -> dict[str, float]:
-    m = _run(point, catalog).metrics()
+def _metrics(m: dict[str, Any]) -> dict[str, float]:
     itl = m["itl_s"]["mean"]
     return {
         "output_tokens_per_s": m["output_tokens_per_s"],
@@ -450,19 +450,24 @@ def meets_limits(m: dict[str, Any], limits: Limits) -> bool:
 
 
 def max_rate_under_limits(
-    point: Point, catalog: Catalog, limits: Limits, start: float
+    point: Point,
+    catalog: Catalog,
+    limits: Limits,
+    start: float,
+    first: dict[str, Any] | None = None,
 ) -> tuple[float, float]:
     """The highest Poisson rate (requests/s) whose run meets ``limits``, and the steady output
     throughput at it: bracket from ``start`` by factors of :data:`BRACKET`, then bisect
     geometrically to :data:`RATE_PRECISION`. ``(0, 0)`` when no rate down to
-    ``start / BRACKET⁶`` meets them."""
+    ``start / BRACKET⁶`` meets them. ``first``: the metrics of a run at ``start`` already made.
+    """
 
-    def probe(rate: float) -> tuple[bool, float]:
-        m = _run(point, catalog, rate).metrics()
+    def probe(rate: float, m: dict[str, Any] | None = None) -> tuple[bool, float]:
+        m = m if m is not None else _run(point, catalog, rate).metrics()
         return meets_limits(m, limits), float(m["steady_output_tokens_per_s"])
 
     probes = 0
-    ok, tput = probe(start)
+    ok, tput = probe(start, first)
     probes += 1
     lo: tuple[float, float] | None = (start, tput) if ok else None
     hi: float | None = None if ok else start
