@@ -36,8 +36,8 @@ MECHANISM: dict[str, str] = {
     "lpddr_sram": "LPDDR roofline, SRAM speed when the weights fit on chip",
     "in_memory": "in-memory compute: weights computed on in SRAM (cards sized by SRAM), "
     "LPDDR when they spill; card-chain latency per token",
-    "dataflow": "three tiers: SRAM holds what fits of each socket's weights, HBM streams the "
-    "rest and the KV, DDR holds the model library (switch = weights / DDR bandwidth)",
+    "dataflow": "three tiers: SRAM the fused decoder's working set, HBM the hot model's weights "
+    "and KV, DDR the model library and any weights beyond HBM (streamed every step)",
     "hardwired": "the model is the chip: fixed per-token latency, KV in on-die SRAM",
 }
 
