@@ -181,3 +181,33 @@ def test_a_pair_naming_an_unknown_device_is_rejected(tmp_path: Path) -> None:
     (root / "links.yaml").write_text(yaml.safe_dump(links))
     with pytest.raises(CatalogError, match="no-such-wafer"):
         Catalog.load(root)
+
+
+def test_a_cross_vendor_disaggregated_config_pays_its_handoff_path(catalog: Catalog) -> None:
+    """H100 prefill, Groq decode (deploy/configs/h100-prefill-lpu-decode.yaml): one request's
+    end-to-end time over the host-and-Ethernet path exceeds the same over NVLink by the
+    difference of the two transfers of its KV, worked by hand."""
+    from gateway.settings import load_settings
+    from gateway.sim.run import SimulationSpec, simulate
+    from gateway.sim.workload import RequestSpec
+
+    path = Path(__file__).resolve().parents[2] / "deploy/configs/h100-prefill-lpu-decode.yaml"
+    settings = load_settings(path)
+    pool = settings.models[0].pools["prefill"]
+    assert pool.kv_link == catalog.handoff_link("h100-sxm", "groq-lpu-v1")
+
+    def e2e(link: str) -> float:
+        model = settings.models[0]
+        pools = {**model.pools, "prefill": pool.model_copy(update={"kv_link": link})}
+        s = settings.model_copy(update={"models": [model.model_copy(update={"pools": pools})]})
+        spec = SimulationSpec(s, model.name, [RequestSpec(2000, 4)], concurrency=1, catalog=catalog)
+        m = simulate(spec).metrics()
+        assert m["requests"] == 1, m["errors"]
+        return float(m["e2e_s"]["mean"])
+
+    # 2,000 tokens x 163,840 B (80 layers x 2 x 8 heads x 128 x 1 byte) = 327.7 MB:
+    # 5 ms + 327.7 MB / 10 GB/s = 37.77 ms against 0.3 ms + 327.7 MB / 600 GB/s = 0.846 ms
+    kv = 2000 * 80 * 2 * 8 * 128 * 1.0
+    slow = 0.005 + kv / 10e9
+    fast = 0.0003 + kv / 600e9
+    assert e2e("gpu_to_lpu_host_ethernet") - e2e("nvlink") == pytest.approx(slow - fast, rel=0.05)
