@@ -137,6 +137,11 @@ class Backend(Protocol):
 
     def healthy(self) -> bool: ...
 
+    def describe(self) -> dict[str, Any]:
+        """What this worker is, for operators (``GET /admin/workers``): ``type`` (``emulated``,
+        ``http``, ...) and what identifies it of that type (device, URL and protocol, ...)."""
+        ...
+
     def load(self) -> BackendLoad: ...
 
     def capacity_tokens(self) -> int | None:

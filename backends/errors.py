@@ -9,7 +9,7 @@
     └── LegFailed             a prefill or decode leg failed after it was accepted
 
 Adapters translate their transport's exceptions into these at their boundary
-(``raise LegFailed(...) from exc``); nothing above ``backends/`` sees httpx or aiohttp errors.
+(``raise LegFailed(...) from exc``); nothing above ``backends/`` sees the HTTP client's errors.
 """
 
 

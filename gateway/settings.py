@@ -174,11 +174,20 @@ class CircuitConfig(_Strict):
     cooldown_s: float = Field(10.0, gt=0, description="open this long, then one probe")
 
 
+# The one default SLO, behind the gateway's goodput metrics, `pdgate simulate` and
+# `pdgate report`: MLPerf Inference's server-scenario latency limits for Llama 3.1 8B, the
+# embedded config's model (TTFT 2 s, TPOT 100 ms at p99; mlcommons/inference
+# loadgen/mlperf.conf, llama3_1-8b Server, 2025). Larger models have looser limits there
+# (Llama 2 70B: TPOT 200 ms): set ``slo`` per model, or pass --slo-tpot.
+SLO_TTFT_S = 2.0
+SLO_TPOT_S = 0.1
+
+
 class SloConfig(_Strict):
     """Latency targets; requests meeting both count as goodput (MLPerf's server limits)."""
 
-    ttft_s: float = Field(2.0, gt=0)
-    tpot_s: float = Field(0.1, gt=0)
+    ttft_s: float = Field(SLO_TTFT_S, gt=0)
+    tpot_s: float = Field(SLO_TPOT_S, gt=0)
 
 
 class ConditionalConfig(_Strict):

@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import orjson
@@ -36,6 +37,7 @@ from backends.server.config import InstanceConfig
 from backends.server.instance import Instance, Leg, ServerError
 from backends.server.metrics import CONTENT_TYPE
 from backends.wire.render import DONE, WireFormat, error_envelope
+from backends.wire.requests import ContextLengthExceeded, generation_params
 from backends.wire.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("pdgate.backend")
@@ -171,29 +173,26 @@ def _params(inst: Instance, request: Request, api: str, data: dict[str, Any]) ->
         raise ServerError(
             404, f"The model `{body.model}` does not exist.", "NotFoundError", "model_not_found"
         )
-    max_tokens = body.requested_max_tokens() or c.default_max_tokens
-    if prompt + max_tokens > inst.max_context:
+    request_id = request.headers.get("x-request-id") or secrets.token_hex(12)
+    try:
+        return generation_params(
+            body,
+            data,
+            prompt_tokens=prompt,
+            request_id=request_id,
+            model=c.model,
+            default_max_tokens=c.default_max_tokens,
+            max_context=inst.max_context,
+            seed=partial(inst.rng.getrandbits, 63),
+        )
+    except ContextLengthExceeded as exc:
         raise ServerError(
             400,
-            f"This model's maximum context length is {inst.max_context} tokens. However, you "
-            f"requested {prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} in "
-            "the completion).",
+            f"This model's maximum context length is {exc.limit} tokens. However, you "
+            f"requested {exc.prompt_tokens + exc.max_tokens} tokens ({exc.prompt_tokens} in the "
+            f"messages, {exc.max_tokens} in the completion).",
             "BadRequestError",
-        )
-    request_id = request.headers.get("x-request-id") or secrets.token_hex(12)
-    return GenerationParams(
-        request_id=request_id,
-        model=c.model,
-        api="chat" if api == "chat" else "completions",
-        prompt_tokens=prompt,
-        max_tokens=max_tokens,
-        seed=body.seed if body.seed is not None else inst.rng.getrandbits(63),
-        stop=body.stop_list(),
-        min_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos,
-        sampling=body.sampling(),
-        body=data,
-    )
+        ) from exc
 
 
 class _Run:

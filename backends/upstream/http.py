@@ -1,7 +1,7 @@
 """Real upstreams as :class:`~backends.base.Backend`: vLLM (NIXL), SGLang (bootstrap), OpenAI.
 
 One :class:`HttpBackend` is one upstream server. Its ``protocol`` says how a disaggregated
-request's two legs talk to it (design.md §4):
+request's two legs talk to it (see docs/architecture.md, "P/D protocols"):
 
 * ``vllm-nixl`` — sequential. The prefill leg is the request with ``max_tokens=1``,
   ``stream=false`` and ``kv_transfer_params={"do_remote_decode": true}``; the
@@ -21,7 +21,7 @@ vLLM's ``continuous_usage_stats``, reconciled with the final ``usage``).
 The client is :mod:`backends.upstream.httpclient`: keep-alive pools over asyncio protocols and
 httptools, with TCP_NODELAY (asyncio and uvloop set it on every TCP transport). It costs less
 than half the CPU of aiohttp per request, and httpx's default transport collapses under
-concurrency (encode/httpx#3215); figures in the README. Its errors never leave this module:
+concurrency (encode/httpx#3215); figures in docs/performance.md. Its errors never leave this module:
 they become :mod:`backends.errors`.
 
 Example::
@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -56,6 +56,7 @@ from backends.base import (
 )
 from backends.errors import BackendUnavailable, LegFailed
 from backends.upstream.httpclient import ConnectError, HttpPool, Response, UpstreamError
+from backends.wire.parse import StreamParser, body_usage, message, snippet, upstream_body
 
 Protocol = Literal["vllm-nixl", "sglang-bootstrap", "openai"]
 PROTOCOLS: tuple[Protocol, ...] = ("vllm-nixl", "sglang-bootstrap", "openai")
@@ -143,6 +144,9 @@ class HttpBackend:
         except (UpstreamError, TimeoutError, BackendUnavailable):
             return False
 
+    def describe(self) -> dict[str, Any]:
+        return {"type": "http", "url": self.url, "protocol": self.protocol}
+
     def load(self) -> BackendLoad:
         return BackendLoad()
 
@@ -165,12 +169,16 @@ class HttpBackend:
         if self.protocol == "openai":
             raise BackendUnavailable(f"{self.name}: protocol 'openai' is aggregated only")
         if self.protocol == "sglang-bootstrap":
-            body = _body(params, stream=True, continuous=self._continuous, **kv.params["bootstrap"])
+            body = upstream_body(
+                params, stream=True, continuous=self._continuous, **kv.params["bootstrap"]
+            )
             task: asyncio.Task[dict[str, Any]] = kv.params["prefill"]
             stream = self._stream(params, body, prompt_usage=lambda: _task_usage(task))
             return _fail_with(task, stream, self.name)
         ktp = kv.params.get("ktp")
-        body = _body(params, stream=True, continuous=self._continuous, kv_transfer_params=ktp)
+        body = upstream_body(
+            params, stream=True, continuous=self._continuous, kv_transfer_params=ktp
+        )
         prior = kv.params.get("usage")
         counted = prior if isinstance(prior, ReportedUsage) else None
 
@@ -182,15 +190,15 @@ class HttpBackend:
         return self._stream(params, body, prompt_usage=lambda: counted, on_first=pulled)
 
     def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
-        return self._stream(params, _body(params, stream=True, continuous=self._continuous))
+        return self._stream(params, upstream_body(params, stream=True, continuous=self._continuous))
 
     async def _vllm_prefill(self, params: GenerationParams) -> PrefillResult:
         started = time.monotonic()
         if params.max_tokens <= 1:  # nothing to decode: one ordinary request
-            data = await self._post(params, _body(params, stream=False))
-            text, finish = _message(data)
+            data = await self._post(params, upstream_body(params, stream=False))
+            text, finish = message(data)
             stats = LegStats(compute_s=time.monotonic() - started)
-            usage = _usage(data)
+            usage = body_usage(data)
             chunk = TokenChunk(text, 1, finish or "length", stats, usage)
             kv = KVHandle(self.name, params.prompt_tokens, 0.0, 0, None, text)
             return PrefillResult(chunk, kv, stats)
@@ -202,10 +210,10 @@ class HttpBackend:
             "remote_host": None,
             "remote_port": None,
         }
-        body = _body(params, stream=False, max_tokens=1, kv_transfer_params=ktp)
+        body = upstream_body(params, stream=False, max_tokens=1, kv_transfer_params=ktp)
         data = await self._post(params, body)
         answered = data.get("kv_transfer_params")
-        usage = _usage(data)
+        usage = body_usage(data)
         stats = LegStats(compute_s=time.monotonic() - started)
         blocks = answered.get("remote_block_ids") if isinstance(answered, dict) else None
         held = answered.get("remote_request_id") if isinstance(answered, dict) else None
@@ -253,7 +261,7 @@ class HttpBackend:
             "bootstrap_port": self.bootstrap_port,
             "bootstrap_room": secrets.randbits(63),
         }
-        body = _body(params, stream=False, **fields)
+        body = upstream_body(params, stream=False, **fields)
         task = asyncio.get_running_loop().create_task(self._post(params, body))
         task.add_done_callback(_consume)
 
@@ -310,7 +318,7 @@ class HttpBackend:
             except UpstreamError as exc:
                 raise self._error(exc) from exc
             if resp.status >= 400:
-                raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
+                raise LegFailed(f"{self.name}: upstream answered {resp.status}: {snippet(raw)}")
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -340,8 +348,8 @@ class HttpBackend:
             try:
                 if resp.status >= 400:
                     raw = await resp.read()
-                    raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
-                parser = _StreamState(self.name)
+                    raise LegFailed(f"{self.name}: upstream answered {resp.status}: {snippet(raw)}")
+                parser = StreamParser(self.name)
                 ended = False
                 while not ended:
                     data = await resp.readany()
@@ -369,133 +377,13 @@ class HttpBackend:
             yield last
 
 
-class _StreamState:
-    """Turns SSE bytes into chunks, counting tokens from running or final usage.
-
-    :meth:`feed` takes whatever was read and returns one chunk with the text of every complete
-    ``data:`` line in it (None if none had text). An error event or an unreadable one ends
-    the stream: the text before it is still returned, and :attr:`failure` is set to raise
-    next, so tokens already produced are delivered (and a leg that produced some is never
-    retried)."""
-
-    __slots__ = ("counted", "done", "failure", "finish", "name", "partial", "usage")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.partial = b""  # an incomplete last line, waiting for the next read
-        self.counted = 0
-        self.finish: str | None = None
-        self.usage: dict[str, Any] | None = None
-        self.done = False  # [DONE] seen
-        self.failure: LegFailed | None = None
-
-    def feed(self, data: bytes) -> TokenChunk | None:
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        text: list[str] = []
-        tokens = 0
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                self.done = True
-                break
-            try:
-                part, n = self._event(payload)
-            except LegFailed as exc:
-                self.failure = exc
-                break
-            if part:
-                text.append(part)
-                tokens += n
-        return TokenChunk("".join(text), tokens) if text else None
-
-    def _event(self, payload: bytes) -> tuple[str, int]:
-        """One event's text and the tokens it carries."""
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise LegFailed(f"{self.name}: invalid SSE event: {_text(payload)}") from exc
-        if not isinstance(obj, dict):
-            return "", 0
-        if "error" in obj:
-            error = _text(orjson.dumps(obj["error"]))
-            raise LegFailed(f"{self.name}: upstream stream failed: {error}")
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-        text = ""
-        for choice in obj.get("choices") or ():
-            delta = choice.get("delta")
-            part = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            text += part or ""
-            self.finish = choice.get("finish_reason") or self.finish
-        if not text:
-            return "", 0
-        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            tokens = usage["completion_tokens"] - self.counted
-        else:
-            tokens = 1
-        self.counted += tokens
-        return text, tokens
-
-    def last(self, stats: LegStats) -> TokenChunk:
-        usage = self.usage or {}
-        total = usage.get("completion_tokens")
-        extra = total - self.counted if isinstance(total, int) and total > self.counted else 0
-        prompt = usage.get("prompt_tokens")
-        reported = None
-        if isinstance(prompt, int):
-            details = usage.get("prompt_tokens_details")
-            cached = details.get("cached_tokens") if isinstance(details, dict) else None
-            reported = ReportedUsage(prompt, cached if isinstance(cached, int) else None)
-        return TokenChunk("", extra, self.finish or "length", stats, reported)
-
-
-def _body(
-    params: GenerationParams, *, stream: bool, continuous: bool = False, **fields: Any
-) -> dict[str, Any]:
-    """The client's body for an upstream leg: explicit ``max_tokens``, our stream options."""
-    body = dict(params.body)
-    body.pop("max_completion_tokens", None)
-    body["max_tokens"] = params.max_tokens
-    body["stream"] = stream
-    if stream:
-        options: dict[str, Any] = {"include_usage": True}
-        if continuous:
-            options["continuous_usage_stats"] = True
-        body["stream_options"] = options
-    else:
-        body.pop("stream_options", None)
-    body.update(fields)
-    return body
-
-
-def _message(data: Mapping[str, Any]) -> tuple[str, str | None]:
-    choices = data.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message")
-    text = message.get("content") if isinstance(message, dict) else choice.get("text")
-    return (text or ""), choice.get("finish_reason")
-
-
-def _usage(data: Mapping[str, Any]) -> ReportedUsage | None:
-    usage = data.get("usage")
-    if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
-        return None
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return ReportedUsage(usage["prompt_tokens"], cached if isinstance(cached, int) else None)
-
-
 def _with_usage(chunk: TokenChunk, prompt: ReportedUsage) -> TokenChunk:
     return TokenChunk(chunk.text, chunk.tokens, chunk.finish_reason, chunk.stats, prompt)
 
 
 def _task_usage(task: asyncio.Task[dict[str, Any]]) -> ReportedUsage | None:
     if task.done() and not task.cancelled() and task.exception() is None:
-        return _usage(task.result())
+        return body_usage(task.result())
     return None
 
 
@@ -527,7 +415,3 @@ async def _fail_with(
             raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
         async for chunk in stream:
             yield chunk
-
-
-def _text(raw: bytes, limit: int = 300) -> str:
-    return raw[:limit].decode("utf-8", "replace")

@@ -19,8 +19,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
-from backends.base import GenerationParams, ReportedUsage
+from backends.base import ReportedUsage
 from backends.wire.render import DONE, WireFormat
+from backends.wire.requests import ContextLengthExceeded, generation_params
 from backends.wire.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.api.errors import invalid_request
 from gateway.api.responses import (
@@ -209,33 +210,25 @@ async def _generate(
     prompt_tokens = prompt.tokens
     request_id = headers_in.get("x-request-id") or secrets.token_hex(12)
     REQUEST_ID.set(request_id)  # logs while this request is served carry its id
-    max_tokens = body.requested_max_tokens() or served.config.default_max_tokens
-    limit = served.max_context
-    if prompt_tokens + max_tokens > limit:
-        raise InvalidRequest(
-            f"this model's maximum context length is {limit} tokens; the request has "
-            f"{prompt_tokens} prompt tokens and asks for {max_tokens} more",
-            param="messages" if api == "chat" else "prompt",
+    try:
+        params = generation_params(
+            body,
+            raw,
+            prompt_tokens=prompt_tokens,
+            request_id=request_id,
+            model=served.config.profile_name,
+            default_max_tokens=served.config.default_max_tokens,
+            max_context=served.max_context,
+            seed=partial(secrets.randbits, 63),
+            block_hashes=prompt.block_hashes,
         )
+    except ContextLengthExceeded as exc:
+        raise InvalidRequest(str(exc), param="messages" if api == "chat" else "prompt") from exc
     try:
         await gw.auth.admit(prompt.key, prompt_tokens)
     except Overloaded as exc:
         gw.metrics.count_rejection(body.model, exc.reason)
         raise
-    params = GenerationParams(
-        request_id=request_id,
-        model=served.config.profile_name,
-        api="chat" if api == "chat" else "completions",
-        prompt_tokens=prompt_tokens,
-        max_tokens=max_tokens,
-        seed=body.seed if body.seed is not None else secrets.randbits(63),
-        stop=body.stop_list(),
-        min_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos,
-        sampling=body.sampling(),
-        body=raw,
-        block_hashes=prompt.block_hashes,
-    )
     dreq = DispatchRequest(
         params,
         served.route,
