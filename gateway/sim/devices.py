@@ -138,7 +138,7 @@ def saved_rows(cal: CalibrationSet, path: Path) -> Runner:
     def run(point: Point) -> list[Row]:
         if point.id not in found:
             raise LookupError(f"{path}: no rows for point {point.id}: run it again")
-        return [Row(point, m, point.expect[m], v) for m, v in found[point.id]]
+        return [Row(point, m, point.expect[m], v) for m, v in found[point.id] if m in point.expect]
 
     return run
 

@@ -9,6 +9,7 @@ a device whose checks are all quick is compared line for line. The GPUs' through
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,43 @@ def test_splice_replaces_only_the_table() -> None:
     assert splice(page, "new\n") == f"intro\n{BEGIN}\nnew\n{END}\noutro\n"
     with pytest.raises(ValueError, match="markers"):
         splice("no markers", "x")
+
+
+def _rows_file(path: Path, predicted: dict[str, float]) -> Path:
+    """A saved run: every point's rows, predicted at ``predicted[id] x reference`` (1 if unset)."""
+    cal = load_set()
+    lines = []
+    for p in cal.points:
+        for metric, ref in p.expect.items():
+            value = ref * predicted.get(p.id, 1.0)
+            lines.append(json.dumps({"point": p.id, "metric": metric, "predicted": value}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_status_is_derived_from_check_rows_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    # every figure reproduced: each device with a check point is calibrated
+    exact = _rows_file(tmp_path / "exact.jsonl", {})
+    assert main(["calibrate", "--devices", "--rows", str(exact)]) == 0
+    out = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert out["mi300x"] == "calibrated"
+    assert out["corsair"] == "spec-only"  # its points are train points: a fit is no check
+    # MI300X's one check 40% off: spec-only; its train points cannot rescue it
+    off = _rows_file(tmp_path / "off.jsonl", {"M1": 1.4})
+    assert main(["calibrate", "--devices", "--rows", str(off)]) == 0
+    out = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert out["mi300x"] == "spec-only"
+    assert out["h100-sxm"] == "calibrated"
+
+
+def test_a_stale_saved_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    stale = tmp_path / "stale.jsonl"
+    stale.write_text(json.dumps({"point": "Q1", "metric": "x", "predicted": 1.0}) + "\n")
+    assert main(["calibrate", "--devices", "--rows", str(stale)]) == 2
+    assert "no rows for point" in capsys.readouterr().err
