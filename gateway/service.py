@@ -373,6 +373,7 @@ def http_backend(name: str, spec: HttpWorker) -> HttpBackend:
         usage_per_chunk=spec.usage_per_chunk,
         api_key=api_key,
         health_path=spec.health_path,
+        control_token=os.environ.get(spec.control_token_env) or None,
     )
     return HttpBackend(
         name, spec.url, spec.protocol, bootstrap_port=spec.bootstrap_port, options=options

@@ -17,7 +17,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from typing import Any
@@ -66,9 +66,9 @@ def create_backend_app(config: InstanceConfig, catalog: Catalog | None = None) -
         Route("/v1/completions/render", _render_completions, methods=["POST"]),
         Route("/v1/models", _models, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
-        Route("/admin/faults", _faults, methods=["GET", "POST"]),
-        Route("/pdgate/kv/pull", _kv_pull, methods=["POST"]),
-        Route("/pdgate/kv/release", _kv_release, methods=["POST"]),
+        Route("/admin/faults", _control(_faults), methods=["GET", "POST"]),
+        Route("/pdgate/kv/pull", _control(_kv_pull), methods=["POST"]),
+        Route("/pdgate/kv/release", _control(_kv_release), methods=["POST"]),
         Route("/get_server_info", _server_info, methods=["GET"]),
         Route("/server_info", _server_info, methods=["GET"]),
         Route("/get_model_info", _model_info, methods=["GET"]),
@@ -76,12 +76,33 @@ def create_backend_app(config: InstanceConfig, catalog: Catalog | None = None) -
         Route("/get_load", _load, methods=["GET"]),
         Route("/get_loads", _loads, methods=["GET"]),
         Route("/version", _version, methods=["GET"]),
-        Route("/flush_cache", _ok, methods=["GET", "POST"]),
-        Route("/reset_prefix_cache", _ok, methods=["POST"]),
+        Route("/flush_cache", _control(_ok), methods=["GET", "POST"]),
+        Route("/reset_prefix_cache", _control(_ok), methods=["POST"]),
     ]
     for path in ("/health", "/health_generate", "/liveness", "/readiness", "/ping"):
         routes.append(Route(path, _health, methods=["GET", "POST"]))
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _control(handler: Handler) -> Handler:
+    """A control-plane route: the shared token, or 403 (see ``InstanceConfig``)."""
+
+    async def guarded(request: Request) -> Response:
+        if not _instance(request).control_allowed(request.headers.get("authorization")):
+            return _error(
+                ServerError(
+                    403,
+                    "the control plane needs the shared token (Authorization: Bearer ...)",
+                    "permission_error",
+                    "control_token_required",
+                )
+            )
+        return await handler(request)
+
+    return guarded
 
 
 def _instance(request: Request) -> Instance:
@@ -435,8 +456,18 @@ async def _ok(request: Request) -> Response:
 
 
 async def _faults(request: Request) -> Response:
-    """``GET`` the injected faults; ``POST {"fail_rate": 0.1, ...}`` changes them."""
+    """``GET`` the injected faults; ``POST {"fail_rate": 0.1, ...}`` changes them. Off (403)
+    unless the instance was started with ``--enable-faults`` or a fault flag."""
     inst = _instance(request)
+    if not inst.config.enable_faults:
+        return _error(
+            ServerError(
+                403,
+                "fault injection is off: start pdgate backend with --enable-faults",
+                "permission_error",
+                "faults_disabled",
+            )
+        )
     if request.method == "POST":
         try:
             data = await _read_json(request)

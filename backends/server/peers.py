@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -40,10 +41,14 @@ class PeerError(Exception):
 class PeerClient:
     """Calls to other instances: one keep-alive pool per peer (``host:port``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
         self._pools: dict[str, HttpPool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # Other instances' control planes want the deployment's shared token.
+        self._auth: tuple[tuple[str, str], ...] = (
+            (("Authorization", f"Bearer {token}"),) if token else ()
+        )
 
     async def start(self) -> None:
         self._closed = False
@@ -74,7 +79,9 @@ class PeerClient:
         limit_s: float = 10.0,
     ) -> tuple[int, dict[str, Any]]:
         body = b"" if json is None else orjson.dumps(json)
-        headers = (("Content-Type", "application/json"),) if json is not None else ()
+        headers: tuple[tuple[str, str], ...] = self._auth
+        if json is not None:
+            headers = (("Content-Type", "application/json"), *headers)
         try:
             async with asyncio.timeout(limit_s):
                 pool = self._pool(base)
@@ -142,7 +149,15 @@ class BootstrapServer:
     bound here, not with ``serve()``: that would take over the process's signal handlers from
     the instance's own server, and exit the process if the port were taken."""
 
-    def __init__(self, rooms: Rooms, host: str, port: int, max_wait_s: float) -> None:
+    def __init__(
+        self,
+        rooms: Rooms,
+        host: str,
+        port: int,
+        max_wait_s: float,
+        allowed: Callable[[str | None], bool] = lambda authorization: True,
+    ) -> None:
+        self._allowed = allowed  # allowed(Authorization header): the control plane's check
         self._rooms = rooms
         self._host = host
         self._port = port
@@ -180,7 +195,14 @@ class BootstrapServer:
         if server is not None:
             await server.shutdown(sockets=self._sockets)
 
+    def _refused(self, request: Request) -> Response | None:
+        if self._allowed(request.headers.get("authorization")):
+            return None
+        return _json({"error": "control token required"}, 403)
+
     async def _wait(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         try:
             room = int(request.path_params["room"])
             limit_s = min(
@@ -195,6 +217,8 @@ class BootstrapServer:
         return _json(meta.as_dict())
 
     async def _release(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         try:
             room = int(request.path_params["room"])
         except ValueError:

@@ -54,9 +54,22 @@ from backends.base import (
     TokenChunk,
     nothing_to_release,
 )
-from backends.errors import BackendUnavailable, LegFailed
+from backends.errors import (
+    BackendError,
+    BackendOverloaded,
+    BackendUnavailable,
+    LegFailed,
+    UpstreamRejected,
+)
 from backends.upstream.httpclient import ConnectError, HttpPool, Response, UpstreamError
-from backends.wire.parse import StreamParser, body_usage, message, snippet, upstream_body
+from backends.wire.parse import (
+    StreamParser,
+    body_usage,
+    message,
+    relayed_choice,
+    snippet,
+    upstream_body,
+)
 
 Protocol = Literal["vllm-nixl", "sglang-bootstrap", "openai"]
 PROTOCOLS: tuple[Protocol, ...] = ("vllm-nixl", "sglang-bootstrap", "openai")
@@ -78,6 +91,7 @@ class HttpOptions:
     # tokens per chunk when an event carries several (speculative decoding, a stream interval
     # above 1). Off, an event with text counts one token and the final usage settles the total.
     usage_per_chunk: bool = True
+    control_token: str | None = None  # pdgate backend's control plane (KV release)
     # A hosted OpenAI-compatible API (GroqCloud, Cerebras, SambaCloud, SiliconFlow): the key sent
     # as ``Authorization: Bearer`` on every request, and a health path it answers (its model list).
     api_key: str | None = field(default=None, repr=False)
@@ -199,7 +213,7 @@ class HttpBackend:
             text, finish = message(data)
             stats = LegStats(compute_s=time.monotonic() - started)
             usage = body_usage(data)
-            chunk = TokenChunk(text, 1, finish or "length", stats, usage)
+            chunk = TokenChunk(text, 1, finish or "length", stats, usage, relayed_choice(data))
             kv = KVHandle(self.name, params.prompt_tokens, 0.0, 0, None, text)
             return PrefillResult(chunk, kv, stats)
         ktp = {
@@ -244,7 +258,9 @@ class HttpBackend:
         task.add_done_callback(self._releases.discard)
 
     async def _post_release(self, body: bytes) -> None:
-        headers = (("Content-Type", "application/json"),)
+        headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+        if self.options.control_token:
+            headers += (("Authorization", f"Bearer {self.options.control_token}"),)
         try:
             async with await self._http().request(
                 "POST", "/pdgate/kv/release", body, headers, timeout_s=5.0
@@ -318,7 +334,7 @@ class HttpBackend:
             except UpstreamError as exc:
                 raise self._error(exc) from exc
             if resp.status >= 400:
-                raise LegFailed(f"{self.name}: upstream answered {resp.status}: {snippet(raw)}")
+                raise status_error(self.name, resp.status, raw)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -347,8 +363,7 @@ class HttpBackend:
         async with await self._send(params, body) as resp:
             try:
                 if resp.status >= 400:
-                    raw = await resp.read()
-                    raise LegFailed(f"{self.name}: upstream answered {resp.status}: {snippet(raw)}")
+                    raise status_error(self.name, resp.status, await resp.read())
                 parser = StreamParser(self.name)
                 ended = False
                 while not ended:
@@ -378,7 +393,12 @@ class HttpBackend:
 
 
 def _with_usage(chunk: TokenChunk, prompt: ReportedUsage) -> TokenChunk:
-    return TokenChunk(chunk.text, chunk.tokens, chunk.finish_reason, chunk.stats, prompt)
+    """The last chunk with the prompt counted as ``prompt`` says (the prefill server's count),
+    keeping the decode server's usage details (what it generated)."""
+    own = chunk.usage.details if chunk.usage is not None else None
+    details = {**(prompt.details or {}), **(own or {})} or None
+    usage = ReportedUsage(prompt.prompt_tokens, prompt.cached_tokens, details)
+    return TokenChunk(chunk.text, chunk.tokens, chunk.finish_reason, chunk.stats, usage)
 
 
 def _task_usage(task: asyncio.Task[dict[str, Any]]) -> ReportedUsage | None:
@@ -403,15 +423,70 @@ async def _fail_with(
             if task.done() and (task.cancelled() or task.exception() is not None):
                 step.cancel()
                 await asyncio.gather(step, return_exceptions=True)
-                cause = None if task.cancelled() else task.exception()
-                raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
+                raise _prefill_failure(task, name)
             try:
                 chunk = await step
             except StopAsyncIteration:
                 return
             yield chunk
         if task.cancelled() or task.exception() is not None:
-            cause = None if task.cancelled() else task.exception()
-            raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
+            raise _prefill_failure(task, name)
         async for chunk in stream:
             yield chunk
+
+
+def _prefill_failure(task: asyncio.Task[dict[str, Any]], name: str) -> BackendError:
+    """Why the concurrent prefill leg failed: a client error as it was, anything else as the
+    decode leg's failure."""
+    cause = None if task.cancelled() else task.exception()
+    if isinstance(cause, UpstreamRejected):
+        return cause
+    error = LegFailed(f"{name}: the prefill leg failed: {cause}")
+    error.__cause__ = cause
+    return error
+
+
+# 4xx an upstream answers that are not about the request: load (408, 429), or the gateway's
+# own configuration (401/403: credentials; 404: path or served model name).
+_NOT_THE_CLIENTS = frozenset({401, 403, 404, 408, 429})
+
+
+def status_error(name: str, status: int, raw: bytes) -> BackendError:
+    """The backend error for an upstream's error answer.
+
+    A 4xx is the request's fault (:class:`UpstreamRejected`, its envelope kept for the client),
+    except those in ``_NOT_THE_CLIENTS``; 429, or a 503 whose envelope says ``overloaded``, is
+    a busy worker (:class:`BackendOverloaded`); any other status is the worker's failure
+    (:class:`LegFailed`).
+    """
+    envelope = _envelope(raw)
+    if 400 <= status < 500 and status not in _NOT_THE_CLIENTS:
+        message = envelope.get("message")
+        return UpstreamRejected(
+            status,
+            message if isinstance(message, str) else f"the upstream refused the request ({status})",
+            type=str(envelope.get("type") or "invalid_request_error"),
+            param=_str_or_none(envelope.get("param")),
+            code=_str_or_none(envelope.get("code")),
+        )
+    if status == 429 or (status == 503 and envelope.get("code") == "overloaded"):
+        return BackendOverloaded(f"{name}: upstream answered {status}: {snippet(raw)}")
+    return LegFailed(f"{name}: upstream answered {status}: {snippet(raw)}")
+
+
+def _envelope(raw: bytes) -> dict[str, Any]:
+    """The ``error`` object of an OpenAI error body (empty if the body is not one)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return error
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return data  # FastAPI/SGLang style: the fields at the top level
+    return {}
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)

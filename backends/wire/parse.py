@@ -24,6 +24,7 @@ import orjson
 
 from backends.base import GenerationParams, LegStats, ReportedUsage, TokenChunk
 from backends.errors import LegFailed
+from backends.wire.relay import is_rich, usage_details
 
 _NOT_EXTRA = frozenset(("index", "delta", "message", "text", "finish_reason", "content"))
 
@@ -90,10 +91,15 @@ class StreamParser:
         self.failure: LegFailed | None = None
 
     def feed(self, data: bytes) -> TokenChunk | None:
+        """One chunk of every complete event read so far; when one of them carried more than
+        text (:func:`~backends.wire.relay.is_rich`), the chunk also carries their choices as
+        the upstream sent them, to be relayed."""
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
         text: list[str] = []
         tokens = 0
+        choices: list[dict[str, Any]] = []
+        rich = False
         for line in lines:
             if not line.startswith(b"data:"):
                 continue
@@ -102,23 +108,28 @@ class StreamParser:
                 self.done = True
                 break
             try:
-                part, n = self._event(payload)
+                part, n, choice = self._event(payload)
             except LegFailed as exc:
                 self.failure = exc
                 break
             if part:
                 text.append(part)
-                tokens += n
-        return TokenChunk("".join(text), tokens) if text else None
+            tokens += n
+            if choice is not None and n:
+                choices.append(choice)
+                rich = rich or is_rich(choice)
+        if not tokens:
+            return None
+        return TokenChunk("".join(text), tokens, choices=tuple(choices) if rich else ())
 
-    def _event(self, payload: bytes) -> tuple[str, int]:
-        """One event's text and the tokens it carries."""
+    def _event(self, payload: bytes) -> tuple[str, int, dict[str, Any] | None]:
+        """One event's text, the tokens it carries, and its choice (relayed when rich)."""
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             raise LegFailed(f"{self.name}: invalid SSE event: {snippet(payload)}") from exc
         if not isinstance(obj, dict):
-            return "", 0
+            return "", 0, None
         if "error" in obj:
             error = snippet(orjson.dumps(obj["error"]))
             raise LegFailed(f"{self.name}: upstream stream failed: {error}")
@@ -127,14 +138,18 @@ class StreamParser:
         if usage is not None:
             self.usage = usage
         self.finish = event.finish_reason or self.finish
-        if not event.text:
-            return "", 0
+        choices = obj.get("choices")
+        choice = choices[-1] if isinstance(choices, list) and choices else None
+        choice = choice if isinstance(choice, dict) else None  # n=1: one choice
+        if not event.text and (choice is None or not is_rich(choice)):
+            return "", 0, None
         if usage is not None and isinstance(usage.get("completion_tokens"), int):
             tokens = usage["completion_tokens"] - self.counted
         else:
             tokens = 1
+        tokens = max(tokens, 1)  # an event with something in it is at least one token
         self.counted += tokens
-        return event.text, tokens
+        return event.text, tokens, choice
 
     def last(self, stats: LegStats) -> TokenChunk:
         usage = self.usage or {}
@@ -149,7 +164,9 @@ def reported_usage(data: Mapping[str, Any] | None) -> ReportedUsage | None:
         return None
     details = data.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return ReportedUsage(data["prompt_tokens"], cached if isinstance(cached, int) else None)
+    return ReportedUsage(
+        data["prompt_tokens"], cached if isinstance(cached, int) else None, usage_details(data)
+    )
 
 
 def body_usage(data: Mapping[str, Any]) -> ReportedUsage | None:
@@ -162,6 +179,19 @@ def message(data: Mapping[str, Any]) -> tuple[str, str | None]:
     """A whole response's text and finish reason (chat ``message`` or completions ``text``)."""
     event = event_of(data)
     return event.text, event.finish_reason
+
+
+def relayed_choice(data: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """A whole response's choice as one streamed event's (its chat ``message`` as a
+    ``delta``), when it carries more than text; empty otherwise."""
+    choices = data.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(choice, dict):
+        return ()
+    event = dict(choice)
+    if isinstance(event.get("message"), dict):
+        event["delta"] = event.pop("message")
+    return (event,) if is_rich(event) else ()
 
 
 def upstream_body(

@@ -122,6 +122,12 @@ async def add_worker(request: Request) -> Response:
         spec = _SPEC.validate_python(data.get("worker"))
     except ValidationError as exc:
         raise InvalidRequest(format_validation_error(exc, "worker"), param="worker") from exc
+    limit = gw.settings.admin.max_new_workers
+    if spec.replicas > limit:
+        raise InvalidRequest(
+            f"worker.replicas: at most {limit} workers per call (admin.max_new_workers)",
+            param="worker.replicas",
+        )
     config = gw.settings.model(model)
     if config is None or not isinstance(role, str):
         raise NotFound(f"no model '{model}'", param="model")

@@ -7,7 +7,8 @@ import orjson
 import pytest
 
 from backends.base import LegStats
-from backends.errors import LegFailed
+from backends.errors import BackendOverloaded, LegFailed, UpstreamRejected
+from backends.upstream.http import status_error
 from backends.wire.parse import StreamParser
 from backends.wire.render import DONE, WireFormat
 
@@ -92,3 +93,33 @@ def test_comments_and_other_fields_are_skipped(newline: bytes) -> None:
     chunk = state.feed(b": keep-alive" + newline + b"event: message" + newline + event)
     assert chunk is not None
     assert chunk.text == "hi "
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        (400, b'{"object":"error","message":"too long","type":"BadRequest"}', "client"),
+        (422, b'{"error":{"message":"bad ids","type":"invalid_request_error"}}', "client"),
+        (413, b"too large", "client"),
+        (404, b'{"error":{"message":"no such model"}}', "worker"),
+        (401, b"", "worker"),
+        (429, b'{"error":{"message":"busy"}}', "busy"),
+        (503, b'{"error":{"message":"kv full","code":"overloaded"}}', "busy"),
+        (503, b"down", "worker"),
+        (500, b'{"error":{"message":"boom"}}', "worker"),
+    ],
+)
+def test_upstream_statuses_are_told_apart(status: int, body: bytes, kind: str) -> None:
+    error = status_error("decode-0", status, body)
+    expected = {"client": UpstreamRejected, "busy": BackendOverloaded, "worker": LegFailed}[kind]
+    assert type(error) is expected
+    if isinstance(error, UpstreamRejected):
+        assert error.status == status
+        assert "decode-0" not in error.message
+
+
+def test_a_client_error_keeps_the_upstreams_envelope() -> None:
+    raw = b'{"error":{"message":"m","type":"t","param":"prompt","code":"c"}}'
+    error = status_error("x", 400, raw)
+    assert isinstance(error, UpstreamRejected)
+    assert (error.message, error.type, error.param, error.code) == ("m", "t", "prompt", "c")
