@@ -91,7 +91,7 @@ class HttpOptions:
     # tokens per chunk when an event carries several (speculative decoding, a stream interval
     # above 1). Off, an event with text counts one token and the final usage settles the total.
     usage_per_chunk: bool = True
-    control_token: str | None = None  # pdgate backend's control plane (KV release)
+    control_token: str | None = field(default=None, repr=False)  # pdgate backend control plane
     # A hosted OpenAI-compatible API (GroqCloud, Cerebras, SambaCloud, SiliconFlow): the key sent
     # as ``Authorization: Bearer`` on every request, and a health path it answers (its model list).
     api_key: str | None = field(default=None, repr=False)
