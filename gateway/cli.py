@@ -4,7 +4,7 @@
     pdgate report RESULTS... [--out DIR] [--slo-ttft S] [--slo-tpot S]
     pdgate backend --device D --model M [--role prefill|decode|both] [--port P] ...
     pdgate simulate (--device D --model M [--count N --tp N] | --config FILE) WORKLOAD LOAD
-    pdgate calibrate [--points ID,...] [--json]
+    pdgate calibrate [--points ID,...] [--json] [--devices [--markdown] [--rows RUN.jsonl]]
     pdgate plan --model M WORKLOAD --rate R --slo ttft:p90=S ... [--devices D,...] [--plot F]
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and

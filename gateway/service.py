@@ -41,7 +41,14 @@ from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics, WorkerState
 from gateway.policies import PolicyDeps, make_policy
 from gateway.registry import Pool, Worker, WorkerRegistry
-from gateway.settings import EmulatedWorker, HttpWorker, ModelConfig, PoolConfig, Settings
+from gateway.settings import (
+    ConfigError,
+    EmulatedWorker,
+    HttpWorker,
+    ModelConfig,
+    PoolConfig,
+    Settings,
+)
 from gateway.state import InMemoryStateStore, StateStore
 from gateway.state_redis import RedisStateStore, redis_client
 
@@ -347,6 +354,16 @@ class WorkerFactory:
 
 
 def http_backend(name: str, spec: HttpWorker) -> HttpBackend:
+    """The upstream adapter of one HTTP worker; its API key, if any, read from the environment
+    variable the config names (:class:`ConfigError` when it is not set)."""
+    api_key = None
+    if spec.api_key_env is not None:
+        api_key = os.environ.get(spec.api_key_env)
+        if not api_key:
+            raise ConfigError(
+                f"worker {name} ({spec.url}): environment variable {spec.api_key_env} "
+                "(its API key) is not set"
+            )
     options = HttpOptions(
         max_connections=spec.max_connections,
         connect_timeout_s=spec.connect_timeout_s,
@@ -354,6 +371,8 @@ def http_backend(name: str, spec: HttpWorker) -> HttpBackend:
         read_timeout_s=spec.read_timeout_s,
         served_model_name=spec.served_model_name,
         usage_per_chunk=spec.usage_per_chunk,
+        api_key=api_key,
+        health_path=spec.health_path,
         control_token=os.environ.get(spec.control_token_env) or None,
     )
     return HttpBackend(

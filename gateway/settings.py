@@ -109,6 +109,19 @@ class HttpWorker(_Strict):
         "and gateway CPU, counts one token per event, and still settles totals exactly",
     )
 
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the upstream's API key, sent as "
+        "`Authorization: Bearer` (hosted APIs: GroqCloud, Cerebras, SambaCloud, SiliconFlow); "
+        "the key itself never goes in the config",
+    )
+    health_path: str = Field(
+        "/health",
+        pattern=r"^/",
+        description="what health checks GET (hosted APIs: their model list, /v1/models)",
+    )
+
     @property
     def replicas(self) -> int:
         return 1

@@ -34,6 +34,7 @@ from typing import Annotated, ClassVar, Literal, TypeAlias, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from backends.emulator.accelerators import TierPlacement, dataflow_placement
 from backends.emulator.timing import (
     DTYPE_BYTES,
     DataflowConstants,
@@ -145,7 +146,6 @@ class _DeviceBase(_Data):
     name: str
     display_name: str = ""
     vendor: str = ""
-    status: Literal["calibrated", "spec-only"]
     peak_tflops: dict[str, float] = Field(description="dense TFLOP/s per device by dtype")
     memory_gb: float = Field(gt=0, description="weight-holding memory per device (HBM or SRAM)")
     tdp_w: float | None = Field(None, gt=0)
@@ -183,6 +183,10 @@ class _DeviceBase(_Data):
 
     def capacity_text(self, count: int, util: float) -> str:
         return f"{count} × {self.memory_gb:g} GB × {util:g} utilisation"
+
+    def kv_free_bytes(self, weights: float, count: int, util: float) -> float:
+        """Memory left for KV on ``count`` devices holding ``weights`` (may be negative)."""
+        return self.capacity_bytes(count, util) - weights
 
     def model_switch_s(self, dep: Deployment) -> float | None:
         """Seconds to bring another model into the deployment; None where it is not modelled."""
@@ -392,10 +396,42 @@ class DataflowDevice(_DeviceBase):
     sram_gb: float = Field(gt=0)
     ddr_gb: float = Field(gt=0)
     ddr_bandwidth_tb_s: float = Field(gt=0, description="DDR bandwidth per socket")
+    kv_reserve_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of HBM kept for KV when the weights spill to DDR"
+    )
     efficiency: DataflowEfficiency
+
+    def placement(self, weights: float, count: int, util: float) -> TierPlacement:
+        """What lives where (:func:`backends.emulator.accelerators.dataflow_placement`)."""
+        return dataflow_placement(
+            weights,
+            count,
+            self.memory_gb * GB,
+            self.sram_gb * GB,
+            self.ddr_gb * GB,
+            util,
+            self.kv_reserve_fraction,
+        )
+
+    def kv_free_bytes(self, weights: float, count: int, util: float) -> float:
+        try:
+            return self.placement(weights, count, util).hbm_kv_bytes
+        except ValueError:
+            return -1.0
+
+    def capacity_bytes(self, count: int, util: float) -> float:
+        """HBM for weights and KV, and DDR for weights that overflow it."""
+        return count * (self.memory_gb * GB * util + self.ddr_gb * GB)
+
+    def capacity_text(self, count: int, util: float) -> str:
+        return (
+            f"{count} × ({self.memory_gb:g} GB HBM × {util:g} utilisation + {self.ddr_gb:g} GB DDR)"
+        )
 
     def constants(self, dep: Deployment) -> DataflowConstants:
         e = self.efficiency
+        weights = self.resident_weight_bytes(dep.model, dep.dtype)
+        tiers = self.placement(weights, dep.count, dep.engine.gpu_memory_utilization)
         return DataflowConstants(
             peak_flops=self.peak_flops(dep.dtype),
             hbm_bandwidth=self.memory_bandwidth_tb_s * TB,
@@ -405,6 +441,7 @@ class DataflowDevice(_DeviceBase):
             layer_overhead_s=e.layer_overhead_s,
             sockets=dep.tp,
             ddr_bandwidth=self.ddr_bandwidth_tb_s * TB,
+            ddr_weight_bytes=tiers.ddr_weight_bytes,
         )
 
     def model_switch_s(self, dep: Deployment) -> float | None:
@@ -472,6 +509,11 @@ class LinkProfile(_Data):
     setup_s: float = Field(ge=0)
     per_descriptor_s: float = Field(0.0, ge=0)
     source: str
+    path: str = Field("", description="what the KV crosses, hop by hop (cross-vendor presets)")
+    pairs: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="(prefill device, decode device) pairs whose handoff takes this path",
+    )
 
     def link(self, name: str) -> Link:
         return Link(
@@ -574,7 +616,7 @@ def plan_deployment(
     if count < tp or count % tp:
         raise CatalogError(f"count {count} must be a positive multiple of tp {tp}")
     total = device.capacity_bytes(count, util)
-    free = total - weights
+    free = device.kv_free_bytes(weights, count, util)
     kv_per_token = model.kv_bytes_per_token(dtype)
     capacity = int(free // kv_per_token) if free > 0 else 0
     if capacity < engine.block_size:
@@ -613,6 +655,10 @@ class Catalog:
         for key, item in [*devices.items(), *models.items()]:
             if item.name != key:
                 raise CatalogError(f"{root}: file '{key}.yaml' declares name '{item.name}'")
+        for key, lp in links.items():
+            unknown = sorted({d for pair in lp.pairs for d in pair} - set(devices))
+            if unknown:
+                raise CatalogError(f"{root}/links.yaml: {key}: unknown devices {unknown}")
         return cls(devices, models, links)
 
     def device(self, name: str) -> AnyDevice:
@@ -623,6 +669,14 @@ class Catalog:
 
     def link(self, name: str) -> Link:
         return _lookup(self.links, name, "link").link(name)
+
+    def handoff_link(self, prefill_device: str, decode_device: str) -> str | None:
+        """The preset whose path a KV handoff from ``prefill_device`` to ``decode_device``
+        takes (``config/links.yaml`` ``pairs``), or None where no cross-vendor path is set."""
+        for key, lp in self.links.items():
+            if (prefill_device, decode_device) in lp.pairs:
+                return key
+        return None
 
     def deployment(
         self,

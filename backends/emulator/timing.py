@@ -469,6 +469,7 @@ class DataflowConstants:
     layer_overhead_s: float
     sockets: int
     ddr_bandwidth: float  # bytes/s of one socket's DDR, for model switches
+    ddr_weight_bytes: float = 0.0  # weights that did not fit HBM, streamed from DDR each step
 
 
 def dataflow_step_time(m: ModelShape, s: StepShape, c: DataflowConstants) -> float:
@@ -480,10 +481,15 @@ def dataflow_step_time(m: ModelShape, s: StepShape, c: DataflowConstants) -> flo
     ``bytes`` as in :func:`step_bytes`. The whole decoder runs as one on-chip pipeline, so η is
     high and the per-layer cost small; socket-to-socket traffic overlaps inside that pipeline,
     so there is no separate all-reduce term.
+
+    Weights that spilled past HBM (``ddr_weight_bytes``, a deployment on too few sockets for
+    its model) stream from DDR every step, after the HBM part: ``+ ddr_weights / (BW_ddr · n)``.
     """
     n = c.sockets
     t_compute = forward_flops(m, s) / (c.mfu * c.peak_flops * n)
-    t_memory = step_bytes(m, s) / (c.hbm_efficiency * c.hbm_bandwidth * n)
+    hbm = step_bytes(m, s) - c.ddr_weight_bytes
+    t_memory = hbm / (c.hbm_efficiency * c.hbm_bandwidth * n)
+    t_memory += c.ddr_weight_bytes / (c.ddr_bandwidth * n)
     return max(t_compute, t_memory) + c.step_overhead_s + m.layers * c.layer_overhead_s
 
 

@@ -87,7 +87,7 @@ class InstanceConfig:
     engine: EngineKnobs = field(default_factory=EngineKnobs)
     faults: Faults = field(default_factory=Faults)
     enable_faults: bool = False  # /admin/faults answers 403 unless on
-    control_token: str | None = None  # the control plane's shared bearer token
+    control_token: str | None = field(default=None, repr=False)  # control plane bearer token
 
     @property
     def loopback(self) -> bool:

@@ -38,7 +38,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -91,7 +91,11 @@ class HttpOptions:
     # tokens per chunk when an event carries several (speculative decoding, a stream interval
     # above 1). Off, an event with text counts one token and the final usage settles the total.
     usage_per_chunk: bool = True
-    control_token: str | None = None  # pdgate backend's control plane (KV release)
+    control_token: str | None = field(default=None, repr=False)  # pdgate backend control plane
+    # A hosted OpenAI-compatible API (GroqCloud, Cerebras, SambaCloud, SiliconFlow): the key sent
+    # as ``Authorization: Bearer`` on every request, and a health path it answers (its model list).
+    api_key: str | None = field(default=None, repr=False)
+    health_path: str = "/health"
 
 
 class HttpBackend:
@@ -142,10 +146,13 @@ class HttpBackend:
         self._healthy = value
 
     async def probe(self, limit_s: float) -> bool:
-        """``GET /health`` answered 2xx within ``limit_s``."""
+        """``GET`` of the health path (``/health``) answered 2xx within ``limit_s``."""
+        path, auth = self.options.health_path, self._auth()
         try:
             async with asyncio.timeout(limit_s):  # connecting included
-                async with await self._http().request("GET", "/health", timeout_s=limit_s) as r:
+                async with await self._http().request(
+                    "GET", path, headers=auth, timeout_s=limit_s
+                ) as r:
                     await r.read()
                     return 200 <= r.status < 300
         except (UpstreamError, TimeoutError, BackendUnavailable):
@@ -296,7 +303,11 @@ class HttpBackend:
     ) -> Response:
         """POST ``body`` to the leg's endpoint; the response once its headers arrived."""
         path = "/v1/chat/completions" if params.api == "chat" else "/v1/completions"
-        headers = (("Content-Type", "application/json"), ("X-Request-Id", params.request_id))
+        headers = (
+            ("Content-Type", "application/json"),
+            ("X-Request-Id", params.request_id),
+            *self._auth(),
+        )
         if self.options.served_model_name is not None:
             body["model"] = self.options.served_model_name  # each leg's body is its own copy
         try:
@@ -306,6 +317,10 @@ class HttpBackend:
             )  # fmt: skip
         except UpstreamError as exc:
             raise self._error(exc) from exc
+
+    def _auth(self) -> tuple[tuple[str, str], ...]:
+        key = self.options.api_key
+        return (("Authorization", f"Bearer {key}"),) if key else ()
 
     def _error(self, exc: UpstreamError) -> BackendUnavailable | LegFailed:
         if isinstance(exc, ConnectError):

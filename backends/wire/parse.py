@@ -3,9 +3,9 @@ their ``usage``; and writing the body of an upstream leg.
 
 The stream parser works per read, not per line: whatever arrived together becomes one
 :class:`~backends.base.TokenChunk` of several tokens. Each event is reduced to an
-:class:`Event` — its text, finish reason and usage, plus the rest of its choice (``delta`` or
-``message`` fields other than the text, and the choice's own other fields) in ``extra``, so
-fields an upstream adds (tool calls, logprobs, reasoning) are at hand without another parse.
+:class:`Event` — its text, finish reason and usage. An event whose choice carries more than
+text (tool calls, logprobs, reasoning) keeps that choice as the upstream sent it, to be relayed
+(:mod:`backends.wire.relay`).
 
 Example::
 
@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -25,8 +25,6 @@ import orjson
 from backends.base import GenerationParams, LegStats, ReportedUsage, TokenChunk
 from backends.errors import LegFailed
 from backends.wire.relay import is_rich, usage_details
-
-_NOT_EXTRA = frozenset(("index", "delta", "message", "text", "finish_reason", "content"))
 
 
 @dataclass(slots=True)
@@ -36,15 +34,10 @@ class Event:
     text: str = ""
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
-    # Everything else the choice carried (its delta's or message's other fields, and the
-    # choice's own, e.g. ``logprobs``), for callers that pass fields through.
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def event_of(obj: Mapping[str, Any], *, extra: bool = True) -> Event:
-    """An event (a parsed ``data:`` object, or a whole response body) reduced to its parts;
-    ``extra=False`` skips collecting the other fields (the streaming hot path, until a caller
-    passes them through)."""
+def event_of(obj: Mapping[str, Any]) -> Event:
+    """An event (a parsed ``data:`` object, or a whole response body) reduced to its parts."""
     usage = obj.get("usage")
     event = Event(usage=usage if isinstance(usage, dict) else None)
     for choice in obj.get("choices") or ():
@@ -57,16 +50,7 @@ def event_of(obj: Mapping[str, Any], *, extra: bool = True) -> Event:
         if isinstance(part, str):
             event.text += part
         event.finish_reason = choice.get("finish_reason") or event.finish_reason
-        if extra:
-            _collect(event.extra, inner if isinstance(inner, dict) else {}, choice)
     return event
-
-
-def _collect(into: dict[str, Any], inner: Mapping[str, Any], choice: Mapping[str, Any]) -> None:
-    for fields in (inner, choice):
-        for key, value in fields.items():
-            if value is not None and key not in _NOT_EXTRA:
-                into[key] = value
 
 
 class StreamParser:
@@ -78,11 +62,10 @@ class StreamParser:
     next, so tokens already produced are delivered (and a leg that produced some is never
     retried)."""
 
-    __slots__ = ("counted", "done", "failure", "finish", "keep_extra", "name", "partial", "usage")
+    __slots__ = ("counted", "done", "failure", "finish", "name", "partial", "usage")
 
-    def __init__(self, name: str, *, keep_extra: bool = False) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.keep_extra = keep_extra  # collect each event's other fields (Event.extra)
         self.partial = b""  # an incomplete last line, waiting for the next read
         self.counted = 0
         self.finish: str | None = None
@@ -133,7 +116,7 @@ class StreamParser:
         if "error" in obj:
             error = snippet(orjson.dumps(obj["error"]))
             raise LegFailed(f"{self.name}: upstream stream failed: {error}")
-        event = event_of(obj, extra=self.keep_extra)
+        event = event_of(obj)
         usage = event.usage
         if usage is not None:
             self.usage = usage

@@ -123,13 +123,14 @@ def test_calibrate_exit_status_follows_enforced_points(tmp_path: Path) -> None:
         "scenario": {"kind": "closed", "concurrency": 1, "isl": 500, "osl": 200, "requests": 1},
         "expect": {"itl_mean_s": 0.01891},
         "grade": "A",
+        "role": "check",
         "source": "test",
     }
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({"points": [point]}))
     ok = pdgate("calibrate", "--file", str(good))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "1/1 enforced rows within tolerance" in ok.stdout
+    assert "check 1/1 (100%) within tolerance" in ok.stdout
     bad = tmp_path / "bad.yaml"
     wrong = {**point, "expect": {"itl_mean_s": 0.005}}  # 4x too fast for the physics
     reported = {**point, "id": "X2", "grade": "B", "expect": {"itl_mean_s": 0.005}}

@@ -8,7 +8,6 @@ tiered, dataflow and hard-wired families.
 from __future__ import annotations
 
 import math
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,6 @@ from backends.emulator.timing import (
 from backends.errors import CatalogError
 
 CONFIG = Path(Catalog.default_dir())
-ACCELERATORS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "accelerators.md"
 DEVICE_FILES = sorted(p.stem for p in (CONFIG / "devices").glob("*.yaml"))
 # Profiles whose reference checks live in test_catalog.py (or that predate this file).
 ORIGINAL = {"h100-sxm", "h200-sxm", "b200", "groq-lpu-v1", "cerebras-wse-3"}
@@ -91,7 +89,8 @@ def test_every_profile_loads_as_its_family_class(catalog: Catalog, name: str) ->
     family = _yaml(f"devices/{name}.yaml")["family"]
     d = catalog.device(name)
     assert type(d) is FAMILY_CLASS[family]
-    assert d.status in ("calibrated", "spec-only")
+    # Status is derived from the calibration checks (gateway/sim/devices.py), never written.
+    assert "status" not in _yaml(f"devices/{name}.yaml")
 
 
 @pytest.mark.parametrize("name", DEVICE_FILES)
@@ -112,9 +111,9 @@ def test_every_number_in_a_profile_has_a_source(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(set(DEVICE_FILES) - ORIGINAL))
-def test_newer_profiles_say_why_they_have_their_status(name: str) -> None:
+def test_newer_profiles_say_what_published_evidence_there_is(name: str) -> None:
     data = _yaml(f"devices/{name}.yaml")
-    assert data["sources"]["status"].startswith(data["status"])
+    assert len(data["sources"]["evidence"]) > 20
 
 
 def test_the_five_gpu_prices_are_marked_as_documented_defaults() -> None:
@@ -208,9 +207,13 @@ def test_calibrated_profile_reproduces_its_published_point(catalog: Catalog, poi
     assert itl == pytest.approx(point.itl_s, rel=0.15), point.source
 
 
-def test_every_newer_calibrated_profile_has_a_reference_point(catalog: Catalog) -> None:
-    calibrated = {n for n, d in catalog.devices.items() if d.status == "calibrated"}
-    assert calibrated - ORIGINAL == {p.device for p in POINTS}
+def test_every_reference_point_here_is_also_a_calibration_point() -> None:
+    """The points above are in config/calibration.yaml too, where `pdgate calibrate` grades
+    them and derives each device's status from its check points."""
+    from gateway.sim.calibrate import load_points
+
+    devices = {(p.device, p.model) for p in load_points()}
+    assert {(p.device, p.model) for p in POINTS} <= devices
 
 
 def test_corsair_derives_the_vendors_card_counts(catalog: Catalog) -> None:
@@ -381,8 +384,13 @@ def test_dataflow_count_defaults_to_tp_and_kv_lives_in_hbm(catalog: Catalog) -> 
     assert dep.count == 8
     free = 8 * dev["memory_gb"] * 1e9 * 0.9 - mod["params_b"] * 1e9 * 2
     assert dep.kv_capacity_tokens == int(free // (mod["layers"] * 2 * 8 * 128 * 2.0))
-    with pytest.raises(CatalogError, match=r"does not fit on 2 × sn40l"):
-        catalog.deployment("sn40l", "llama-3.1-70b", tp=2)
+    # On 2 sockets the 141 GB of weights overflow 115.2 GB of HBM: 90% of HBM takes weights,
+    # 10% stays for KV, and the rest of the weights streams from DDR (capacity mode).
+    small = catalog.deployment("sn40l", "llama-3.1-70b", tp=2)
+    hbm = 2 * dev["memory_gb"] * 1e9 * 0.9
+    kv_bytes = mod["layers"] * 2 * 8 * 128 * 2.0
+    assert small.kv_capacity_tokens == int(hbm * dev["kv_reserve_fraction"] // kv_bytes)
+    assert small.step_time(DECODE_1) > 10 * dep.step_time(DECODE_1)  # 231 ms vs 15 ms
 
 
 def test_tiered_does_not_fit_message_shows_both_tiers(catalog: Catalog) -> None:
@@ -427,17 +435,3 @@ def test_bad_field_in_a_newer_family_names_the_field_not_the_tag(
     msg = str(info.value)
     assert f"{field}:" in msg
     assert f"{tag}." not in msg
-
-
-# -- docs/accelerators.md ------------------------------------------------------------------
-
-
-def test_the_docs_device_table_matches_the_catalog(catalog: Catalog) -> None:
-    rows = {}
-    for line in ACCELERATORS_PAGE.read_text().splitlines():
-        m = re.match(r"\|\s*`([a-z0-9.-]+)`\s*\|[^|]*\|\s*(\w+)\s*\|\s*([\w-]+)\s*\|", line)
-        if m:
-            rows[m.group(1)] = (m.group(2), m.group(3))
-    assert sorted(rows) == DEVICE_FILES
-    for name, d in catalog.devices.items():
-        assert rows[name] == (d.family, d.status), name

@@ -41,3 +41,54 @@ def test_every_device_profile_simulates(device: str) -> None:
     assert 0 < m["itl_s"]["mean"] < 1
     assert m["output_tokens_per_s"] > 0
     assert m["joules_per_output_token"] is None or m["joules_per_output_token"] > 0
+
+
+# -- `pdgate simulate --device X` for every device with every model that fits it ------------
+
+ALL_MODELS = sorted(CATALOG.models)
+
+
+def _fits(device: str, model: str) -> tuple[str, int | None] | None:
+    """The smallest deployment of ``model`` on ``device``: its dtype and tp (None where the
+    device is sized by memory), or None when no dtype and tp up to 64 holds it."""
+    profile = CATALOG.device(device)
+    tps: tuple[int | None, ...] = (None,) if profile.sized_by_memory else (1, 2, 4, 8, 16, 32, 64)
+    for tp in tps:
+        for dtype in DTYPES:
+            try:
+                CATALOG.deployment(device, model, dtype=dtype, tp=tp or 1, count=tp)
+            except CatalogError:
+                continue
+            return dtype, tp
+    return None
+
+
+PAIRS = [
+    (d, m, fit)
+    for d in sorted(CATALOG.devices)
+    for m in ALL_MODELS
+    if (fit := _fits(d, m)) is not None
+]
+
+
+def test_every_device_fits_at_least_one_model() -> None:
+    assert {d for d, _, _ in PAIRS} == set(CATALOG.devices)
+
+
+@pytest.mark.parametrize(("device", "model", "fit"), PAIRS, ids=lambda x: str(x))
+def test_pdgate_simulate_runs_every_device_with_every_model_that_fits(
+    device: str, model: str, fit: tuple[str, int | None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from gateway.cli import main
+
+    dtype, tp = fit
+    argv = ["simulate", "--device", device, "--model", model, "--dtype", dtype]
+    argv += ["--tp", str(tp)] if tp else []
+    argv += ["--isl", "128", "--osl", "8", "--concurrency", "2", "--requests", "2"]
+    assert main([*argv, "--json", "--no-progress"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["requests"] == 2, m["errors"]
+    assert m["ttft_s"]["mean"] > 0
+    assert m["output_tokens_per_s"] > 0

@@ -61,7 +61,7 @@ def test_the_builder_applies_the_context_check_to_the_default_max_tokens() -> No
         )  # fmt: skip
 
 
-def test_events_keep_fields_beyond_the_text_for_passthrough() -> None:
+def test_an_event_is_reduced_to_text_finish_and_usage() -> None:
     event = event_of(
         {
             "choices": [
@@ -76,11 +76,7 @@ def test_events_keep_fields_beyond_the_text_for_passthrough() -> None:
         }
     )
     assert event.text == "a"
-    assert event.extra == {
-        "reasoning_content": "why",
-        "role": "assistant",
-        "logprobs": {"content": []},
-    }
+    assert event.finish_reason is None
     assert event.usage == {"completion_tokens": 1}
 
 
