@@ -1,0 +1,156 @@
+"""Predict measured serving runs ("silicon" rows) with the emulation.
+
+An aggregated row runs aiperf's closed loop on one emulated engine in virtual time
+(:func:`backends.sim.silicon.closed_loop`): the engine's own scheduler and the deployment's
+physics, no HTTP and no event loop, so a row costs a fraction of a second. A disaggregated row
+(xPyD) runs through the gateway's P/D flow exactly as ``pdgate serve`` would route it
+(:func:`gateway.sim.simulate`): ``x`` prefill workers, ``y`` decode workers, the KV link between
+them, the same engines.
+
+Example::
+
+    row = parse_row(csv_dict)
+    predict(row)   # Prediction(id=..., ttft_ms=..., tpot_ms=..., reason="")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from backends.catalog import Catalog, Deployment, EngineKnobs
+from backends.engine import Engine
+from backends.errors import CatalogError
+from backends.sim.silicon import (
+    Layout,
+    ManualClock,
+    Prediction,
+    RowError,
+    SiliconRow,
+    Stalled,
+    closed_loop,
+    weights_of,
+)
+from backends.sim.workload import RequestSpec
+from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings
+
+# Counted waves of a disaggregated row's closed loop (after the warm-up wave). The gateway's
+# closed loop has no convergence test, so a fixed number of waves is run: with fixed lengths
+# the pattern repeats after the first counted wave.
+DISAGG_WAVES = 4
+
+# KV link between prefill and decode workers on separate Hopper nodes: each GPU's own
+# 400 Gb/s InfiniBand NIC (DGX H100/H200: eight ConnectX-7, one per GPU).
+DISAGG_LINK = "ib_ndr"
+
+_catalog: Catalog | None = None
+
+
+def catalog() -> Catalog:
+    global _catalog
+    if _catalog is None:
+        _catalog = Catalog.load()
+    return _catalog
+
+
+def knobs_for(row: SiliconRow, layout: Layout) -> EngineKnobs:
+    """Engine settings of a worker of the row."""
+    batch = layout.batch or row.concurrency
+    return EngineKnobs(max_num_seqs=max(1, batch))
+
+
+def deployment_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> Deployment:
+    cat = cat or catalog()
+    model, device = row.model, row.device
+    if model is None:
+        raise RowError(f"no model profile for {row.model_path}")
+    if device is None:
+        raise RowError(f"no device profile for system {row.system}")
+    w = weights_of(row)
+    gpus = layout.gpus
+    return cat.deployment(
+        device, model, dtype=w.compute, tp=gpus, count=gpus, engine=knobs_for(row, layout)
+    )
+
+
+def predict(row: SiliconRow, cat: Catalog | None = None) -> Prediction:
+    """The emulation's TTFT and TPOT for ``row``, or a reason why it cannot say."""
+    wall = time.perf_counter()
+    try:
+        if row.mode == "agg":
+            assert row.agg is not None
+            ttft, tpot = _agg(row, row.agg, cat)
+        else:
+            ttft, tpot = _disagg(row, cat)
+    except (RowError, CatalogError, Stalled, ValueError) as exc:
+        return Prediction(row.id, None, None, str(exc), time.perf_counter() - wall)
+    return Prediction(row.id, ttft * 1e3, tpot * 1e3, "", time.perf_counter() - wall)
+
+
+def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, float]:
+    dep = deployment_for(row, layout, cat)
+    clock = ManualClock()
+    k = dep.engine
+    engine = Engine(
+        dep,
+        clock,  # type: ignore[arg-type]
+        max_num_seqs=k.max_num_seqs,
+        max_num_batched_tokens=k.max_num_batched_tokens,
+        block_size=k.block_size,
+        speculative_tokens=k.speculative_tokens,
+        acceptance_rate=k.acceptance_rate,
+        draft_cost_fraction=k.draft_cost_fraction,
+        reserve_max=k.scheduler_policy == "guaranteed_no_evict",
+    )
+    r = closed_loop(
+        engine, clock, dep.step_time, concurrency=row.concurrency, isl=row.isl, osl=row.osl
+    )
+    return r.ttft_s, r.tpot_s
+
+
+def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
+    """The gateway config an xPyD row describes: a prefill pool of ``x`` workers and a decode
+    pool of ``y``, each worker with its own layout, joined by the KV link."""
+    assert row.prefill is not None and row.decode is not None
+    model = row.model
+    if model is None:
+        raise RowError(f"no model profile for {row.model_path}")
+    pools = {}
+    for role, layout in (("prefill", row.prefill), ("decode", row.decode)):
+        dep = deployment_for(row, layout, cat)  # validates that it fits
+        worker = EmulatedWorker(
+            device=dep.device.name,
+            count=dep.count,
+            tp=dep.tp,
+            dtype=dep.dtype,  # type: ignore[arg-type]
+            replicas=layout.workers,
+            engine=dep.engine,
+        )
+        pools[role] = PoolConfig(policy="least_loaded", kv_link=DISAGG_LINK, workers=[worker])
+    served = ModelConfig(name=model, mode="disaggregated", pools=pools)  # type: ignore[arg-type]
+    return Settings(models=[served])
+
+
+def _disagg(row: SiliconRow, cat: Catalog | None) -> tuple[float, float]:
+    from gateway.sim import SimulationSpec, simulate
+
+    settings = disagg_settings(row, cat)
+    c = row.concurrency
+    total = c * (1 + DISAGG_WAVES)
+
+    def requests() -> Iterator[RequestSpec]:
+        for _ in range(total):
+            yield RequestSpec(prompt_tokens=row.isl, output_tokens=row.osl)
+
+    spec = SimulationSpec(
+        settings, row.model or "", requests(), concurrency=c, total=total, catalog=cat or catalog()
+    )
+    result = simulate(spec)
+    counted = [r for r in result.records[c:] if r.error is None and r.end_at is not None]
+    if not counted:
+        errors = {r.error for r in result.records if r.error}
+        raise RowError(f"no request completed: {', '.join(sorted(e for e in errors if e))}")
+    ttft = sum(r.ttft for r in counted) / len(counted)
+    tpots = [t for r in counted if (t := r.tpot) is not None]
+    tpot = sum(tpots) / len(tpots) if tpots else 0.0
+    return ttft, tpot

@@ -1,0 +1,141 @@
+"""Measured serving runs against the emulation: per-row measured vs emulated, and a summary.
+
+Usage::
+
+    python -m loadtests.bench_silicon ROWS.csv [--out PRED.csv] [--jobs N]
+        [--sample K --seed S | --limit K] [--peer aiconfigurator] [--quiet]
+
+``ROWS.csv`` is any file in the silicon-sample format (see the calibration data's
+``silicon/README.md``). Each row is simulated (:mod:`gateway.silicon`); the summary gives rows
+covered, the share of TPOT within ±15 % and TTFT within ±25 %, and the median |error| of each,
+for all rows and by mode, engine, model family and device. ``--out`` writes
+``id,pred_ttft_ms,pred_tpot_ms,reason`` (blank predictions and a reason where a row is not
+supported). Rows are spread over ``--jobs`` processes.
+
+``--peer aiconfigurator`` also asks NVIDIA's AIConfigurator (optional extra
+``pip install 'pdgate[aiconfigurator]'``) for the same rows, offline, and prints its accuracy
+beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from backends.sim.silicon import (
+    Prediction,
+    RowError,
+    SiliconRow,
+    parse_row,
+    read_rows,
+    rel_error,
+    summary_table,
+)
+
+
+def _predict(row: SiliconRow) -> Prediction:
+    from gateway.silicon import predict
+
+    return predict(row)
+
+
+def _peer(row: SiliconRow) -> Prediction:
+    from loadtests.peer_aiconfigurator import predict as peer_predict
+
+    return peer_predict(row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_silicon", description=__doc__.split("\n")[0])
+    p.add_argument("rows", type=Path)
+    p.add_argument("--out", type=Path, help="write id,pred_ttft_ms,pred_tpot_ms,reason")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--limit", type=int, help="the first K rows")
+    p.add_argument("--sample", type=int, help="K rows at random (with --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ids", type=Path, help="only the ids listed in this file (one a line)")
+    p.add_argument("--peer", choices=["aiconfigurator"], help="also predict with a peer tool")
+    p.add_argument("--quiet", action="store_true", help="no per-row lines")
+    args = p.parse_args(argv)
+
+    raw = read_rows(args.rows)
+    rows: list[SiliconRow] = []
+    bad: list[Prediction] = []
+    for d in raw:
+        try:
+            rows.append(parse_row(d))
+        except RowError as exc:
+            bad.append(Prediction(d.get("id") or "?", None, None, f"unreadable row: {exc}"))
+    if args.ids:
+        wanted = set(args.ids.read_text().split())
+        rows = [r for r in rows if r.id in wanted]
+    if args.sample:
+        rows = random.Random(args.seed).sample(rows, min(args.sample, len(rows)))
+    if args.limit:
+        rows = rows[: args.limit]
+
+    wall = time.perf_counter()
+    preds = _run(_predict, rows, args.jobs)
+    wall = time.perf_counter() - wall
+    pairs = list(zip(rows, preds, strict=True))
+    if not args.quiet:
+        for row, pred in pairs:
+            print(_line(row, pred))
+    print(
+        f"\npdgate: {len(rows)} rows in {wall:.1f} s wall ({wall / max(1, len(rows)):.2f} s/row, "
+        f"{args.jobs} jobs); unreadable rows: {len(bad)}"
+    )
+    print(summary_table(pairs))
+    if args.peer:
+        peer = _run(_peer, rows, args.jobs)
+        peer_pairs = list(zip(rows, peer, strict=True))
+        print(f"\n{args.peer} on the same rows:")
+        print(summary_table(peer_pairs))
+    if args.out:
+        with args.out.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "pred_ttft_ms", "pred_tpot_ms", "reason"])
+            for pred in [*preds, *bad]:
+                w.writerow([pred.id, _num(pred.ttft_ms), _num(pred.tpot_ms), pred.reason])
+    return 0
+
+
+def _run(fn, rows: list[SiliconRow], jobs: int) -> list[Prediction]:  # type: ignore[no-untyped-def]
+    if jobs <= 1 or len(rows) <= 1:
+        return [fn(r) for r in rows]
+    # Long rows first (8192 output tokens) so the pool does not end on one straggler.
+    order = sorted(range(len(rows)), key=lambda i: -rows[i].osl * (1 + rows[i].concurrency))
+    out: list[Prediction | None] = [None] * len(rows)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for i, pred in zip(order, pool.map(fn, [rows[i] for i in order], chunksize=1), strict=True):
+            out[i] = pred
+    return [p for p in out if p is not None]
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+def _line(row: SiliconRow, pred: Prediction) -> str:
+    def cell(pred_ms: float | None, meas: float | None) -> str:
+        e = rel_error(pred_ms, meas)
+        if pred_ms is None or meas is None or e is None:
+            return f"{'-':>9} {meas or 0:>9.1f} {'':>6}"
+        return f"{pred_ms:>9.1f} {meas:>9.1f} {100 * e:>+5.0f}%"
+
+    if not pred.covered:
+        return f"{row.id[:70]:<70} unsupported: {pred.reason}"
+    return (
+        f"{row.id[:70]:<70} TTFT {cell(pred.ttft_ms, row.ttft_ms)}  "
+        f"TPOT {cell(pred.tpot_ms, row.tpot_ms)}  {pred.wall_s:5.2f}s"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
