@@ -111,7 +111,8 @@ def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, f
 def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
     """The gateway config an xPyD row describes: a prefill pool of ``x`` workers and a decode
     pool of ``y``, each worker with its own layout, joined by the KV link."""
-    assert row.prefill is not None and row.decode is not None
+    if row.prefill is None or row.decode is None:
+        raise RowError("a disaggregated row needs prefill and decode layouts")
     model = row.model
     if model is None:
         raise RowError(f"no model profile for {row.model_path}")

@@ -434,6 +434,10 @@ def closed_loop(
     return LoopResult(ttft_sum / counted, tpot_sum / counted, counted, waves, steps, converged)
 
 
+def _close(a: tuple[float, float], b: tuple[float, float], tolerance: float) -> bool:
+    return all(abs(x - y) <= tolerance * max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+
+
 # -- predictions and their grades --------------------------------------------------------------
 
 
