@@ -412,12 +412,8 @@ def closed_loop(
             if counted % c == 0:
                 waves += 1
                 means = (ttft_sum / counted, tpot_sum / counted)
-                if prev is not None and waves >= min_waves:
-                    if all(
-                        abs(a - b) <= tolerance * max(abs(b), 1e-12)
-                        for a, b in zip(means, prev, strict=True)
-                    ):
-                        converged = True
+                if prev is not None and waves >= min_waves and _close(means, prev, tolerance):
+                    converged = True
                 prev = means
             if sent < total and not converged:
                 nxt = engine.submit(isl, osl)
