@@ -92,6 +92,20 @@ class ModelProfile(_Data):
     attention: Literal["gqa", "mla"] = "gqa"
     kv_lora_rank: int | None = None
     qk_rope_dim: int | None = None
+    qk_nope_dim: int | None = Field(None, description="MLA: non-rope query/key dims per head")
+    v_head_dim: int | None = Field(None, description="MLA: value dims per head")
+    attention_layers: int | None = Field(
+        None, gt=0, description="layers with softmax attention and a KV cache (default: all)"
+    )
+    sliding_window: int | None = Field(None, gt=0, description="window of the windowed layers")
+    sliding_layers: int = Field(0, ge=0, description="attention layers that use the window")
+    linear_layers: int = Field(0, ge=0, description="linear-attention (recurrent) layers")
+    linear_state_elems: int = Field(
+        0, ge=0, description="recurrent state elements per sequence of one linear layer"
+    )
+    unquantised_params_b: float = Field(
+        0.0, ge=0, description="parameters quantised checkpoints keep in 16 bits (embeddings)"
+    )
     vocab: int = Field(gt=0)
     max_context: int = Field(gt=0)
     sources: dict[str, str] = Field(min_length=1)
@@ -107,37 +121,86 @@ class ModelProfile(_Data):
         MLA: ``layers · (kv_lora_rank + qk_rope_dim) · bytes`` (one compressed latent).
         The cache is kept at the serving dtype, except that 4-bit deployments keep it in 8
         bits (:data:`KV_DTYPE`).
+        Sliding-window layers keep at most ``sliding_window`` tokens, so they do not count
+        here (see :meth:`window_kv_bytes_per_token`); nor do linear-attention layers.
         """
         b = DTYPE_BYTES[KV_DTYPE.get(dtype, dtype)]
         if self.attention == "mla":
-            return self.layers * ((self.kv_lora_rank or 0) + (self.qk_rope_dim or 0)) * b
-        return 2 * self.layers * self.kv_heads * self.head_dim * b
+            return self.kv_layers * ((self.kv_lora_rank or 0) + (self.qk_rope_dim or 0)) * b
+        full = self.kv_layers - self.sliding_layers
+        return 2 * full * self.kv_heads * self.head_dim * b
 
-    def shape(self, dtype: str) -> ModelShape:
-        """Physics view at a serving dtype; routed-expert bytes derived from total and active.
+    @property
+    def kv_layers(self) -> int:
+        return self.attention_layers or self.layers
+
+    def window_kv_bytes_per_token(self, dtype: str) -> float:
+        """KV bytes per token of the sliding-window layers (kept for the window only)."""
+        b = DTYPE_BYTES[KV_DTYPE.get(dtype, dtype)]
+        return 2 * self.sliding_layers * self.kv_heads * self.head_dim * b
+
+    def state_bytes_per_seq(self, dtype: str) -> float:
+        """Recurrent state of the linear-attention layers per sequence (16-bit: vLLM's
+        ``mamba_ssm_cache_dtype`` ``auto`` is the model's dtype)."""
+        return self.linear_layers * self.linear_state_elems * 2.0
+
+    def weight_bytes(self, dense: str, experts: str | None = None) -> tuple[float, float]:
+        """``(dense, routed experts)`` weight bytes with dense weights in ``dense`` and routed
+        experts in ``experts`` (default ``dense``); ``unquantised_params_b`` stay 16-bit.
 
         With ``E`` routed experts and top-``k``: ``active = dense + experts_total · k / E`` and
         ``total = dense + experts_total``, so ``experts_total = (total − active) / (1 − k/E)``.
         """
-        b = DTYPE_BYTES[dtype]
         total = self.params_b * 1e9
         experts_total = 0.0
         if self.experts > 0 and self.top_k > 0:
             experts_total = (total - self.active_params) / (1.0 - self.top_k / self.experts)
+        b_dense = DTYPE_BYTES[dense]
+        b_exp = DTYPE_BYTES[experts or dense]
+        keep = min(self.unquantised_params_b * 1e9, total - experts_total)
+        dense_bytes = (total - experts_total - keep) * b_dense + keep * max(b_dense, 2.0)
+        return dense_bytes, experts_total * b_exp
+
+    def shape(
+        self,
+        dtype: str,
+        *,
+        dense: str | None = None,
+        experts: str | None = None,
+        kv_dtype: str | None = None,
+    ) -> ModelShape:
+        """Physics view at a serving (compute) dtype; weights in ``dense`` / ``experts``
+        formats where they differ from it (weight-only quantisation), KV in ``kv_dtype``."""
+        b = DTYPE_BYTES[dtype]
+        dense_bytes, expert_bytes = self.weight_bytes(dense or dtype, experts or dense or dtype)
+        kv = kv_dtype or dtype
+        mla_prefill = mla_decode = 0.0
+        if self.attention == "mla" and self.kv_lora_rank:
+            rope, nope = self.qk_rope_dim or 0, self.qk_nope_dim or self.head_dim
+            v = self.v_head_dim or self.head_dim
+            mla_prefill = 2.0 * self.kv_layers * self.q_heads * (nope + rope + v)
+            mla_decode = 2.0 * self.kv_layers * self.q_heads * (2 * self.kv_lora_rank + rope)
+        elif self.kv_layers != self.layers:
+            mla_prefill = 4.0 * self.kv_layers * self.q_heads * self.head_dim
         return ModelShape(
             layers=self.layers,
             hidden=self.hidden,
             attn_width=self.q_heads * self.head_dim,
             active_params=self.active_params,
-            dense_weight_bytes=(total - experts_total) * b,
-            expert_weight_bytes=experts_total * b,
+            dense_weight_bytes=dense_bytes,
+            expert_weight_bytes=expert_bytes,
             experts=self.experts,
             top_k=self.top_k,
-            kv_bytes_per_token=self.kv_bytes_per_token(dtype),
+            kv_bytes_per_token=self.kv_bytes_per_token(kv),
             act_bytes=2.0,
             expert_ffn=(self.expert_ffn or 0) if self.experts else 0,
             moe_layers=self.layers - self.dense_layers if self.experts else 0,
             gemm_input_bytes=b,
+            attn_pair_flops=mla_prefill,
+            attn_pair_flops_decode=mla_decode,
+            window=self.sliding_window or 0 if self.sliding_layers else 0,
+            window_kv_bytes_per_token=self.window_kv_bytes_per_token(kv),
+            state_bytes_per_seq=self.state_bytes_per_seq(kv),
         )
 
 
@@ -215,11 +278,27 @@ class HbmDevice(_DeviceBase):
     family: Literal["hbm"]
     memory_bandwidth_tb_s: float = Field(gt=0)
     interconnect_gb_s: float = Field(gt=0, description="scale-up bandwidth per direction")
+    scale_up_domain: int = Field(
+        0, ge=0, description="devices one scale-up (NVLink) domain joins; 0: unbounded"
+    )
+    scale_out_gb_s: float = Field(
+        0.0, ge=0, description="scale-out network bandwidth per device per direction"
+    )
+    scale_out_latency_s: float = Field(0.0, ge=0, description="per collective across domains")
     efficiency: HbmEfficiency
 
     def constants(self, dep: Deployment) -> HbmConstants:
         e = self.efficiency
+        lay = dep.layout
         return HbmConstants(
+            dp=lay.dp,
+            pp=lay.pp,
+            moe_tp=lay.moe_tp or dep.tp,
+            ep=lay.ep,
+            kv_shards=dep.kv_shards,
+            nvlink_domain=self.scale_up_domain,
+            scale_out=self.scale_out_gb_s * GB,
+            scale_out_latency_s=self.scale_out_latency_s,
             peak_flops=self.peak_flops(dep.dtype),
             bandwidth=self.memory_bandwidth_tb_s * TB,
             mfu=e.mfu_by_dtype.get(dep.dtype, e.mfu),
@@ -501,6 +580,37 @@ class EngineKnobs(_Data):
     # ``guaranteed_no_evict`` admits it only when prompt + max_tokens fit, reserved up front,
     # so nothing is ever preempted (TensorRT-LLM's default).
     scheduler_policy: Literal["max_utilization", "guaranteed_no_evict"] = "max_utilization"
+    kv_dtype: Literal["bf16", "fp16", "fp8"] | None = Field(
+        None, description="KV-cache dtype (default: the serving dtype; 8 bits for 4-bit serving)"
+    )
+
+
+class ParallelLayout(_Data):
+    """How one instance spreads a model over its devices.
+
+    ``tp`` attention tensor parallelism; ``dp`` attention data-parallel ranks (``tp`` devices
+    each, each with its own sequences); ``moe_tp`` × ``ep``: each routed expert split ``moe_tp``
+    ways, the experts spread over ``ep`` groups (``moe_tp`` 0 means ``tp``); ``pp`` pipeline
+    stages. Devices: ``max(tp · dp, moe_tp · ep) · pp``.
+    """
+
+    tp: int = Field(1, gt=0)
+    pp: int = Field(1, gt=0)
+    dp: int = Field(1, gt=0)
+    moe_tp: int = Field(0, ge=0)
+    ep: int = Field(1, gt=0)
+
+    @property
+    def devices(self) -> int:
+        return max(self.tp * self.dp, (self.moe_tp or self.tp) * self.ep) * self.pp
+
+
+class WeightFormats(_Data):
+    """Weight storage where it differs from the serving dtype (weight-only quantisation):
+    ``dense`` (attention, dense MLPs, shared experts) and ``experts`` (routed experts)."""
+
+    dense: str
+    experts: str
 
 
 @dataclass(frozen=True)
@@ -514,10 +624,23 @@ class Deployment:
     tp: int
     engine: EngineKnobs
     kv_capacity_tokens: int
+    layout: ParallelLayout = ParallelLayout()
+    weights: WeightFormats | None = None
 
     @cached_property
     def model_shape(self) -> ModelShape:
-        return self.model.shape(self.dtype)
+        w = self.weights
+        return self.model.shape(
+            self.dtype,
+            dense=w.dense if w else None,
+            experts=w.experts if w else None,
+            kv_dtype=self.engine.kv_dtype,
+        )
+
+    @property
+    def kv_shards(self) -> int:
+        """Ways one token's KV is split over an attention rank's ``tp`` devices."""
+        return kv_shards(self.model, self.tp)
 
     @cached_property
     def _constants(self) -> PhysicsConstants:
@@ -549,6 +672,15 @@ class Deployment:
         return self.model_shape.kv_bytes_per_token
 
 
+def kv_shards(model: ModelProfile, tp: int) -> int:
+    """Ways one token's KV is split over ``tp`` tensor-parallel devices: by KV head for GQA,
+    so ``min(tp, kv_heads)`` (beyond that, heads are replicated); not at all for MLA, whose
+    compressed latent every device keeps whole."""
+    if model.attention == "mla":
+        return 1
+    return max(1, min(tp, model.kv_heads))
+
+
 def plan_deployment(
     device: AnyDevice,
     model: ModelProfile,
@@ -556,6 +688,8 @@ def plan_deployment(
     count: int | None,
     tp: int,
     engine: EngineKnobs,
+    layout: ParallelLayout | None = None,
+    weights: WeightFormats | None = None,
 ) -> Deployment:
     """Size a deployment and its KV capacity; raise :class:`CatalogError` if it cannot fit.
 
@@ -568,22 +702,33 @@ def plan_deployment(
     """
     device.check_serves(model, dtype)
     util = engine.gpu_memory_utilization
-    weights = device.resident_weight_bytes(model, dtype)
+    if layout is not None:
+        tp = layout.tp
+        count = count if count is not None else layout.devices
+    formats = weights
+    if formats is not None and isinstance(device, HbmDevice):
+        weights_b = sum(model.weight_bytes(formats.dense, formats.experts))
+    else:
+        weights_b = device.resident_weight_bytes(model, dtype)
     if count is None:
-        count = device.default_count(weights, util, tp)
+        count = device.default_count(weights_b, util, tp)
     if count < tp or count % tp:
         raise CatalogError(f"count {count} must be a positive multiple of tp {tp}")
     total = device.capacity_bytes(count, util)
-    free = total - weights
-    kv_per_token = model.kv_bytes_per_token(dtype)
+    free = total - weights_b
+    kv_per_token = model.kv_bytes_per_token(engine.kv_dtype or dtype)
+    if isinstance(device, HbmDevice):
+        kv_per_token *= tp / kv_shards(model, tp)  # replicas of the KV within a rank
     capacity = int(free // kv_per_token) if free > 0 else 0
     if capacity < engine.block_size:
         raise CatalogError(
             f"{model.name} ({dtype}) does not fit on {count} × {device.name}: weights "
-            f"{weights / GB:.1f} GB + one KV block {engine.block_size * kv_per_token / GB:.3f} GB "
+            f"{weights_b / GB:.1f} GB + one KV block {engine.block_size * kv_per_token / GB:.3f} GB "
             f"> {device.capacity_text(count, util)} = {total / GB:.1f} GB"
         )
-    return Deployment(device, model, dtype, count, tp, engine, capacity)
+    return Deployment(
+        device, model, dtype, count, tp, engine, capacity, layout or ParallelLayout(tp=tp), formats
+    )
 
 
 class Catalog:
@@ -633,9 +778,18 @@ class Catalog:
         count: int | None = None,
         tp: int = 1,
         engine: EngineKnobs | None = None,
+        layout: ParallelLayout | None = None,
+        weights: WeightFormats | None = None,
     ) -> Deployment:
         return plan_deployment(
-            self.device(device), self.model(model), dtype, count, tp, engine or EngineKnobs()
+            self.device(device),
+            self.model(model),
+            dtype,
+            count,
+            tp,
+            engine or EngineKnobs(),
+            layout,
+            weights,
         )
 
 

@@ -442,7 +442,7 @@ class Engine:
         spec = self.speculative_tokens
         batch: list[tuple[Sequence, int]] = []
         new = kv_read = drafts = draft_seqs = draft_context = 0
-        pairs = 0.0
+        pairs = decode_pairs = 0.0
         for seq in list(self.running):
             if budget <= 0:
                 break
@@ -458,6 +458,7 @@ class Engine:
                 new += 1
                 kv_read += c
                 pairs += c + 1
+                decode_pairs += c + 1
                 continue
             d = 0
             if spec and n == 1 and seq.generated:  # decoding: verify drafts, not past max_new
@@ -511,7 +512,7 @@ class Engine:
             self.stats.kv_peak_blocks = active
         if not batch:
             return None
-        shape = StepShape(new, pairs, kv_read, len(batch))
+        shape = StepShape(new, pairs, kv_read, len(batch), decode_pairs)
         return batch, shape, (draft_seqs, draft_context) if drafts else None
 
     def _draft_time(self, seqs: int, context: int) -> float:

@@ -321,4 +321,6 @@ def worker_deployment(catalog: Catalog, spec: EmulatedWorker, model: ModelConfig
         count=spec.count,
         tp=spec.tp,
         engine=spec.engine,
+        layout=spec.layout,
+        weights=spec.weights,
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from backends.catalog import Catalog, Deployment, EngineKnobs
+from backends.catalog import Catalog, Deployment, EngineKnobs, ParallelLayout, WeightFormats
 from backends.engine import Engine
 from backends.errors import CatalogError
 from backends.sim.silicon import (
@@ -45,6 +45,16 @@ DISAGG_LINK = "ib_ndr"
 
 _catalog: Catalog | None = None
 
+MOE_MODELS = {
+    "deepseek-v3",
+    "kimi-k2.5",
+    "glm-5",
+    "qwen3-235b-a22b",
+    "qwen3.5-397b-a17b",
+    "gpt-oss-120b",
+    "minimax-m2.5",
+}
+
 
 def catalog() -> Catalog:
     global _catalog
@@ -67,9 +77,28 @@ def deployment_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) 
     if device is None:
         raise RowError(f"no device profile for system {row.system}")
     w = weights_of(row)
-    gpus = layout.gpus
     return cat.deployment(
-        device, model, dtype=w.compute, tp=gpus, count=gpus, engine=knobs_for(row, layout)
+        device,
+        model,
+        dtype=w.compute,
+        engine=knobs_for(row, layout),
+        layout=parallel_layout(row, layout),
+        weights=WeightFormats(dense=w.dense, experts=w.experts),
+    )
+
+
+def parallel_layout(row: SiliconRow, layout: Layout) -> ParallelLayout:
+    """The row's layout in the catalog's terms.
+
+    Dense models have no experts to split: their ``moe_*`` columns only repeat the GPU count.
+    """
+    moe = (row.model or "") in MOE_MODELS
+    return ParallelLayout(
+        tp=layout.tp,
+        pp=layout.pp,
+        dp=layout.dp,
+        moe_tp=layout.moe_tp if moe else 0,
+        ep=layout.moe_ep if moe else 1,
     )
 
 
@@ -126,6 +155,8 @@ def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
             dtype=dep.dtype,  # type: ignore[arg-type]
             replicas=layout.workers,
             engine=dep.engine,
+            layout=dep.layout,
+            weights=dep.weights,
         )
         pools[role] = PoolConfig(policy="least_loaded", kv_link=DISAGG_LINK, workers=[worker])
     served = ModelConfig(name=model, mode="disaggregated", pools=pools)  # type: ignore[arg-type]
