@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -624,7 +624,7 @@ class Deployment:
     tp: int
     engine: EngineKnobs
     kv_capacity_tokens: int
-    layout: ParallelLayout = ParallelLayout()
+    layout: ParallelLayout = field(default_factory=ParallelLayout)
     weights: WeightFormats | None = None
 
     @cached_property
@@ -723,7 +723,8 @@ def plan_deployment(
     if capacity < engine.block_size:
         raise CatalogError(
             f"{model.name} ({dtype}) does not fit on {count} × {device.name}: weights "
-            f"{weights_b / GB:.1f} GB + one KV block {engine.block_size * kv_per_token / GB:.3f} GB "
+            f"{weights_b / GB:.1f} GB + one KV block "
+            f"{engine.block_size * kv_per_token / GB:.3f} GB "
             f"> {device.capacity_text(count, util)} = {total / GB:.1f} GB"
         )
     return Deployment(
