@@ -301,7 +301,7 @@ class HbmDevice(_DeviceBase):
             scale_out_latency_s=self.scale_out_latency_s,
             peak_flops=self.peak_flops(dep.dtype),
             bandwidth=self.memory_bandwidth_tb_s * TB,
-            mfu=e.mfu_by_dtype.get(dep.dtype, e.mfu),
+            mfu=min(1.0, e.mfu_by_dtype.get(dep.dtype, e.mfu) * dep.engine.compute_efficiency),
             bandwidth_efficiency=e.bandwidth,
             step_overhead_s=e.step_overhead_s,
             layer_overhead_s=e.layer_overhead_s,
@@ -583,6 +583,17 @@ class EngineKnobs(_Data):
     kv_dtype: Literal["bf16", "fp16", "fp8"] | None = Field(
         None, description="KV-cache dtype (default: the serving dtype; 8 bits for 4-bit serving)"
     )
+    # How the engine builds a step (see backends.engine): vLLM ``mixed``, SGLang
+    # ``prefill_first``, TensorRT-LLM without chunked prefill ``whole_prompt``.
+    step_policy: Literal["mixed", "prefill_first", "whole_prompt"] = "mixed"
+    # Share of which memory the KV cache gets: ``total`` device memory × utilisation minus the
+    # weights (vLLM, SGLang), or ``free`` memory left after the weights × utilisation
+    # (TensorRT-LLM's kv_cache_free_gpu_memory_fraction).
+    kv_memory_of: Literal["total", "free"] = "total"
+    # An engine profile's two fitted factors: its kernels' share of the device's MFU prior, and
+    # host time per step that overlap scheduling and CUDA graphs do not hide.
+    compute_efficiency: float = Field(1.0, gt=0, le=2)
+    step_overhead_s: float = Field(0.0, ge=0)
 
 
 class ParallelLayout(_Data):
@@ -611,6 +622,48 @@ class WeightFormats(_Data):
 
     dense: str
     experts: str
+
+
+class EngineProfile(_Data):
+    """A serving engine's defaults, one version family (``config/engines/NAME.yaml``).
+
+    ``knobs`` are the engine's own scheduler and memory defaults as a server (with sources);
+    ``memory_fraction`` overrides ``gpu_memory_utilization`` per device where the engine
+    derives it from the GPU (SGLang's ``mem_fraction_static``). At most two of ``knobs`` are
+    fitted (``fitted`` names them), on Hopper rows only.
+    """
+
+    name: str
+    display_name: str = ""
+    engine: Literal["vllm", "sglang", "trtllm", "mlperf"]
+    versions: list[str] = Field(
+        default_factory=list, description="version prefixes this family covers"
+    )
+    default: bool = Field(False, description="the family for rows that give no version")
+    knobs: EngineKnobs
+    memory_fraction: dict[str, float] = Field(default_factory=dict)
+    cuda_graph_max_batch: int = Field(0, ge=0, description="largest captured decode batch")
+    overlap_scheduling: bool = False
+    speculative: str = "off"
+    layouts: dict[str, ParallelLayout] = Field(
+        default_factory=dict, description="published layouts by device (MLPerf submissions)"
+    )
+    fitted: list[Literal["compute_efficiency", "step_overhead_s"]] = Field(
+        default_factory=list, max_length=2
+    )
+    sources: dict[str, str] = Field(min_length=1)
+
+    def covers(self, version: str) -> bool:
+        return any(version.startswith(v) for v in self.versions)
+
+    def knobs_for(self, device: str, *, max_num_seqs: int | None = None) -> EngineKnobs:
+        """The engine's knobs on ``device``, with a deployment's batch cap if it sets one."""
+        update: dict[str, object] = {}
+        if device in self.memory_fraction:
+            update["gpu_memory_utilization"] = self.memory_fraction[device]
+        if max_num_seqs:
+            update["max_num_seqs"] = max_num_seqs
+        return self.knobs.model_copy(update=update)
 
 
 @dataclass(frozen=True)
@@ -650,7 +703,7 @@ class Deployment:
         """Seconds one engine step of this composition takes on this deployment."""
         c, m = self._constants, self.model_shape
         if isinstance(c, HbmConstants):
-            return hbm_step_time(m, shape, c)
+            return hbm_step_time(m, shape, c) + self.engine.step_overhead_s
         if isinstance(c, PipelineConstants):
             return pipeline_step_time(m, shape, c)
         if isinstance(c, DramSramConstants):
@@ -716,6 +769,9 @@ def plan_deployment(
         raise CatalogError(f"count {count} must be a positive multiple of tp {tp}")
     total = device.capacity_bytes(count, util)
     free = total - weights_b
+    if engine.kv_memory_of == "free":
+        total = device.capacity_bytes(count, 1.0)
+        free = (total - weights_b) * util
     kv_per_token = model.kv_bytes_per_token(engine.kv_dtype or dtype)
     if isinstance(device, HbmDevice):
         kv_per_token *= tp / kv_shards(model, tp)  # replicas of the KV within a rank
@@ -740,10 +796,12 @@ class Catalog:
         devices: dict[str, AnyDevice],
         models: dict[str, ModelProfile],
         links: dict[str, LinkProfile],
+        engines: dict[str, EngineProfile] | None = None,
     ) -> None:
         self.devices = devices
         self.models = models
         self.links = links
+        self.engines = engines or {}
 
     @staticmethod
     def default_dir() -> Path:
@@ -756,10 +814,28 @@ class Catalog:
         devices = {p.stem: _parse(_DEVICE, p) for p in sorted((root / "devices").glob("*.yaml"))}
         models = {p.stem: _parse(_MODEL, p) for p in sorted((root / "models").glob("*.yaml"))}
         links = _parse(_LINKS, root / "links.yaml")
-        for key, item in [*devices.items(), *models.items()]:
+        engines = {p.stem: _parse(_ENGINE, p) for p in sorted((root / "engines").glob("*.yaml"))}
+        for key, item in [*devices.items(), *models.items(), *engines.items()]:
             if item.name != key:
                 raise CatalogError(f"{root}: file '{key}.yaml' declares name '{item.name}'")
-        return cls(devices, models, links)
+        return cls(devices, models, links, engines)
+
+    def engine(self, name: str) -> EngineProfile:
+        return _lookup(self.engines, name, "engine")
+
+    def engine_for(self, engine: str, version: str = "") -> EngineProfile:
+        """The profile of ``engine`` whose version family covers ``version`` (the family
+        marked default when the version is unknown or newer than every family)."""
+        family = [e for e in self.engines.values() if e.engine == engine]
+        if not family:
+            raise CatalogError(f"no engine profile for {engine!r}")
+        for e in family:
+            if version and e.covers(version):
+                return e
+        for e in family:
+            if e.default:
+                return e
+        return family[-1]
 
     def device(self, name: str) -> AnyDevice:
         return _lookup(self.devices, name, "device")
@@ -797,6 +873,7 @@ class Catalog:
 _DEVICE = TypeAdapter[AnyDevice](DeviceProfile)
 _MODEL = TypeAdapter(ModelProfile)
 _LINKS = TypeAdapter(dict[str, LinkProfile])
+_ENGINE = TypeAdapter(EngineProfile)
 T = TypeVar("T")
 
 

@@ -25,6 +25,13 @@ Optional behaviour, each off by default:
   fit, and those blocks are taken at once, so no sequence is ever preempted. Without it
   (vLLM), a request is admitted when its next chunk fits, and the newest sequence is preempted
   (recomputed later) when decodes outgrow the cache.
+* **Step building** (``step_policy``): ``mixed`` (vLLM V1, the default) runs the running
+  sequences first, then admits waiting ones into the same step with whatever token budget is
+  left, the last one cut into a chunk; ``prefill_first`` (SGLang) runs a prefill-only step
+  whenever a waiting request can be admitted or a chunked prefill is unfinished, and a
+  decode-only step otherwise; ``whole_prompt`` (TensorRT-LLM without chunked prefill) runs
+  the decodes first and admits a new request only if its whole prompt fits in the budget left
+  (first come, first served: admission stops at the first that does not).
 * **Token-gap recording** (``recorder``): the gap before every token a sequence receives, for
   inter-token-latency percentiles in simulation. Recorded per step (one entry for all
   sequences that also took part in the previous step), never per token event.
@@ -234,6 +241,7 @@ class Engine:
         seed: int = 0,
         recorder: GapRecorder | None = None,
         reserve_max: bool = False,
+        step_policy: str = "mixed",
     ) -> None:
         self._dep = deployment
         self._clock = clock
@@ -250,6 +258,9 @@ class Engine:
         self._rng = random.Random(seed)
         self._recorder = recorder
         self._reserve_max = reserve_max
+        if step_policy not in ("mixed", "prefill_first", "whole_prompt"):
+            raise ValueError(f"unknown step policy {step_policy!r}")
+        self.step_policy = step_policy
         self._prev_end = -math.inf  # end of the previous step (gap bookkeeping)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -436,8 +447,25 @@ class Engine:
 
         Returns the batch, its shape (summed here, so a step costs one pass over the batch)
         and, when it verifies drafts, (speculating sequences, their context); None when
-        nothing can run.
+        nothing can run. Under ``prefill_first`` a step is either prefills or decodes.
         """
+        if self.step_policy == "prefill_first":
+            if self._prefill_pending(now):
+                step = self._build(now, decodes=False, admit=True)
+                if step is not None:
+                    return step
+            return self._build(now, decodes=True, admit=False)
+        return self._build(now, decodes=True, admit=True)
+
+    def _prefill_pending(self, now: float) -> bool:
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return True
+        return any(
+            s.generated == 0 and s.missing > 0 and s.state == "running" and s.ready_at <= now
+            for s in self.running
+        )
+
+    def _build(self, now: float, *, decodes: bool, admit: bool) -> _Step | None:
         budget = self.max_batched_tokens
         spec = self.speculative_tokens
         batch: list[tuple[Sequence, int]] = []
@@ -450,6 +478,8 @@ class Engine:
                 continue
             c = seq.computed
             n = seq.prompt + seq.generated - c
+            if not decodes and seq.generated:
+                continue  # a prefill-only step
             if n == 1 and not spec:  # the common case: one plain decode token
                 if c >= seq.cap and not self._grow(seq, 1):
                     continue
@@ -477,8 +507,11 @@ class Engine:
                 drafts += d
                 draft_seqs += 1
                 draft_context += c
-        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
+        whole = self.step_policy == "whole_prompt"
+        while admit and budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if whole and seq.missing > budget and batch:
+                break  # the whole prompt must fit (an empty step takes a chunk of it)
             if seq.hashes and seq.computed == 0:
                 self._lookup(seq, first=seq.first_scheduled is None)
             n = min(seq.missing, budget)

@@ -18,7 +18,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from backends.catalog import Catalog, Deployment, EngineKnobs, ParallelLayout, WeightFormats
+from backends.catalog import (
+    Catalog,
+    Deployment,
+    EngineKnobs,
+    EngineProfile,
+    ParallelLayout,
+    WeightFormats,
+)
 from backends.engine import Engine
 from backends.errors import CatalogError
 from backends.sim.silicon import (
@@ -63,10 +70,17 @@ def catalog() -> Catalog:
     return _catalog
 
 
-def knobs_for(row: SiliconRow, layout: Layout) -> EngineKnobs:
-    """Engine settings of a worker of the row."""
-    batch = layout.batch or row.concurrency
-    return EngineKnobs(max_num_seqs=max(1, batch))
+def engine_profile(row: SiliconRow, cat: Catalog | None = None) -> EngineProfile:
+    """The engine profile of the row's engine and version family."""
+    return (cat or catalog()).engine_for(row.backend, row.version)
+
+
+def knobs_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> EngineKnobs:
+    """Engine settings of a worker of the row: its engine's defaults on the row's device, with
+    the row's batch cap (per attention data-parallel rank, so ``batch × dp`` per worker)."""
+    profile = engine_profile(row, cat)
+    batch = layout.batch * layout.dp if layout.batch else None
+    return profile.knobs_for(row.device or "", max_num_seqs=batch)
 
 
 def deployment_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> Deployment:
@@ -81,7 +95,7 @@ def deployment_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) 
         device,
         model,
         dtype=w.compute,
-        engine=knobs_for(row, layout),
+        engine=knobs_for(row, layout, cat),
         layout=parallel_layout(row, layout),
         weights=WeightFormats(dense=w.dense, experts=w.experts),
     )
@@ -91,15 +105,17 @@ def parallel_layout(row: SiliconRow, layout: Layout) -> ParallelLayout:
     """The row's layout in the catalog's terms.
 
     Dense models have no experts to split: their ``moe_*`` columns only repeat the GPU count.
+    For MoE models the expert group ``moe_tp × moe_ep`` is the worker's GPU count, and the
+    attention layout must fill it (``tp × dp``); some rows record more attention ranks than
+    there are GPUs (DP 64 on one 8-GPU node), so ``tp`` and ``dp`` are capped to fit it.
     """
     moe = (row.model or "") in MOE_MODELS
-    return ParallelLayout(
-        tp=layout.tp,
-        pp=layout.pp,
-        dp=layout.dp,
-        moe_tp=layout.moe_tp if moe else 0,
-        ep=layout.moe_ep if moe else 1,
-    )
+    if not moe:
+        return ParallelLayout(tp=layout.tp, pp=layout.pp, dp=layout.dp)
+    g = layout.moe_tp * layout.moe_ep
+    tp = min(layout.tp, g)
+    dp = max(1, min(layout.dp, g // tp))
+    return ParallelLayout(tp=tp, pp=layout.pp, dp=dp, moe_tp=layout.moe_tp, ep=layout.moe_ep)
 
 
 def predict(row: SiliconRow, cat: Catalog | None = None) -> Prediction:
@@ -130,6 +146,7 @@ def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, f
         acceptance_rate=k.acceptance_rate,
         draft_cost_fraction=k.draft_cost_fraction,
         reserve_max=k.scheduler_policy == "guaranteed_no_evict",
+        step_policy=k.step_policy,
     )
     r = closed_loop(
         engine, clock, dep.step_time, concurrency=row.concurrency, isl=row.isl, osl=row.osl
