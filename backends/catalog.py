@@ -644,6 +644,10 @@ class EngineProfile(_Data):
     memory_fraction: dict[str, float] = Field(default_factory=dict)
     cuda_graph_max_batch: int = Field(0, ge=0, description="largest captured decode batch")
     overlap_scheduling: bool = False
+    frontend_request_s: float = Field(
+        0.0, ge=0, description="front-end work per request before the engine (HTTP, parsing)"
+    )
+    frontend_token_s: float = Field(0.0, ge=0, description="front-end work per prompt token")
     speculative: str = "off"
     layouts: dict[str, ParallelLayout] = Field(
         default_factory=dict, description="published layouts by device (MLPerf submissions)"

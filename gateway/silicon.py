@@ -75,12 +75,29 @@ def engine_profile(row: SiliconRow, cat: Catalog | None = None) -> EngineProfile
     return (cat or catalog()).engine_for(row.backend, row.version)
 
 
+# Knob overrides by engine profile name, for fitting a profile's factors (:func:`fit_profile`).
+_overrides: dict[str, dict[str, float]] = {}
+
+
 def knobs_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> EngineKnobs:
     """Engine settings of a worker of the row: its engine's defaults on the row's device, with
     the row's batch cap (per attention data-parallel rank, so ``batch × dp`` per worker)."""
     profile = engine_profile(row, cat)
     batch = layout.batch * layout.dp if layout.batch else None
-    return profile.knobs_for(row.device or "", max_num_seqs=batch)
+    knobs = profile.knobs_for(row.device or "", max_num_seqs=batch)
+    if profile.name in _overrides:
+        knobs = knobs.model_copy(update=_overrides[profile.name])
+    return knobs
+
+
+def predict_with(row: SiliconRow, overrides: dict[str, dict[str, float]]) -> Prediction:
+    """:func:`predict` with some engine profiles' knobs replaced (fitting)."""
+    _overrides.clear()
+    _overrides.update(overrides)
+    try:
+        return predict(row)
+    finally:
+        _overrides.clear()
 
 
 def deployment_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> Deployment:
@@ -148,8 +165,16 @@ def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, f
         reserve_max=k.scheduler_policy == "guaranteed_no_evict",
         step_policy=k.step_policy,
     )
+    profile = engine_profile(row, cat)
+    frontend = profile.frontend_request_s + profile.frontend_token_s * row.isl
     r = closed_loop(
-        engine, clock, dep.step_time, concurrency=row.concurrency, isl=row.isl, osl=row.osl
+        engine,
+        clock,
+        dep.step_time,
+        concurrency=row.concurrency,
+        isl=row.isl,
+        osl=row.osl,
+        frontend_s=frontend,
     )
     return r.ttft_s, r.tpot_s
 

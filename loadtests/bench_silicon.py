@@ -32,6 +32,8 @@ from backends.sim.silicon import (
     Prediction,
     RowError,
     SiliconRow,
+    fit_objective,
+    is_train,
     parse_row,
     read_rows,
     rel_error,
@@ -62,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ids", type=Path, help="only the ids listed in this file (one a line)")
     p.add_argument("--peer", choices=["aiconfigurator"], help="also predict with a peer tool")
     p.add_argument("--quiet", action="store_true", help="no per-row lines")
+    p.add_argument(
+        "--split", choices=["train", "check"], help="only the train or the check half of the fit"
+    )
+    p.add_argument(
+        "--fit",
+        metavar="PROFILE",
+        help="fit this engine profile's two factors on the train rows of its family (agg rows)",
+    )
+    p.add_argument("--fit-rows", type=int, default=24, help="train rows per fit (at random)")
     args = p.parse_args(argv)
 
     raw = read_rows(args.rows)
@@ -75,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.ids:
         wanted = set(args.ids.read_text().split())
         rows = [r for r in rows if r.id in wanted]
+    if args.split:
+        rows = [r for r in rows if is_train(r.id) == (args.split == "train")]
+    if args.fit:
+        return _fit(args.fit, rows, args)
     if args.sample:
         rows = random.Random(args.seed).sample(rows, min(args.sample, len(rows)))
     if args.limit:
@@ -104,6 +119,60 @@ def main(argv: list[str] | None = None) -> int:
             for pred in [*preds, *bad]:
                 w.writerow([pred.id, _num(pred.ttft_ms), _num(pred.tpot_ms), pred.reason])
     return 0
+
+
+# Coordinate search: the step overhead (TPOT at small batch) first, then the compute
+# efficiency (TTFT, large-batch decode), then the overhead again at the chosen efficiency.
+OVERHEADS = (0.0, 0.0005, 0.001, 0.002, 0.004)
+EFFICIENCIES = (0.2, 0.3, 0.45, 0.65, 0.85, 1.0)
+
+
+def _fit(profile: str, rows: list[SiliconRow], args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from gateway.silicon import engine_profile
+
+    train = [
+        r
+        for r in rows
+        if r.mode == "agg" and is_train(r.id) and _profile_name(r, engine_profile) == profile
+    ]
+    train = random.Random(args.seed).sample(train, min(args.fit_rows, len(train)))
+    if not train:
+        print(f"no train rows for {profile}")
+        return 1
+    best = {"compute_efficiency": 1.0, "step_overhead_s": 0.0}
+
+    def score(update: dict[str, float]) -> float:
+        knobs = {**best, **update}
+        fn = partial(_predict_override, overrides={profile: knobs})
+        preds = _run(fn, train, args.jobs)
+        value = fit_objective(list(zip(train, preds, strict=True)))
+        print(f"  {knobs} -> {value:.3f}", flush=True)
+        return value
+
+    for name, grid in (
+        ("step_overhead_s", OVERHEADS),
+        ("compute_efficiency", EFFICIENCIES),
+        ("step_overhead_s", OVERHEADS),
+    ):
+        scores = {v: score({name: v}) for v in grid}
+        best[name] = min(scores, key=lambda v: scores[v])
+    print(f"{profile}: {best} on {len(train)} train rows")
+    return 0
+
+
+def _profile_name(row: SiliconRow, lookup) -> str:  # type: ignore[no-untyped-def]
+    try:
+        return str(lookup(row).name)
+    except Exception:
+        return ""
+
+
+def _predict_override(row: SiliconRow, overrides: dict[str, dict[str, float]]) -> Prediction:
+    from gateway.silicon import predict_with
+
+    return predict_with(row, overrides)
 
 
 def _run(fn, rows: list[SiliconRow], jobs: int) -> list[Prediction]:  # type: ignore[no-untyped-def]

@@ -26,6 +26,8 @@ from __future__ import annotations
 import csv
 import math
 import re
+import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,13 +284,13 @@ def weights_of(row: SiliconRow) -> Weights:
     p, g, m = row.precision, row.gemm_quant, row.moe_quant
     if p in ("", "bf16", "fp16") and g in ("", "bf16", "fp16"):
         return Weights("bf16", "bf16", "bf16")
-    if p == "fp8" or g.startswith("fp8"):
-        experts = "fp8" if (m.startswith("fp8") or not m) else _fmt(m)
-        return Weights("fp8", experts, "fp8")
     if p == "int4" or m.startswith("int4"):
         return Weights("bf16", "int4", "bf16")
     if p in ("fp4", "nvfp4", "mxfp4") or m in ("nvfp4", "mxfp4", "w4a16_mxfp4"):
         return Weights("bf16", "mxfp4", "bf16")
+    if p == "fp8" or g.startswith("fp8"):
+        experts = "fp8" if (m.startswith("fp8") or not m) else _fmt(m)
+        return Weights("fp8", experts, "fp8")
     raise RowError(f"unknown precision {p!r} / {g!r} / {m!r}")
 
 
@@ -353,38 +355,54 @@ def closed_loop(
     tolerance: float = 0.005,
     min_waves: int = 3,
     max_steps: int = 2_000_000,
+    frontend_s: float = 0.0,
 ) -> LoopResult:
     """Run aiperf's closed loop on ``engine``: one warm-up wave of ``concurrency`` requests
     (not counted), then ``concurrency`` clients sending ``rounds × concurrency`` requests back to
     back. Returns the mean TTFT and TPOT of the counted requests.
 
     ``step_time(shape)`` prices one step (the deployment's physics plus any drafting cost).
+    ``frontend_s`` is the serving front end's work per request before the engine sees it
+    (HTTP parsing, tokenisation), done one request at a time: a wave of ``C`` requests sent
+    together reaches the engine spread over ``C · frontend_s``, and is counted in TTFT.
     A wave is ``concurrency`` counted completions; after ``min_waves`` waves the loop stops as
     soon as the counted means of TTFT and TPOT moved less than ``tolerance`` (relative) over the
     last wave.
     """
     c = max(1, concurrency)
     arrival: dict[int, float] = {}
+    pending: deque[tuple[float, float]] = deque()  # (reaches the engine, sent by the client)
+    free_at = 0.0
+
+    def send(now: float) -> None:
+        nonlocal free_at
+        free_at = max(free_at, now) + frontend_s
+        pending.append((free_at, now))
+
+    def admit(now: float) -> None:
+        while pending and pending[0][0] <= now:
+            _, sent_at = pending.popleft()
+            seq = engine.submit(isl, osl)
+            arrival[id(seq)] = sent_at
+
     ttft_sum = tpot_sum = 0.0
-    counted = 0
-    steps = 0
-    warm = [engine.submit(isl, osl) for _ in range(c)]
-    for s in warm:
-        arrival[id(s)] = clock.t
+    counted = steps = sent = waves = 0
+    for _ in range(c):
+        send(clock.t)
     warm_left = c
-    counted_phase = False
-    sent = 0
+    counted_phase = converged = False
     total = rounds * c
     prev: tuple[float, float] | None = None
-    waves = 0
-    converged = False
     while True:
+        admit(clock.t)
         step = engine._schedule(clock.t)
         if step is None:
-            pending = [s.ready_at for s in engine.running if s.ready_at > clock.t]
-            if not pending:
+            ready = [s.ready_at for s in engine.running if s.ready_at > clock.t]
+            if pending:
+                ready.append(pending[0][0])
+            if not ready:
                 raise Stalled("no step can run and nothing is in flight")
-            clock.t = min(pending)
+            clock.t = min(ready)
             continue
         batch, shape, drafting = step
         seconds = step_time(shape)
@@ -416,14 +434,12 @@ def closed_loop(
                     converged = True
                 prev = means
             if sent < total and not converged:
-                nxt = engine.submit(isl, osl)
-                arrival[id(nxt)] = now
+                send(now)
                 sent += 1
         if not counted_phase and warm_left == 0:
             counted_phase = True
             for _ in range(c):
-                nxt = engine.submit(isl, osl)
-                arrival[id(nxt)] = now
+                send(now)
             sent = c
         if counted_phase and (converged or counted >= total):
             break
@@ -432,6 +448,30 @@ def closed_loop(
 
 def _close(a: tuple[float, float], b: tuple[float, float], tolerance: float) -> bool:
     return all(abs(x - y) <= tolerance * max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+
+
+# -- train / check split ----------------------------------------------------------------------
+
+
+def is_train(row_id: str) -> bool:
+    """Whether a row is in the train half of the fit (a fixed hash of its id): engine
+    profiles' fitted factors are fitted on train rows only and graded on the others."""
+    return zlib.crc32(row_id.encode()) % 2 == 0
+
+
+def fit_objective(pairs: Sequence[tuple[SiliconRow, Prediction]]) -> float:
+    """What a fit minimises: median |TPOT error| + median |TTFT error| (each capped at 1, and
+    1 for an uncovered row), so neither metric nor a few wild rows dominate."""
+    tpot: list[float] = []
+    ttft: list[float] = []
+    for row, pred in pairs:
+        e1 = rel_error(pred.tpot_ms, row.tpot_ms)
+        e2 = rel_error(pred.ttft_ms, row.ttft_ms)
+        tpot.append(min(1.0, abs(e1)) if e1 is not None else 1.0)
+        ttft.append(min(1.0, abs(e2)) if e2 is not None else 1.0)
+    if not tpot:
+        return math.inf
+    return median(tpot) + median(ttft)
 
 
 # -- predictions and their grades --------------------------------------------------------------
