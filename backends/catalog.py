@@ -827,6 +827,18 @@ class Catalog:
     def engine(self, name: str) -> EngineProfile:
         return _lookup(self.engines, name, "engine")
 
+    def engine_knobs(
+        self, profile: str | None, device: str, explicit: EngineKnobs | None = None
+    ) -> EngineKnobs:
+        """Knobs of engine ``profile`` on ``device``, with the fields set in ``explicit``
+        taking precedence (``explicit`` alone when there is no profile)."""
+        if profile is None:
+            return explicit or EngineKnobs()
+        base = self.engine(profile).knobs_for(device)
+        if explicit is None:
+            return base
+        return base.model_copy(update=explicit.model_dump(exclude_unset=True))
+
     def engine_for(self, engine: str, version: str = "") -> EngineProfile:
         """The profile of ``engine`` whose version family covers ``version`` (the family
         marked default when the version is unknown or newer than every family)."""

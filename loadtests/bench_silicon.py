@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Coordinate search: the step overhead (TPOT at small batch) first, then the compute
-# efficiency (TTFT, large-batch decode), then the overhead again at the chosen efficiency.
-OVERHEADS = (0.0, 0.0005, 0.001, 0.002, 0.004)
-EFFICIENCIES = (0.2, 0.3, 0.45, 0.65, 0.85, 1.0)
+# efficiency (TTFT, large-batch decode) at the chosen overhead.
+OVERHEADS = (0.0, 0.001, 0.002, 0.004)
+EFFICIENCIES = (0.3, 0.5, 0.7, 0.85, 1.0)
 
 
 def _fit(profile: str, rows: list[SiliconRow], args: argparse.Namespace) -> int:
@@ -151,11 +151,7 @@ def _fit(profile: str, rows: list[SiliconRow], args: argparse.Namespace) -> int:
         print(f"  {knobs} -> {value:.3f}", flush=True)
         return value
 
-    for name, grid in (
-        ("step_overhead_s", OVERHEADS),
-        ("compute_efficiency", EFFICIENCIES),
-        ("step_overhead_s", OVERHEADS),
-    ):
+    for name, grid in (("step_overhead_s", OVERHEADS), ("compute_efficiency", EFFICIENCIES)):
         scores = {v: score({name: v}) for v in grid}
         best[name] = min(scores, key=lambda v: scores[v])
     print(f"{profile}: {best} on {len(train)} train rows")

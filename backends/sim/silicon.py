@@ -353,7 +353,7 @@ def closed_loop(
     osl: int,
     rounds: int = 20,
     tolerance: float = 0.005,
-    min_waves: int = 3,
+    min_waves: int = 2,
     max_steps: int = 2_000_000,
     frontend_s: float = 0.0,
 ) -> LoopResult:

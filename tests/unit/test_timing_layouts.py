@@ -82,7 +82,7 @@ def test_expert_imbalance_hand_worked() -> None:
 
 def test_expert_bytes_split_over_ep_and_moe_tp() -> None:
     m = shape(experts=8, top_k=2, expert_ffn=400, moe_layers=10, expert_weight_bytes=8e9)
-    d1, gu1, dn1, c1 = expert_layer_bytes(m, 1000, 1)
+    _, gu1, _, _ = expert_layer_bytes(m, 1000, 1)
     # EP 2: half the routed rows (times imbalance), half the expert weights per device.
     d2, gu2, dn2, c2 = expert_layer_bytes(m, 1000, 1, ep=2, local_tokens=500)
     imb = expert_imbalance(1000, 2)
