@@ -19,7 +19,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from backends.timing import Link
+from backends.emulator.timing import Link
 
 Api = Literal["chat", "completions"]
 

@@ -11,10 +11,10 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from gateway import __version__
-from gateway.admin import router as admin_router
 from gateway.api import errors
+from gateway.api.admin import router as admin_router
 from gateway.api.routes import BODY_COMPONENTS, HOT_ENDPOINTS, Endpoint, router
 from gateway.service import BackendFactory, build_gateway
 from gateway.settings import Settings

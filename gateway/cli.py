@@ -21,19 +21,19 @@ from types import ModuleType
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.commands.serve", "run the gateway"),
     "report": (
-        "gateway.commands.report",
+        "gateway.sim.report",
         "plot a load test (locust CSV) or simulations (simulate --json): TTFT, ITL, goodput",
     ),
     "backend": (
-        "gateway.commands.backend",
+        "backends.server.cli",
         "run one emulated instance as an OpenAI server speaking vLLM's and SGLang's P/D protocols",
     ),
     "simulate": (
-        "gateway.commands.simulate",
+        "gateway.sim.simulate",
         "simulate a deployment (or a whole config) under a workload, in virtual time",
     ),
     "calibrate": (
-        "gateway.commands.calibrate",
+        "gateway.sim.calibrate",
         "check the emulated devices against the published reference points",
     ),
 }

@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from gateway.tokens import message_texts
+from backends.tokens import message_texts
 
 BLOCK_CHARS = 256
 _SEP_FIELD = "\x1f"

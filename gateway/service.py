@@ -17,11 +17,12 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from backends.base import Backend
-from backends.catalog import Catalog, Deployment
 from backends.clock import Clock, LoopClock
-from backends.emulated import EmulatedBackend
-from backends.http import HttpBackend, HttpOptions
-from backends.timing import Link
+from backends.emulator.catalog import Catalog, Deployment
+from backends.emulator.emulated import EmulatedBackend
+from backends.emulator.timing import Link
+from backends.tokens import TokenCounter
+from backends.upstream.http import HttpBackend, HttpOptions
 from gateway.admission import Limiter
 from gateway.auth import (
     ApiKey,
@@ -42,7 +43,6 @@ from gateway.registry import Pool, Worker, WorkerRegistry
 from gateway.settings import EmulatedWorker, HttpWorker, ModelConfig, PoolConfig, Settings
 from gateway.state import InMemoryStateStore, StateStore
 from gateway.state_redis import RedisStateStore, redis_client
-from gateway.tokens import TokenCounter
 
 log = logging.getLogger("pdgate.service")
 

@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from backends.catalog import (
+from backends.emulator.catalog import (
     Catalog,
     EngineKnobs,
     ParallelLayout,

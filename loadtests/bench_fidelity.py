@@ -40,8 +40,8 @@ from pathlib import Path
 
 import httpx
 
-from backends.catalog import Catalog
-from backends.timing import StepShape
+from backends.emulator.catalog import Catalog
+from backends.emulator.timing import StepShape
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 64  # `prompt` as token ids: exactly this many tokens

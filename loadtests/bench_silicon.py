@@ -6,7 +6,7 @@ Usage::
         [--sample K --seed S | --limit K] [--peer aiconfigurator] [--quiet]
 
 ``ROWS.csv`` is any file in the silicon-sample format (see the calibration data's
-``silicon/README.md``). Each row is simulated (:mod:`gateway.silicon`); the summary gives rows
+``silicon/README.md``). Each row is simulated (:mod:`gateway.sim.silicon_run`); the summary gives rows
 covered, the share of TPOT within ±15 % and TTFT within ±25 %, and the median |error| of each,
 for all rows and by mode, engine, model family and device. ``--out`` writes
 ``id,pred_ttft_ms,pred_tpot_ms,reason`` (blank predictions and a reason where a row is not
@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from backends.sim.silicon import (
+from gateway.sim.silicon import (
     Prediction,
     RowError,
     SiliconRow,
@@ -42,7 +42,7 @@ from backends.sim.silicon import (
 
 
 def _predict(row: SiliconRow) -> Prediction:
-    from gateway.silicon import predict
+    from gateway.sim.silicon_run import predict
 
     return predict(row)
 
@@ -130,7 +130,7 @@ EFFICIENCIES = (0.3, 0.5, 0.7, 0.85, 1.0)
 def _fit(profile: str, rows: list[SiliconRow], args: argparse.Namespace) -> int:
     from functools import partial
 
-    from gateway.silicon import engine_profile
+    from gateway.sim.silicon_run import engine_profile
 
     train = [
         r
@@ -166,7 +166,7 @@ def _profile_name(row: SiliconRow, lookup) -> str:  # type: ignore[no-untyped-de
 
 
 def _predict_override(row: SiliconRow, overrides: dict[str, dict[str, float]]) -> Prediction:
-    from gateway.silicon import predict_with
+    from gateway.sim.silicon_run import predict_with
 
     return predict_with(row, overrides)
 

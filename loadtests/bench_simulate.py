@@ -24,9 +24,9 @@ import argparse
 import json
 import time
 
-from backends.catalog import Catalog, EngineKnobs
-from backends.sim.workload import make_workload, parse_length
-from gateway.sim import SimulationSpec, device_settings, simulate
+from backends.emulator.catalog import Catalog, EngineKnobs
+from gateway.sim.run import SimulationSpec, device_settings, simulate
+from gateway.sim.workload import make_workload, parse_length
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ from pdgate_load import (
     read_stream,
 )
 
-from backends.sim.workload import parse_length
+from gateway.sim.workload import parse_length
 
 PATH = "/v1/chat/completions"
 

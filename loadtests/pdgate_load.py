@@ -2,7 +2,7 @@
 
 :mod:`locustfile` wires these into locust users; keeping them here keeps them testable. The
 result files are in the format ``pdgate report`` reads, defined beside it
-(:data:`gateway.commands.report.REQUEST_COLUMNS`, :func:`~gateway.commands.report.itl_buckets`).
+(:data:`gateway.sim.report.REQUEST_COLUMNS`, :func:`~gateway.sim.report.itl_buckets`).
 
 * Prompts are synthetic text sized for the gateway's token approximation (4 UTF-8 bytes per
   token, 4 per chat message and 3 for the reply header), deterministic per seed, so the same
@@ -32,8 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TextIO
 
-from backends.sim.workload import TRACE_BLOCK_TOKENS, Length, RequestSpec, load_trace, parse_length
-from gateway.commands.report import REQUEST_COLUMNS, itl_buckets
+from gateway.sim.report import REQUEST_COLUMNS, itl_buckets
+from gateway.sim.workload import TRACE_BLOCK_TOKENS, Length, RequestSpec, load_trace, parse_length
 
 BYTES_PER_TOKEN = 4  # the gateway's approximation without a tokenizer
 MESSAGE_TOKENS = 4  # chat template tokens per message

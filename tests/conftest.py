@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 
 
 @pytest.fixture(scope="session")

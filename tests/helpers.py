@@ -19,7 +19,7 @@ import uvicorn
 import yaml
 from fastapi import FastAPI
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from gateway.app import create_app
 from gateway.policies import POLICIES
 from gateway.service import BackendFactory, Gateway

@@ -1,7 +1,7 @@
 """The backend server's HTTP surface: OpenAI, the P/D side channels, and what routers probe.
 
 ``create_backend_app(config)`` is a Starlette app; the instance starts in its lifespan. Request
-bodies are validated with the gateway's OpenAI models (``backends.openai_schemas``; unknown
+bodies are validated with the gateway's OpenAI models (``backends.wire.schemas``; unknown
 fields are kept, since routers add their own), responses use the shared wire format.
 
 A response commits to its status only once the first token exists, so anything that fails
@@ -30,13 +30,13 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from backends.base import GenerationParams, TokenChunk
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from backends.errors import BackendError, BackendOverloaded, BackendUnavailable
-from backends.openai_schemas import ChatCompletionRequest, CompletionRequest
-from backends.openai_wire import DONE, WireFormat, error_envelope
 from backends.server.config import InstanceConfig
 from backends.server.instance import Instance, Leg, ServerError
 from backends.server.metrics import CONTENT_TYPE
+from backends.wire.render import DONE, WireFormat, error_envelope
+from backends.wire.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("pdgate.backend")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from backends.catalog import EngineKnobs
+from backends.emulator.catalog import EngineKnobs
 
 Role = Literal["prefill", "decode", "both"]
 

@@ -29,16 +29,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from backends import synth
 from backends.base import GenerationParams, KVHandle, LegStats, TokenChunk
-from backends.catalog import Catalog
 from backends.clock import LoopClock
-from backends.emulated import EmulatedBackend
+from backends.emulator import synth
+from backends.emulator.catalog import Catalog
+from backends.emulator.emulated import EmulatedBackend
+from backends.emulator.timing import Link, kv_transfer_time
 from backends.server.config import InstanceConfig
 from backends.server.kv import HeldKV, KVMeta, RoomError, Rooms
 from backends.server.metrics import BackendMetrics
 from backends.server.peers import BootstrapServer, PeerClient, PeerError
-from backends.timing import Link, kv_transfer_time
 from backends.tokens import TokenCounter
 
 log = logging.getLogger("pdgate.backend")

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from backends.base import GenerationParams, ReportedUsage
+from backends.wire.render import DONE, WireFormat
+from backends.wire.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.api.errors import invalid_request
 from gateway.api.responses import (
     DeferredJSONResponse,
@@ -27,8 +29,6 @@ from gateway.api.responses import (
     LastEvents,
     header_list,
 )
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.api.wire import DONE, WireFormat
 from gateway.auth import ApiKey
 from gateway.dispatch import DispatchRequest
 from gateway.errors import (

@@ -19,11 +19,11 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.catalog import Catalog
-from backends.emulated import EmulatedBackend
-from backends.fake import FakeBackend
-from backends.timing import Link
+from backends.emulator.catalog import Catalog
+from backends.emulator.emulated import EmulatedBackend
+from backends.emulator.timing import Link
 from gateway.settings import EmulatedWorker, ModelConfig, Settings
+from tests.fakes import FakeBackend
 from tests.helpers import MODEL, app_client, config, gateway_of, settings
 
 CHAT = "/v1/chat/completions"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from tests.helpers import MODEL, app_client, config, settings
 from tests.integration.conftest import CHAT, Client, chat_body, sse_chunks, sse_payloads
 

@@ -8,11 +8,11 @@ from typing import Any
 import httpx
 import pytest
 
-from backends import synth
-from backends.catalog import Catalog
-from backends.fake import FakeBackend
+from backends.emulator import synth
+from backends.emulator.catalog import Catalog
+from backends.tokens import TokenCounter
 from gateway.prefix import chat_block_hashes
-from gateway.tokens import TokenCounter
+from tests.fakes import FakeBackend
 from tests.helpers import MODEL, app_client, config, gateway_of, pool, settings
 from tests.integration.conftest import (
     CHAT,

@@ -11,10 +11,10 @@ import httpx
 import orjson
 import pytest
 
-from backends import synth
-from backends.catalog import Catalog
-from backends.fake import FakeBackend
+from backends.emulator import synth
+from backends.emulator.catalog import Catalog
 from gateway.circuit import CircuitState
+from tests.fakes import FakeBackend
 from tests.helpers import MODEL, app_client, config, gateway_of, pool, settings
 from tests.integration.conftest import (
     CHAT,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from tests.helpers import app_client, config, settings
 from tests.integration.conftest import (
     CHAT,

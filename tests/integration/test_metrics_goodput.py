@@ -7,9 +7,9 @@ from dataclasses import replace
 from typing import Any
 
 from backends.base import GenerationParams, LegStats, ReportedUsage, TokenChunk
-from backends.catalog import Catalog
-from backends.fake import FakeBackend
+from backends.emulator.catalog import Catalog
 from gateway.dispatch import _pool_met
+from tests.fakes import FakeBackend
 from tests.helpers import MODEL, app_client, config, settings
 from tests.integration.conftest import CHAT, FakeFactory, chat_body, metric_labels, metric_value
 

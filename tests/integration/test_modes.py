@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from tests.helpers import MODEL, app_client, config, gateway_of, pool, settings
 from tests.integration.conftest import (
     CHAT,

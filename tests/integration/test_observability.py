@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from tests.helpers import MODEL, app_client, config, gateway_of, settings
 from tests.integration.conftest import (
     CHAT,

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from backends.catalog import Catalog
-from backends.emulated import EmulatedBackend
+from backends.emulator.catalog import Catalog
+from backends.emulator.emulated import EmulatedBackend
 from gateway.settings import ConfigError
 from tests.helpers import MODEL, app_client, config, gateway_of, pool, settings
 from tests.integration.conftest import (

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from backends.fake import FakeBackend
 from gateway.app import create_app
+from tests.fakes import FakeBackend
 from tests.helpers import MODEL, config, gateway_of, settings, uvicorn_in_process
 from tests.integration.conftest import FakeFactory, eventually, metric_value
 

@@ -12,8 +12,8 @@ import httpx
 import orjson
 import pytest
 
-from backends.catalog import Catalog
-from backends.timing import StepShape, kv_transfer_time
+from backends.emulator.catalog import Catalog
+from backends.emulator.timing import StepShape, kv_transfer_time
 from backends.tokens import TokenCounter
 from tests.backend_procs import MODEL, Proc, http_pools, run_backend, run_gateway, run_pd_backends
 

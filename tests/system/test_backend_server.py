@@ -12,8 +12,8 @@ import httpx
 import orjson
 import pytest
 
-from backends.catalog import Catalog
-from backends.timing import StepShape, kv_transfer_time
+from backends.emulator.catalog import Catalog
+from backends.emulator.timing import StepShape, kv_transfer_time
 from tests.backend_procs import MODEL, Proc, run_backend
 
 pytestmark = pytest.mark.system

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FRONTS = {"pdgate", "pdgate-sglang", "sglang-router", "vllm-router"}  # measured processes
 
 
+@pytest.mark.timeout(400)  # about 40 s alone; every router process competes for two cores
 def test_quick_benchmark_has_every_row_with_sane_numbers(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     argv = [sys.executable, "-m", "loadtests.bench_gateway", "--quick", "--duration", "1"]

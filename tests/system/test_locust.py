@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from backends.catalog import Catalog
-from backends.timing import StepShape
+from backends.emulator.catalog import Catalog
+from backends.emulator.timing import StepShape
 from gateway.cli import main as pdgate
 from tests.helpers import MODEL, pool, run_server
 

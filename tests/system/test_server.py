@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from backends.catalog import Catalog
-from backends.timing import StepShape, kv_transfer_time
+from backends.emulator.catalog import Catalog
+from backends.emulator.timing import StepShape, kv_transfer_time
 from tests.helpers import MODEL, config, pool, run_server
 
 pytestmark = pytest.mark.system

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backends.catalog import Catalog
-from backends.timing import StepShape
+from backends.emulator.catalog import Catalog
+from backends.emulator.timing import StepShape
 
 pytestmark = pytest.mark.system
 

@@ -16,8 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from backends.base import GenerationParams, KVHandle
-from backends.http import HttpBackend, HttpOptions
-from backends.openai_wire import DONE, WireFormat
+from backends.upstream.http import HttpBackend, HttpOptions
+from backends.wire.render import DONE, WireFormat
 from gateway.service import http_backend
 from gateway.settings import HttpWorker
 from tests.helpers import MODEL, uvicorn_in_process

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from backends.catalog import Catalog
-from gateway.commands.calibrate import ENFORCED, load_points, run_point, select
+from backends.emulator.catalog import Catalog
+from gateway.sim.calibrate import ENFORCED, load_points, run_point, select
 
 # One or two fast points per source and device: TensorRT-LLM tables on H100, H200 and B200
 # (TP1, TP2, TP8), NIM latency sweeps, MLPerf v4.1 offline, and the LPU/wafer speeds.

@@ -1,4 +1,4 @@
-"""Every device profile and every device family in the catalog (backends/catalog.py).
+"""Every device profile and every device family in the catalog (backends/emulator/catalog.py).
 
 Loading and sources for each profile; a deployment of Llama 3.1 8B (and 70B where it fits) on
 each; the published points the calibrated profiles were checked against; the memory plans of the
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from backends.catalog import (
+from backends.emulator.catalog import (
     AnyDevice,
     Catalog,
     DataflowDevice,
@@ -31,13 +31,13 @@ from backends.catalog import (
     PipelineDevice,
     plan_deployment,
 )
-from backends.errors import CatalogError
-from backends.timing import (
+from backends.emulator.timing import (
     DramSramConstants,
     InMemoryConstants,
     StepShape,
     tiered_memory_time,
 )
+from backends.errors import CatalogError
 
 CONFIG = Path(Catalog.default_dir())
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -27,11 +27,11 @@ import pytest
 import yaml
 from starlette.routing import Match
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from backends.server.app import create_backend_app
+from backends.server.cli import config_from_args
 from gateway.app import create_app
 from gateway.cli import COMMANDS
-from gateway.commands.backend import config_from_args
 from gateway.policies import POLICIES
 from gateway.settings import HttpWorker, Settings, load_settings, parse_settings
 

@@ -1,4 +1,4 @@
-"""EmulatedBackend (backends/emulated.py): prefill/decode/generate legs in virtual time."""
+"""EmulatedBackend (backends/emulator/emulated.py): prefill/decode/generate legs in virtual time."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from backends import synth
 from backends.base import GenerationParams, PrefillResult, TokenChunk
-from backends.catalog import Catalog
 from backends.clock import LoopClock
-from backends.emulated import EmulatedBackend
+from backends.emulator import synth
+from backends.emulator.catalog import Catalog
+from backends.emulator.emulated import EmulatedBackend
+from backends.emulator.timing import StepShape, kv_transfer_time
 from backends.errors import BackendUnavailable
-from backends.timing import StepShape, kv_transfer_time
 from tests.unit.conftest import RunVirtual
 
 MODEL = "llama-3.1-8b"

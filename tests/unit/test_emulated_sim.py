@@ -1,5 +1,5 @@
 """EmulatedBackend's simulation features: coalesced legs, gap recording, prefix hashes,
-layer-wise KV-transfer overlap (backends/emulated.py, backends/timing.py)."""
+layer-wise KV-transfer overlap (backends/emulator/emulated.py, backends/emulator/timing.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from backends.base import GenerationParams, TokenChunk
-from backends.catalog import Catalog, EngineKnobs
 from backends.clock import LoopClock
-from backends.emulated import EmulatedBackend
-from backends.sim.stats import GapRecorder
-from backends.timing import Link, StepShape, exposed_kv_transfer_time, kv_transfer_time
+from backends.emulator.catalog import Catalog, EngineKnobs
+from backends.emulator.emulated import EmulatedBackend
+from backends.emulator.timing import Link, StepShape, exposed_kv_transfer_time, kv_transfer_time
+from gateway.sim.stats import GapRecorder
 from tests.unit.conftest import RunVirtual
 
 LINK = Link("test", bandwidth=20e9, efficiency=1.0, setup_s=0.001, per_descriptor_s=3.2e-6)

@@ -1,4 +1,4 @@
-"""The continuous-batching engine (backends/engine.py), driven in virtual time."""
+"""The continuous-batching engine (backends/emulator/engine.py), driven in virtual time."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from backends.catalog import Catalog, Deployment
 from backends.clock import LoopClock
-from backends.engine import Engine, Sequence, StepTimer
-from backends.timing import StepShape
+from backends.emulator.catalog import Catalog, Deployment
+from backends.emulator.engine import Engine, Sequence, StepTimer
+from backends.emulator.timing import StepShape
 from tests.unit.conftest import RunVirtual
 
 

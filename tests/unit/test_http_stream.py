@@ -1,4 +1,4 @@
-"""The upstream SSE parser of :mod:`backends.http`: events are parsed per read, so a burst
+"""The upstream SSE parser of :mod:`backends.upstream.http`: events are parsed per read, so a burst
 becomes one chunk of several tokens; lines split across reads, error events and ``[DONE]``."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 
 from backends.base import LegStats
 from backends.errors import LegFailed
-from backends.http import _StreamState
-from backends.openai_wire import DONE, WireFormat
+from backends.upstream.http import _StreamState
+from backends.wire.render import DONE, WireFormat
 
 
 def chat_events(words: list[str]) -> list[bytes]:

@@ -1,5 +1,5 @@
-"""The upstream HTTP/1.1 client (:mod:`backends.httpclient`) against a scripted loopback server:
-keep-alive reuse, framing, timeouts, abandoned responses, the connection limit, stale and
+"""The upstream HTTP/1.1 client (:mod:`backends.upstream.httpclient`) against a scripted loopback
+server: keep-alive reuse, framing, timeouts, abandoned responses, the connection limit, stale and
 server-closed connections."""
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from backends.httpclient import HIGH_WATER, ConnectError, HttpPool, ResponseError, UpstreamError
+from backends.upstream.httpclient import (
+    HIGH_WATER,
+    ConnectError,
+    HttpPool,
+    ResponseError,
+    UpstreamError,
+)
 from tests.helpers import free_port
 
 # (path, body, reader, writer) -> keep the connection alive

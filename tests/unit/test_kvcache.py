@@ -1,8 +1,8 @@
-"""The prefix cache's bookkeeping (backends/kvcache.py)."""
+"""The prefix cache's bookkeeping (backends/emulator/kvcache.py)."""
 
 from __future__ import annotations
 
-from backends.kvcache import PrefixCache
+from backends.emulator.kvcache import PrefixCache
 
 
 def test_match_stops_at_the_first_missing_hash() -> None:

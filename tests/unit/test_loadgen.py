@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from backends.sim.workload import RequestSpec, parse_length
+from backends.tokens import TokenCounter
 from gateway.prefix import chat_block_hashes
-from gateway.tokens import TokenCounter
+from gateway.sim.workload import RequestSpec, parse_length
 from loadtests.pdgate_load import (
     REQUEST_COLUMNS,
     AgentWorkload,

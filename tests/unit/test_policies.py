@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.clock import LoopClock
-from backends.fake import FakeBackend
 from gateway.admission import Limiter
 from gateway.circuit import CircuitBreaker
 from gateway.policies import POLICIES, PolicyDeps, RouteRequest, make_policy
@@ -20,6 +19,7 @@ from gateway.policies.basic import RoundRobin
 from gateway.policies.load import LeastLoaded
 from gateway.registry import Pool, Worker, WorkerRegistry
 from gateway.state import InMemoryStateStore, WorkerLoad
+from tests.fakes import FakeBackend
 
 REQ = RouteRequest("req-1", prompt_tokens=100, max_tokens=10)
 

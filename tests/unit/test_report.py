@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from gateway.commands.report import (
+from gateway.sim.report import (
     REQUEST_COLUMNS,
     Quantiles,
     ReportError,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from gateway.cli import main as cli_main
 from gateway.policies import POLICIES
 from gateway.settings import ConfigError, Settings, load_settings, parse_settings

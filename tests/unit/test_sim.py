@@ -1,4 +1,4 @@
-"""The simulation driver (gateway/sim.py): the gateway's dispatch in virtual time."""
+"""The simulation driver (gateway/sim/run.py): the gateway's dispatch in virtual time."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from backends.catalog import Catalog, EngineKnobs
-from backends.sim.workload import RequestSpec, load_trace, make_workload, parse_length
-from backends.timing import StepShape, kv_transfer_time
+from backends.emulator.catalog import Catalog, EngineKnobs
+from backends.emulator.timing import StepShape, kv_transfer_time
 from gateway.settings import EmulatedWorker, parse_settings
-from gateway.sim import SimulationSpec, Slo, device_settings, simulate
+from gateway.sim.run import SimulationSpec, Slo, device_settings, simulate
+from gateway.sim.workload import RequestSpec, load_trace, make_workload, parse_length
 from tests.helpers import config, pool
 
 TRACE = Path(__file__).resolve().parents[2] / "loadtests" / "traces" / "mooncake_sample.jsonl"

@@ -1,13 +1,13 @@
-"""Every device profile in the catalog loads and simulates (gateway/sim.py)."""
+"""Every device profile in the catalog loads and simulates (gateway/sim/run.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from backends.catalog import Catalog
+from backends.emulator.catalog import Catalog
 from backends.errors import CatalogError
-from backends.sim.workload import RequestSpec
-from gateway.sim import SimulationSpec, device_settings, simulate
+from gateway.sim.run import SimulationSpec, device_settings, simulate
+from gateway.sim.workload import RequestSpec
 
 CATALOG = Catalog.load()
 MODELS = ("llama-3.1-8b", "llama-3.1-70b", "mixtral-8x7b", "qwen3-30b-a3b")

@@ -1,4 +1,4 @@
-"""Simulation statistics and economics (backends/sim/stats.py, economics.py, gateway/sim.py)."""
+"""Simulation statistics and economics (gateway/sim/stats.py, economics.py, gateway/sim/run.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import math
 
 import pytest
 
-from backends.sim.economics import (
+from gateway.sim.economics import (
     FleetItem,
     joules_per_token,
     missing_prices,
     usd_per_million_tokens,
 )
-from backends.sim.stats import GapRecorder, summary, weighted_quantiles, weighted_summary
-from gateway.sim import RequestRecord, steady_throughput
+from gateway.sim.run import RequestRecord, steady_throughput
+from gateway.sim.stats import GapRecorder, summary, weighted_quantiles, weighted_summary
 
 
 def test_summary_uses_nearest_rank_percentiles() -> None:

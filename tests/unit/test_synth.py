@@ -1,4 +1,5 @@
-"""Synthetic text (backends/synth.py): determinism and stop-string matching across chunks."""
+"""Synthetic text (backends/emulator/synth.py): determinism and stop-string matching across
+chunks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends import synth
+from backends.emulator import synth
 
 
 def test_token_text_is_deterministic_and_spaced() -> None:

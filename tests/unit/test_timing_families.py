@@ -1,4 +1,4 @@
-"""Physics of the device families beyond HBM and SRAM pipelines (backends/timing.py).
+"""Physics of the device families beyond HBM and SRAM pipelines (backends/emulator/timing.py).
 
 Each function is checked against its documented formula, with expected values derived here from
 synthetic constants or from the YAML, never from the function under test.
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from backends.catalog import Catalog
-from backends.timing import (
+from backends.emulator.catalog import Catalog
+from backends.emulator.timing import (
     DataflowConstants,
     DramSramConstants,
     HardwiredConstants,

@@ -8,14 +8,14 @@ from dataclasses import replace
 
 import pytest
 
-from backends.catalog import (
+from backends.emulator.catalog import (
     Catalog,
     EngineKnobs,
     ParallelLayout,
     WeightFormats,
     kv_shards,
 )
-from backends.timing import (
+from backends.emulator.timing import (
     DTYPE_BYTES,
     HbmConstants,
     ModelShape,

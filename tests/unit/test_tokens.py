@@ -1,4 +1,4 @@
-"""Prompt token counting (gateway/tokens.py): the approximation and a real HF tokenizer."""
+"""Prompt token counting (backends/tokens.py): the approximation and a real HF tokenizer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.trainers import WordLevelTrainer
 
-from gateway.tokens import (
+from backends.tokens import (
     MESSAGE_OVERHEAD,
     REPLY_PRIMER,
     TokenCounter,

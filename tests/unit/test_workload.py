@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.sim.workload import (
+from gateway.sim.workload import (
     RequestSpec,
     WorkloadError,
     load_trace,

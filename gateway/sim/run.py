@@ -12,7 +12,7 @@ What the simulation changes, and why:
 * Backends are emulated instances built with ``coalesce=True`` and no synthetic text: a leg
   delivers its first token at once and the rest in one chunk when it ends, so a request costs
   a handful of wake-ups, not one per token. Per-token timing is not lost: every engine records
-  the gap before each token it produces (:class:`~backends.sim.stats.GapRecorder`), which is
+  the gap before each token it produces (:class:`~gateway.sim.stats.GapRecorder`), which is
   what a client would have measured, since virtual time has no delivery delay.
 * Gateway timeouts (per-leg and the request deadline) are off unless ``timeout_s`` is given:
   a simulation measures latency, and a timeout would cut the distribution it reports; leg
@@ -35,14 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import Backend, GenerationParams
-from backends.catalog import Catalog, Deployment, EngineKnobs
 from backends.clock import Clock, LoopClock, close_loop, virtual_event_loop
-from backends.emulated import EmulatedBackend
+from backends.emulator.catalog import Catalog, Deployment, EngineKnobs
+from backends.emulator.emulated import EmulatedBackend
+from backends.emulator.timing import Link
 from backends.errors import BackendError
-from backends.sim.economics import FleetItem, joules_per_token, usd_per_million_tokens
-from backends.sim.stats import GapRecorder, summary
-from backends.sim.workload import RequestSpec
-from backends.timing import Link
 from gateway.dispatch import DispatchRequest
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
@@ -55,6 +52,9 @@ from gateway.settings import (
     Settings,
     TimeoutConfig,
 )
+from gateway.sim.economics import FleetItem, joules_per_token, usd_per_million_tokens
+from gateway.sim.stats import GapRecorder, summary
+from gateway.sim.workload import RequestSpec
 
 NO_TIMEOUT_S = 1e9  # "never" in virtual seconds, still a finite timer
 

@@ -10,7 +10,7 @@ TPOT in milliseconds.
 This module turns a row into what the emulation needs (:func:`parse_row`, :func:`map_row`),
 runs an aggregated row's closed loop on one engine in virtual time (:func:`closed_loop`), and
 grades predictions (:func:`accuracy`, :func:`breakdown`). Disaggregated rows go through the
-gateway's own P/D flow (``gateway.silicon``).
+gateway's own P/D flow (``gateway.sim.silicon_run``).
 
 How the runs were measured, and mirrored here: aiperf with ``--concurrency C
 --warmup-request-count C --request-count 20×C``, fixed lengths, ``ignore_eos``, streaming.
@@ -305,7 +305,7 @@ def _fmt(mode: str) -> str:
 
 
 class LoopEngine(Protocol):
-    """What :func:`closed_loop` drives: :class:`backends.engine.Engine` through its step
+    """What :func:`closed_loop` drives: :class:`backends.emulator.engine.Engine` through its step
     methods (no event loop: the loop here is the clock)."""
 
     running: Any

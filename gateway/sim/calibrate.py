@@ -27,11 +27,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backends.catalog import Catalog, EngineKnobs, format_validation_error
+from backends.emulator.catalog import Catalog, EngineKnobs, format_validation_error
+from backends.emulator.timing import StepShape
 from backends.errors import CatalogError
-from backends.sim.workload import make_workload, parse_length
-from backends.timing import StepShape
-from gateway.sim import SimulationSpec, device_settings, simulate
+from gateway.sim.run import SimulationSpec, device_settings, simulate
+from gateway.sim.workload import make_workload, parse_length
 
 ENFORCED = ("A", "A-")
 TOLERANCE = {

@@ -11,7 +11,7 @@ whose pools, modes and policies are simulated as they would serve::
 
     pdgate simulate --config disagg.yaml --isl 2000 --osl 200 --concurrency 64 --json
 
-See :mod:`gateway.sim` for what the simulation runs and measures.
+See :mod:`gateway.sim.run` for what the simulation runs and measures.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backends.catalog import Catalog, EngineKnobs
+from backends.emulator.catalog import Catalog, EngineKnobs
 from backends.errors import CatalogError
-from backends.sim.workload import (
+from gateway.settings import ConfigError, EmulatedWorker, Settings, load_settings
+from gateway.sim.run import SimulationResult, SimulationSpec, Slo, device_settings, simulate
+from gateway.sim.workload import (
     TRACE_BLOCK_TOKENS,
     Length,
     WorkloadError,
@@ -32,8 +34,6 @@ from backends.sim.workload import (
     make_workload,
     parse_length,
 )
-from gateway.settings import ConfigError, EmulatedWorker, Settings, load_settings
-from gateway.sim import SimulationResult, SimulationSpec, Slo, device_settings, simulate
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 
-from backends import synth
 from backends.base import (
     BackendLoad,
     GenerationParams,
@@ -20,6 +19,7 @@ from backends.base import (
     PrefillResult,
     TokenChunk,
 )
+from backends.emulator import synth
 from backends.errors import LegFailed
 
 

@@ -3,8 +3,8 @@
 Device and model profiles are YAML files (``config/devices/*.yaml``, ``config/models/*.yaml``);
 KV-transfer links are presets in ``config/links.yaml``. Every number carries its source in the
 file's ``sources`` map. A device's ``family`` selects its class, and the class its physics
-(:mod:`backends.timing`) and its memory plan; nothing else in the code branches on a device's
-name or family:
+(:mod:`backends.emulator.timing`) and its memory plan; nothing else in the code branches on a
+device's name or family:
 
 * ``hbm`` → :class:`HbmDevice`: roofline over HBM (GPUs, TPUs, Trainium, Gaudi, ...),
 * ``sram_pipeline`` / ``wafer_scale`` → :class:`PipelineDevice`: SRAM-resident pipeline across
@@ -34,8 +34,7 @@ from typing import Annotated, ClassVar, Literal, TypeAlias, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from backends.errors import CatalogError
-from backends.timing import (
+from backends.emulator.timing import (
     DTYPE_BYTES,
     DataflowConstants,
     DramSramConstants,
@@ -55,6 +54,7 @@ from backends.timing import (
     model_switch_time,
     pipeline_step_time,
 )
+from backends.errors import CatalogError
 
 GB = 1e9
 TB = 1e12
@@ -583,7 +583,7 @@ class EngineKnobs(_Data):
     kv_dtype: Literal["bf16", "fp16", "fp8"] | None = Field(
         None, description="KV-cache dtype (default: the serving dtype; 8 bits for 4-bit serving)"
     )
-    # How the engine builds a step (see backends.engine): vLLM ``mixed``, SGLang
+    # How the engine builds a step (see backends.emulator.engine): vLLM ``mixed``, SGLang
     # ``prefill_first``, TensorRT-LLM without chunked prefill ``whole_prompt``.
     step_policy: Literal["mixed", "prefill_first", "whole_prompt"] = "mixed"
     # Share of which memory the KV cache gets: ``total`` device memory × utilisation minus the

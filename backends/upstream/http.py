@@ -18,7 +18,7 @@ carry the same ``X-Request-Id``. Usage is merged: prompt (and cached) tokens as 
 server counted them, completion tokens as the decode server produced them (per chunk, from
 vLLM's ``continuous_usage_stats``, reconciled with the final ``usage``).
 
-The client is :mod:`backends.httpclient`: keep-alive pools over asyncio protocols and
+The client is :mod:`backends.upstream.httpclient`: keep-alive pools over asyncio protocols and
 httptools, with TCP_NODELAY (asyncio and uvloop set it on every TCP transport). It costs less
 than half the CPU of aiohttp per request, and httpx's default transport collapses under
 concurrency (encode/httpx#3215); figures in the README. Its errors never leave this module:
@@ -55,7 +55,7 @@ from backends.base import (
     nothing_to_release,
 )
 from backends.errors import BackendUnavailable, LegFailed
-from backends.httpclient import ConnectError, HttpPool, Response, UpstreamError
+from backends.upstream.httpclient import ConnectError, HttpPool, Response, UpstreamError
 
 Protocol = Literal["vllm-nixl", "sglang-bootstrap", "openai"]
 PROTOCOLS: tuple[Protocol, ...] = ("vllm-nixl", "sglang-bootstrap", "openai")

@@ -1,7 +1,7 @@
 """Predict measured serving runs ("silicon" rows) with the emulation.
 
 An aggregated row runs aiperf's closed loop on one emulated engine in virtual time
-(:func:`backends.sim.silicon.closed_loop`): the engine's own scheduler and the deployment's
+(:func:`gateway.sim.silicon.closed_loop`): the engine's own scheduler and the deployment's
 physics, no HTTP and no event loop, so a row costs a fraction of a second. A disaggregated row
 (xPyD) runs through the gateway's P/D flow exactly as ``pdgate serve`` would route it
 (:func:`gateway.sim.simulate`): ``x`` prefill workers, ``y`` decode workers, the KV link between
@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from backends.catalog import (
+from backends.emulator.catalog import (
     Catalog,
     Deployment,
     EngineKnobs,
@@ -26,9 +26,10 @@ from backends.catalog import (
     ParallelLayout,
     WeightFormats,
 )
-from backends.engine import Engine
+from backends.emulator.engine import Engine
 from backends.errors import CatalogError
-from backends.sim.silicon import (
+from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings
+from gateway.sim.silicon import (
     Layout,
     ManualClock,
     Prediction,
@@ -38,8 +39,7 @@ from backends.sim.silicon import (
     closed_loop,
     weights_of,
 )
-from backends.sim.workload import RequestSpec
-from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings
+from gateway.sim.workload import RequestSpec
 
 # Counted waves of a disaggregated row's closed loop (after the warm-up wave). The gateway's
 # closed loop has no convergence test, so a fixed number of waves is run: with fixed lengths
@@ -206,7 +206,7 @@ def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
 
 
 def _disagg(row: SiliconRow, cat: Catalog | None) -> tuple[float, float]:
-    from gateway.sim import SimulationSpec, simulate
+    from gateway.sim.run import SimulationSpec, simulate
 
     settings = disagg_settings(row, cat)
     c = row.concurrency

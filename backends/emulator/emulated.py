@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
-from backends import synth
 from backends.base import (
     BackendLoad,
     GenerationParams,
@@ -22,17 +21,18 @@ from backends.base import (
     PrefillResult,
     TokenChunk,
 )
-from backends.catalog import Deployment
 from backends.clock import Clock
-from backends.engine import Engine, GapRecorder, Sequence
+from backends.emulator import synth
+from backends.emulator.catalog import Deployment
+from backends.emulator.engine import Engine, GapRecorder, Sequence
+from backends.emulator.timing import Link, StepShape, exposed_kv_transfer_time
 from backends.errors import BackendOverloaded, BackendUnavailable
-from backends.timing import Link, StepShape, exposed_kv_transfer_time
 
 
 class EmulatedBackend:
     """One emulated device deployment serving prefill, decode and aggregated legs.
 
-    For simulation (:mod:`gateway.sim`): ``coalesce`` delivers a leg's first chunk as soon as
+    For simulation (:mod:`gateway.sim.run`): ``coalesce`` delivers a leg's first chunk as soon as
     it exists and everything after it in one chunk at the end, and ``synthesize_text=False``
     sends token counts without text (no stop strings then), so a simulated request costs a
     few wake-ups instead of one per token; per-token timing then comes from ``recorder``.

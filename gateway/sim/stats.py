@@ -78,7 +78,7 @@ def weighted_summary(values: Sequence[float], weights: Sequence[float]) -> Summa
 
 
 class GapRecorder:
-    """Inter-token gaps with weights (implements :class:`backends.engine.GapRecorder`)."""
+    """Inter-token gaps with weights (implements :class:`backends.emulator.engine.GapRecorder`)."""
 
     def __init__(self) -> None:
         self.gaps = array("d")

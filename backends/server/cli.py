@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from backends.catalog import Catalog, EngineKnobs
+from backends.emulator.catalog import Catalog, EngineKnobs
 from backends.errors import CatalogError
 from backends.server.config import Faults, InstanceConfig
 

@@ -24,8 +24,8 @@ from fastapi import APIRouter, Request
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
 
-from backends.catalog import format_validation_error
-from backends.http import HttpBackend
+from backends.emulator.catalog import format_validation_error
+from backends.upstream.http import HttpBackend
 from gateway.circuit import CircuitBreaker
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.registry import Pool, Worker

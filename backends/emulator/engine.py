@@ -11,7 +11,7 @@ preemption therefore emerge from the loop; no request ever sleeps on its own.
 Optional behaviour, each off by default:
 
 * **Prefix caching** (``prefix_caching``): requests carrying chained prompt block hashes reuse
-  the KV of prefixes computed before (:mod:`backends.kvcache`). A hit skips the prefill
+  the KV of prefixes computed before (:mod:`backends.emulator.kvcache`). A hit skips the prefill
   compute of the cached tokens; attention still reads their KV, so the step's bytes do not
   shrink. Unreferenced cached blocks are evicted, least recently released first, on demand.
 * **Speculative decoding** (``speculative_tokens`` = k, ``acceptance_rate`` = a): each decode
@@ -61,8 +61,8 @@ from collections.abc import Sequence as Seq
 from typing import Protocol
 
 from backends.clock import Clock
-from backends.kvcache import PrefixCache
-from backends.timing import StepShape
+from backends.emulator.kvcache import PrefixCache
+from backends.emulator.timing import StepShape
 
 log = logging.getLogger("pdgate.engine")
 
