@@ -6,8 +6,8 @@ Usage::
         [--sample K --seed S | --limit K] [--peer aiconfigurator] [--quiet]
 
 ``ROWS.csv`` is any file in the silicon-sample format (see the calibration data's
-``silicon/README.md``). Each row is simulated (:mod:`gateway.sim.silicon_run`); the summary gives rows
-covered, the share of TPOT within ±15 % and TTFT within ±25 %, and the median |error| of each,
+``silicon/README.md``). Each row is simulated (:mod:`gateway.sim.silicon_run`); the summary
+gives rows covered, the share of TPOT within ±15 % and TTFT within ±25 %, and the median |error| of each,
 for all rows and by mode, engine, model family and device. ``--out`` writes
 ``id,pred_ttft_ms,pred_tpot_ms,reason`` (blank predictions and a reason where a row is not
 supported). Rows are spread over ``--jobs`` processes.
@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ids", type=Path, help="only the ids listed in this file (one a line)")
     p.add_argument("--peer", choices=["aiconfigurator"], help="also predict with a peer tool")
+    p.add_argument(
+        "--peer-cache",
+        type=Path,
+        help="CSV of the peer's predictions: read where it has the row, else computed and added",
+    )
+    p.add_argument("--peer-only", action="store_true", help="only the peer (fills --peer-cache)")
     p.add_argument("--quiet", action="store_true", help="no per-row lines")
     p.add_argument(
         "--split", choices=["train", "check"], help="only the train or the check half of the fit"
@@ -96,29 +102,52 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows[: args.limit]
 
     wall = time.perf_counter()
-    preds = _run(_predict, rows, args.jobs)
+    preds = _run(_predict, rows, args.jobs) if not args.peer_only else []
     wall = time.perf_counter() - wall
-    pairs = list(zip(rows, preds, strict=True))
+    pairs = list(zip(rows, preds, strict=True)) if not args.peer_only else []
     if not args.quiet:
         for row, pred in pairs:
             print(_line(row, pred))
-    print(
-        f"\npdgate: {len(rows)} rows in {wall:.1f} s wall ({wall / max(1, len(rows)):.2f} s/row, "
-        f"{args.jobs} jobs); unreadable rows: {len(bad)}"
-    )
-    print(summary_table(pairs))
+    if pairs:
+        print(
+            f"\npdgate: {len(rows)} rows in {wall:.1f} s wall "
+            f"({wall / max(1, len(rows)):.2f} s/row, {args.jobs} jobs); "
+            f"unreadable rows: {len(bad)}"
+        )
+        print(summary_table(pairs))
     if args.peer:
-        peer = _run(_peer, rows, args.jobs)
-        peer_pairs = list(zip(rows, peer, strict=True))
+        cached = _read_preds(args.peer_cache) if args.peer_cache else {}
+        todo = [r for r in rows if r.id not in cached]
+        for row, pred in zip(todo, _run(_peer, todo, args.jobs), strict=True):
+            cached[row.id] = pred
+        if args.peer_cache:
+            _write_preds(args.peer_cache, list(cached.values()))
+        peer_pairs = [(r, cached[r.id]) for r in rows]
         print(f"\n{args.peer} on the same rows:")
         print(summary_table(peer_pairs))
     if args.out:
-        with args.out.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "pred_ttft_ms", "pred_tpot_ms", "reason"])
-            for pred in [*preds, *bad]:
-                w.writerow([pred.id, _num(pred.ttft_ms), _num(pred.tpot_ms), pred.reason])
+        _write_preds(args.out, [*preds, *bad])
     return 0
+
+
+def _write_preds(path: Path, preds: list[Prediction]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "pred_ttft_ms", "pred_tpot_ms", "reason"])
+        for pred in preds:
+            w.writerow([pred.id, _num(pred.ttft_ms), _num(pred.tpot_ms), pred.reason])
+
+
+def _read_preds(path: Path) -> dict[str, Prediction]:
+    if not path.exists():
+        return {}
+    out = {}
+    with path.open(newline="") as f:
+        for d in csv.DictReader(f):
+            ttft = float(d["pred_ttft_ms"]) if d["pred_ttft_ms"] else None
+            tpot = float(d["pred_tpot_ms"]) if d["pred_tpot_ms"] else None
+            out[d["id"]] = Prediction(d["id"], ttft, tpot, d["reason"])
+    return out
 
 
 # Coordinate search: the step overhead (TPOT at small batch) first, then the compute
