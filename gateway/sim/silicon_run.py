@@ -194,14 +194,14 @@ def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
             device=dep.device.name,
             count=dep.count,
             tp=dep.tp,
-            dtype=dep.dtype,  # type: ignore[arg-type]
+            dtype=dep.dtype,
             replicas=layout.workers,
             engine=dep.engine,
             layout=dep.layout,
             weights=dep.weights,
         )
         pools[role] = PoolConfig(policy="least_loaded", kv_link=DISAGG_LINK, workers=[worker])
-    served = ModelConfig(name=model, mode="disaggregated", pools=pools)  # type: ignore[arg-type]
+    served = ModelConfig(name=model, mode="disaggregated", pools=pools)
     return Settings(models=[served])
 
 
