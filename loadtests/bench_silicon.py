@@ -152,7 +152,7 @@ def _read_preds(path: Path) -> dict[str, Prediction]:
 
 # Coordinate search: the step overhead (TPOT at small batch) first, then the compute
 # efficiency (TTFT, large-batch decode) at the chosen overhead.
-OVERHEADS = (0.0, 0.001, 0.002, 0.004)
+OVERHEADS = (0.0, 0.001, 0.002, 0.004, 0.006)
 EFFICIENCIES = (0.3, 0.5, 0.7, 0.85, 1.0)
 
 
