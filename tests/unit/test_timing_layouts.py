@@ -265,3 +265,35 @@ def replace_knobs(k: EngineKnobs, **kw: object) -> EngineKnobs:
 
 def test_replace_is_available() -> None:  # keeps dataclasses.replace imported for readers
     assert replace(consts(), tp=2).tp == 2
+
+
+def test_engine_knobs_profile_defaults_with_explicit_overrides(catalog: Catalog) -> None:
+    knobs = catalog.engine_knobs("sglang-0.5", "h100-sxm", EngineKnobs(max_num_seqs=7))
+    assert knobs.max_num_seqs == 7  # set explicitly
+    assert knobs.step_policy == "prefill_first"  # the profile's
+    assert knobs.gpu_memory_utilization == 0.83  # the profile's, for this device
+    assert catalog.engine_knobs(None, "h100-sxm", None) == EngineKnobs()
+
+
+def test_worker_engine_profile_reaches_the_deployment(catalog: Catalog) -> None:
+    from gateway.service import worker_deployment
+    from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig
+
+    worker = EmulatedWorker(
+        device="h200-sxm",
+        tp=8,
+        dtype="fp8",
+        engine_profile="trtllm-1.1",
+        engine=EngineKnobs(max_num_seqs=32),
+        layout=ParallelLayout(tp=8, moe_tp=1, ep=8),
+        weights=WeightFormats(dense="fp8", experts="fp8"),
+    )
+    model = ModelConfig(
+        name="deepseek-v3", mode="aggregated", pools={"aggregated": PoolConfig(workers=[worker])}
+    )
+    dep = worker_deployment(catalog, worker, model)
+    assert dep.engine.step_policy == "whole_prompt"
+    assert dep.engine.scheduler_policy == "guaranteed_no_evict"
+    assert dep.engine.max_num_seqs == 32
+    assert dep.layout.ep == 8
+    assert dep.kv_shards == 1
