@@ -69,6 +69,8 @@ class ReportedUsage:
 
     prompt_tokens: int
     cached_tokens: int | None = None
+    # The upstream usage's other fields (completion_tokens_details, ...), relayed to the client.
+    details: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,9 @@ class TokenChunk:
     """Text of one or more tokens; the last chunk of a stream has ``finish_reason`` set.
 
     ``usage``: set on a last chunk by backends whose upstream reports its own prompt count.
+    ``choices``: the upstream's choice objects of this chunk's events when one of them carried
+    more than text (tool calls, logprobs, reasoning...), to be relayed unchanged
+    (:mod:`backends.wire.relay`); ``text`` still holds all of their text.
     """
 
     text: str
@@ -83,6 +88,7 @@ class TokenChunk:
     finish_reason: str | None = None
     stats: LegStats | None = None
     usage: ReportedUsage | None = None
+    choices: tuple[dict[str, Any], ...] = ()
 
 
 def nothing_to_release() -> None:
@@ -136,6 +142,11 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
     def healthy(self) -> bool: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What this worker is, for operators (``GET /admin/workers``): ``type`` (``emulated``,
+        ``http``, ...) and what identifies it of that type (device, URL and protocol, ...)."""
+        ...
 
     def load(self) -> BackendLoad: ...
 

@@ -10,6 +10,14 @@ bytes, rounded up (the usual rule of thumb for English BPE vocabularies).
 Chat prompts add a fixed framing cost, as chat templates do: ``MESSAGE_OVERHEAD`` tokens per
 message (role header and end-of-turn markers) plus ``REPLY_PRIMER`` for the assistant header
 that starts the reply.
+
+Images are charged too (a vision model turns each into hundreds of prompt tokens, and a limit
+that counts them as nothing can be walked past with a megabyte of pixels). Without decoding
+them, the estimate is ``IMAGE_TOKENS`` per image part — OpenAI's charge for one 1024×1024
+high-detail image (85 base + 4 tiles × 170, platform.openai.com/docs/guides/vision, 2026-12) —
+and, for an inline ``data:`` URL, at least one token per ``IMAGE_BYTES_PER_TOKEN`` bytes of the
+decoded image (a 1 MB data URL: about 3,000 tokens, close to a 2048×1536 image at Qwen2-VL's
+28×28 pixels per token). Other non-text parts (audio, files) are charged the same way by size.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from typing import Any, Protocol
 
 MESSAGE_OVERHEAD = 4
 REPLY_PRIMER = 3
+IMAGE_TOKENS = 765  # one image part, whatever its size (see the module docstring)
+IMAGE_BYTES_PER_TOKEN = 256  # an inline image: at least one token per this many decoded bytes
 
 
 class TextCounter(Protocol):
@@ -56,6 +66,7 @@ class TokenCounter:
         total = REPLY_PRIMER
         for message in messages:
             total += MESSAGE_OVERHEAD + sum(self._count(t) for t in message_texts(message))
+            total += media_tokens(message)
         return total
 
     def prompt(self, prompt: str | Sequence[int]) -> int:
@@ -75,3 +86,27 @@ def message_texts(message: dict[str, Any]) -> Iterable[str]:
     name = message.get("name")
     if isinstance(name, str):
         yield name
+
+
+def media_tokens(message: dict[str, Any]) -> int:
+    """The estimated prompt tokens of a message's non-text parts (see the module docstring)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return 0
+    total = 0
+    for part in content:
+        if isinstance(part, dict) and part.get("type") not in (None, "text"):
+            total += max(IMAGE_TOKENS, _inline_bytes(part) // IMAGE_BYTES_PER_TOKEN)
+    return total
+
+
+def _inline_bytes(part: dict[str, Any]) -> int:
+    """Decoded bytes of the base64 data a part carries inline (0 for a remote URL)."""
+    biggest = 0
+    for value in part.values():
+        if isinstance(value, dict):
+            value = value.get("url") or value.get("data") or value.get("file_data")
+        if isinstance(value, str) and len(value) > 64:
+            payload = value.partition(",")[2] if value.startswith("data:") else value
+            biggest = max(biggest, len(payload) * 3 // 4)
+    return biggest

@@ -48,13 +48,19 @@ def create_app(
         finally:
             await gateway.close()
 
+    docs = settings.docs_public  # with API keys on, closed unless server.public_docs
     app = GatewayApp(
-        title="pdgate", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None
+        title="pdgate",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+        redoc_url=None,
     )
     errors.install(app)
     app.include_router(router)
     _publish_body_schemas(app)
-    app.include_router(admin_router)
+    app.include_router(admin_router, include_in_schema=False)  # operators', not clients'
     return app
 
 

@@ -32,7 +32,7 @@ from typing import Protocol
 import orjson
 import redis.asyncio as aioredis
 
-from gateway.errors import Overloaded, Unauthorized
+from gateway.errors import InvalidRequest, Overloaded, Unauthorized
 from gateway.state_redis import REDIS_DOWN
 
 log = logging.getLogger("pdgate.auth")
@@ -264,9 +264,22 @@ class Authenticator:
             raise Unauthorized("Incorrect API key provided.")
         return key
 
-    async def admit(self, key: ApiKey | None, prompt_tokens: int) -> None:
+    async def admit(self, key: ApiKey | None, prompt_tokens: int, max_tokens: int = 0) -> None:
+        """Count a request against its key's limits; :class:`Overloaded` (429) when over them.
+
+        A request that could never fit the key's ``tokens_per_minute`` (its prompt and the
+        completion it asks for together exceed it) is refused outright with 400: waiting for
+        the next window would not help, and a 429 invites a retry."""
         if key is None:
             return
+        tpm = key.tokens_per_minute
+        if tpm is not None and prompt_tokens + max_tokens > tpm:
+            raise InvalidRequest(
+                f"request too large for key '{key.name}': {prompt_tokens} prompt tokens and "
+                f"max_tokens {max_tokens} exceed its limit of {tpm} tokens per minute",
+                param="max_tokens",
+                code="request_too_large_for_limit",
+            )
         wait = await self.limiter.admit(key, prompt_tokens)
         if wait is not None:
             raise Overloaded(

@@ -5,6 +5,7 @@
     pdgate backend --device D --model M [--role prefill|decode|both] [--port P] ...
     pdgate simulate (--device D --model M [--count N --tp N] | --config FILE) WORKLOAD LOAD
     pdgate calibrate [--points ID,...] [--json]
+    pdgate plan --model M WORKLOAD --rate R --slo ttft:p90=S ... [--devices D,...] [--plot F]
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and
 ``run(args) -> int``; :data:`COMMANDS` maps names to (module, one-line help). Modules are
@@ -21,7 +22,7 @@ from types import ModuleType
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.commands.serve", "run the gateway"),
     "report": (
-        "gateway.sim.report",
+        "gateway.commands.report",
         "plot a load test (locust CSV) or simulations (simulate --json): TTFT, ITL, goodput",
     ),
     "backend": (
@@ -29,12 +30,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run one emulated instance as an OpenAI server speaking vLLM's and SGLang's P/D protocols",
     ),
     "simulate": (
-        "gateway.sim.simulate",
+        "gateway.commands.simulate",
         "simulate a deployment (or a whole config) under a workload, in virtual time",
     ),
     "calibrate": (
-        "gateway.sim.calibrate",
+        "gateway.commands.calibrate",
         "check the emulated devices against the published reference points",
+    ),
+    "plan": (
+        "gateway.sim.plan.command",
+        "find the cheapest deployment (mode, devices, counts, layouts) meeting a workload's SLOs",
     ),
 }
 

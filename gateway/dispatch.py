@@ -15,7 +15,16 @@ Failing fast, the rules every flow follows:
 * A leg that fails before producing anything is retried on another worker of its pool
   (bounded attempts, jittered exponential backoff). A decode retry re-transfers the KV the
   prefill still holds. After the first byte of a leg, a failure ends the request.
-* Every success or failure feeds the worker's circuit breaker; an open breaker takes the worker
+* A client's error is not a worker's failure: an upstream that refuses the request (a 4xx)
+  answers the client with its own status and envelope, at once, without a retry, and the
+  worker's circuit does not hear of it. A busy worker (429, ``overloaded``) is retried
+  elsewhere and not held against it either; with every worker busy the client gets 429.
+* Busy is not broken: a leg's timeout (``prefill_s``, ``decode_first_token_s``,
+  ``decode_idle_s``) fails it only when its worker has produced nothing for *any* leg within
+  that time (stalled, stopped, partitioned: a :class:`LegTimeout`, 504 once no other worker
+  is left). A leg queued on a worker that is still producing for others keeps waiting, inside
+  the request's deadline; admission limits (429 with ``Retry-After``) are the answer to overload.
+* Every worker failure feeds the worker's circuit breaker; an open breaker takes the worker
   out of the candidates.
 * Closing the stream (client gone, deadline, error) closes the legs, which aborts them on their
   devices and frees their slots and KV; in-flight counts live in guards every exit path passes.
@@ -36,12 +45,20 @@ import random
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Protocol, TypeVar
 
 from backends.base import BackendLoad, GenerationParams, KVHandle, PrefillResult, TokenChunk
 from backends.clock import Clock
-from backends.errors import BackendError, BackendOverloaded, BackendUnavailable, LegFailed
+from backends.errors import (
+    BackendError,
+    BackendOverloaded,
+    BackendUnavailable,
+    LegFailed,
+    LegTimeout,
+)
+from backends.errors import UpstreamRejected as BackendRejected
 from gateway.admission import Limiter
 from gateway.errors import (
     DeadlineExceeded,
@@ -49,6 +66,8 @@ from gateway.errors import (
     NoHealthyWorker,
     Overloaded,
     UpstreamFailed,
+    UpstreamRejected,
+    UpstreamTimeout,
 )
 from gateway.metrics import GatewayMetrics
 from gateway.policies import RouteRequest
@@ -102,8 +121,9 @@ class Route:
 class Leg:
     """One leg on one worker: in-flight guard, circuit-breaker verdict, routing metric.
 
-    A backend error marks a failure; a clean exit a success; a cancellation neither (the
-    worker did nothing wrong)."""
+    A worker's failure (:class:`LegFailed`, :class:`BackendUnavailable`) marks a failure; a
+    clean exit a success; a cancellation, the client's error (a 4xx) or a busy worker neither
+    (the worker did nothing wrong)."""
 
     __slots__ = ("_guard", "_worker")
 
@@ -122,7 +142,7 @@ class Leg:
         breaker = self._worker.breaker
         if et is None:
             breaker.record(ok=True)
-        elif issubclass(et, BackendError):
+        elif issubclass(et, LegFailed | BackendUnavailable):
             breaker.record(ok=False)
         else:
             breaker.abandon()
@@ -135,9 +155,22 @@ class _Legs:
         self.model = model
         self.deps = deps
 
-    def pick(self, pool: Pool, request: RouteRequest, avoid: set[str]) -> Worker:
+    def pick(
+        self,
+        pool: Pool,
+        request: RouteRequest,
+        avoid: set[str],
+        failure: BackendError | None = None,
+    ) -> Worker:
+        """A worker for a leg, not one of ``avoid`` while others are available. After a
+        timeout (``failure``) never the same one again: once none is left, the request ends
+        with that failure rather than a 503."""
         candidates = pool.candidates(avoid)
+        if isinstance(failure, LegTimeout):
+            candidates = [w for w in candidates if w.id not in avoid]
         if not candidates:
+            if failure is not None:
+                raise failure
             raise NoHealthyWorker(f"no healthy {pool.role} worker for model '{pool.model}'")
         worker = pool.policy.choose(candidates, request)
         self.deps.metrics.count_route(pool.model, pool.role, pool.policy_name, worker.name)
@@ -159,18 +192,26 @@ class _Legs:
         routing, params = req.routing, req.params
         attempts = self.model.retries.prefill + 1
         tried: set[str] = set()
+        failure: BackendError | None = None
+        clock = self.deps.clock
         for attempt in range(attempts):
             async with pool.limiter:
-                worker = self.pick(pool, routing, tried)
+                worker = self.pick(pool, routing, tried, failure)
                 tried.add(worker.id)
                 try:
                     with Leg(worker, params.prompt_tokens, self.deps):
-                        return await _timed(
+                        result = await _timed(
                             worker.backend.prefill(params),
                             self.model.timeouts.prefill_s,
+                            partial(_busy, worker, clock),
                             f"prefill on {worker.name}",
                         )
+                        worker.last_progress = clock.now()
+                        return result
+                except BackendRejected:
+                    raise  # the client's error: no other worker would answer differently
                 except BackendError as exc:
+                    failure = exc
                     self.retrying(pool, attempt, attempts, exc)
                 finally:
                     pool.policy.on_request_done(worker.id, routing)
@@ -228,37 +269,60 @@ class _Legs:
         idle_s = self.model.timeouts.decode_idle_s
         attempts = retries + 1
         tried: set[str] = set()
+        failure: BackendError | None = None
+        clock = self.deps.clock
         for attempt in range(attempts):
             started = False
             async with contextlib.nullcontext() if admitted else pool.limiter:
                 worker = first if first is not None and attempt == 0 else None
-                worker = worker or self.pick(pool, routing, tried)
+                worker = worker or self.pick(pool, routing, tried, failure)
                 tried.add(worker.id)
                 try:
                     with Leg(worker, params.prompt_tokens + params.max_tokens, self.deps):
                         stream = open_leg(worker)
-                        async with aclosing(stream), IdleTimeout() as idle:
+                        busy = partial(_busy, worker, clock)
+                        async with aclosing(stream), IdleTimeout(busy) as idle:
                             limit = first_chunk_s
                             while (chunk := await _next(stream, idle, limit, worker)) is not None:
                                 started, limit = True, idle_s
+                                worker.last_progress = clock.now()
                                 yield chunk
                     return
+                except BackendRejected:
+                    raise  # the client's error: no other worker would answer differently
                 except BackendError as exc:
                     if started:
                         raise
+                    failure = exc
                     self.retrying(pool, attempt, attempts, exc)
                 finally:
                     pool.policy.on_request_done(worker.id, routing)
             await self.backoff(attempt)
 
 
-async def _timed(awaitable: Awaitable[T], seconds: float, what: str) -> T:
-    """Await under a per-leg timeout, which counts as a leg failure (retryable)."""
+def _busy(worker: Worker, clock: Clock, limit_s: float) -> bool:
+    return worker.progressing(clock.now(), limit_s)
+
+
+async def _timed(
+    awaitable: Awaitable[T], seconds: float, busy: Callable[[float], bool], what: str
+) -> T:
+    """Await under a per-leg timeout: each time ``seconds`` pass with no answer, the leg fails
+    (:class:`LegTimeout`, retryable) unless its worker is ``busy(seconds)`` — still producing
+    for other legs, so this one is queued, not lost."""
+    task = asyncio.ensure_future(awaitable)
     try:
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    except TimeoutError as exc:
-        raise LegFailed(f"{what} timed out after {seconds:g} s") from exc
+        while True:
+            done, _ = await asyncio.wait((task,), timeout=seconds)
+            if done:
+                return task.result()
+            if not busy(seconds):
+                raise LegTimeout(f"{what} timed out after {seconds:g} s")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 async def _next(
@@ -275,7 +339,7 @@ async def _next(
         return None
     except asyncio.CancelledError:
         if idle.expired():
-            raise LegFailed(f"{worker.name} produced nothing for {seconds:g} s") from None
+            raise LegTimeout(f"{worker.name} produced nothing for {seconds:g} s") from None
         raise
     finally:
         idle.done()
@@ -545,7 +609,8 @@ class Dispatcher:
             outcome = exc.code or exc.type
             raise
         except BackendError as exc:
-            log.warning("request failed: %s", exc)
+            level = logging.INFO if isinstance(exc, BackendRejected) else logging.WARNING
+            log.log(level, "request failed: %s", exc)
             error = _translate(exc)
             outcome = error.code or error.type
             raise error from exc
@@ -578,6 +643,18 @@ class Dispatcher:
 
 
 def _translate(exc: BackendError) -> GatewayError:
-    if isinstance(exc, BackendUnavailable | BackendOverloaded):
-        return NoHealthyWorker(str(exc))
-    return UpstreamFailed(str(exc))
+    """The client's error for a backend's: the upstream's own 4xx as it was; for the rest a
+    status and a message that name no worker (the details are in the log)."""
+    if isinstance(exc, BackendRejected):
+        return UpstreamRejected(
+            exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code
+        )
+    if isinstance(exc, LegTimeout):
+        return UpstreamTimeout("the worker serving the request stopped responding")
+    if isinstance(exc, BackendOverloaded):
+        return Overloaded(
+            "every worker is busy; retry later", retry_after_s=1.0, reason="workers_busy"
+        )
+    if isinstance(exc, BackendUnavailable):
+        return NoHealthyWorker("no worker could take the request")
+    return UpstreamFailed("the worker serving the request failed")

@@ -8,9 +8,14 @@
     ├── ModelNotFound                 404     invalid_request_error (code model_not_found)
     ├── PayloadTooLarge               413     invalid_request_error
     ├── Overloaded                    429     rate_limit_error (with Retry-After)
+    ├── UpstreamRejected              4xx     as the upstream said (the client's error)
     ├── NoHealthyWorker               503     service_unavailable
     ├── UpstreamFailed                502     upstream_error
-    └── DeadlineExceeded              504     timeout
+    ├── DeadlineExceeded              504     timeout
+    └── UpstreamTimeout               504     timeout (code upstream_timeout)
+
+Messages never carry worker names, URLs or upstream bodies (those go to the log); an upstream's
+own client error is relayed with its message, which is about the request.
 
 Backend errors (``backends.errors``) are translated into these by the dispatcher.
 """
@@ -25,10 +30,12 @@ class GatewayError(Exception):
     type = "internal_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if code is not None:
+            self.code = code
 
     def headers(self) -> dict[str, str]:
         """Extra response headers this error carries."""
@@ -90,3 +97,29 @@ class DeadlineExceeded(GatewayError):
     status = 504
     type = "timeout"
     code = "deadline_exceeded"
+
+
+class UpstreamRejected(GatewayError):
+    """The upstream refused the request (a 4xx): its status and envelope, relayed."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+        self.type = type
+        self.code = code
+
+
+class UpstreamTimeout(GatewayError):
+    """A worker went silent past the leg's timeout while making no progress at all."""
+
+    status = 504
+    type = "timeout"
+    code = "upstream_timeout"

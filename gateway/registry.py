@@ -34,6 +34,9 @@ class Worker:
     breaker: CircuitBreaker
     in_flight: int = 0
     draining: bool = False
+    # When it last produced something (a chunk, a prefill) for any leg: clock seconds. A
+    # worker still producing for some request is busy, not stalled (see gateway.dispatch).
+    last_progress: float = float("-inf")
     id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -41,6 +44,10 @@ class Worker:
 
     def available(self) -> bool:
         return not self.draining and self.breaker.available() and self.backend.healthy()
+
+    def progressing(self, now: float, within_s: float) -> bool:
+        """Whether it produced something for any leg in the last ``within_s`` seconds."""
+        return now - self.last_progress < within_s
 
     def estimate_prefill_s(self, prompt_tokens: int) -> float | None:
         return self.backend.estimate_prefill_s(prompt_tokens)

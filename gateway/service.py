@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, replace
@@ -79,7 +80,7 @@ class Gateway:
     started: int
     auth: Authenticator
     redis: aioredis.Redis | None = None
-    factory: BackendFactory | None = None  # builds workers added at run time (admin API)
+    workers: WorkerBuilder | None = None  # builds workers added at run time (admin API)
     health: HealthChecker | None = None
 
     async def start(self) -> None:
@@ -96,6 +97,50 @@ class Gateway:
         await _bounded(self.registry.close(), "workers and state store")
         if self.redis is not None:
             await _bounded(self.redis.aclose(), "Redis client")
+
+    async def add_workers(
+        self, model: str, role: str, spec: EmulatedWorker | HttpWorker
+    ) -> list[Worker]:
+        """``spec.replicas`` new workers in a pool, built as at start-up (see
+        :class:`WorkerBuilder`), started, then put in rotation together with the model's
+        context limit recomputed, so no request sees one without the other."""
+        if self.workers is None:
+            raise RuntimeError("this gateway cannot build workers at run time")
+        config = self.settings.model(model)
+        if config is None:
+            raise KeyError(model)
+        pool = self.registry.pool(model, role)
+        taken = {w.name for w in pool.workers}
+        new: list[Worker] = []
+        try:
+            for _ in range(spec.replicas):
+                name = free_name(taken, len(pool.workers) + len(new), spec.id or role)
+                taken.add(name)
+                new.append(self.workers.build(name, config, role, spec))
+                await new[-1].backend.start()
+        except BaseException:
+            for w in new:
+                await w.backend.close()
+            raise
+        for w in new:
+            pool.add(w)
+        self.registry.store.register_workers(w.id for w in new)
+        self._update_context(config)
+        return new
+
+    async def remove_worker(self, pool: Pool, worker: Worker) -> None:
+        """Take a (drained) worker out of its pool and close it."""
+        if worker in pool.workers:
+            pool.remove(worker)
+            config = self.settings.model(pool.model)
+            if config is not None:
+                self._update_context(config)
+            await worker.backend.close()
+
+    def _update_context(self, config: ModelConfig) -> None:
+        served = self.models.get(config.name)
+        if served is not None:
+            served.max_context = _max_context(config, self.catalog, self.registry)
 
     def unready_pools(self) -> list[str]:
         """Pools the serving modes need that have no available worker."""
@@ -141,14 +186,14 @@ def build_gateway(
     redis = _redis(settings) if store is None else None
     if store is None:
         store = _store(settings, redis)
-    make_backend = backend_factory or WorkerFactory(catalog, clock)
+    builder = WorkerBuilder(catalog, clock, store, backend_factory or WorkerFactory(catalog, clock))
 
     registry = WorkerRegistry(store)
     deps = FlowDeps(registry, metrics, clock)
     models: dict[str, ServedModel] = {}
     for m in settings.models:
         for role, pool_cfg in m.pools.items():
-            pool = _build_pool(m, role, pool_cfg, catalog, store, clock, make_backend)
+            pool = _build_pool(m, role, pool_cfg, store, builder)
             pool.limiter.retry_after_s = settings.admission.retry_after_s
             registry.add_pool(pool)
         route = Route(m.name, m.mode, FLOWS[m.mode](m, deps), m)
@@ -174,7 +219,7 @@ def build_gateway(
         int(time.time()),
         _authenticator(settings, redis),
         redis,
-        make_backend,
+        builder,
         HealthChecker(registry, settings.health_checks),
     )
     metrics.watch(gateway.worker_states, gateway.pool_queues, store.status)
@@ -239,33 +284,52 @@ def _max_context(m: ModelConfig, catalog: Catalog, registry: WorkerRegistry) -> 
 
 
 def _build_pool(
-    m: ModelConfig,
-    role: str,
-    cfg: PoolConfig,
-    catalog: Catalog,
-    store: StateStore,
-    clock: Clock,
-    make_backend: BackendFactory,
+    m: ModelConfig, role: str, cfg: PoolConfig, store: StateStore, builder: WorkerBuilder
 ) -> Pool:
     policy = make_policy(cfg.policy, PolicyDeps(store, cfg.policy_options))
     limiter = Limiter(f"{m.name}/{role}", max_active=cfg.max_in_flight, max_queue=cfg.max_queue)
     pool = Pool(m.name, role, policy, limiter, cfg.policy)
-    link = replace(catalog.link(cfg.kv_link), layerwise=cfg.kv_layerwise)
-    index = 0
+    taken: set[str] = set()
     for spec in cfg.workers:
         for _ in range(spec.replicas):
-            name = f"{spec.id or role}-{index}"
-            worker_id = f"{m.name}/{name}"
-            breaker = CircuitBreaker(
-                clock,
-                failure_threshold=m.circuit.failure_threshold,
-                cooldown_s=m.circuit.cooldown_s,
-                on_open=partial(store.set_circuit_open, worker_id),
-                opened_elsewhere=partial(store.circuit_open, worker_id),
-            )
-            pool.add(Worker(name, m.name, role, make_backend(name, spec, m, link), breaker))
-            index += 1
+            name = free_name(taken, len(pool.workers), spec.id or role)
+            taken.add(name)
+            pool.add(builder.build(name, m, role, spec))
     return pool
+
+
+def free_name(taken: set[str], index: int, prefix: str) -> str:
+    """``prefix-index``, the index raised past names already in the pool."""
+    while f"{prefix}-{index}" in taken:
+        index += 1
+    return f"{prefix}-{index}"
+
+
+@dataclass(frozen=True)
+class WorkerBuilder:
+    """Assembles a worker the one way, for the config's pools at start-up and for
+    ``POST /admin/workers`` at run time: its backend from the factory, over the pool's KV link,
+    and a circuit breaker that publishes to and follows the shared state store."""
+
+    catalog: Catalog
+    clock: Clock
+    store: StateStore
+    factory: BackendFactory
+
+    def build(
+        self, name: str, m: ModelConfig, role: str, spec: EmulatedWorker | HttpWorker
+    ) -> Worker:
+        pool = m.pools[role]  # type: ignore[index]
+        link = replace(self.catalog.link(pool.kv_link), layerwise=pool.kv_layerwise)
+        worker_id = f"{m.name}/{name}"
+        breaker = CircuitBreaker(
+            self.clock,
+            failure_threshold=m.circuit.failure_threshold,
+            cooldown_s=m.circuit.cooldown_s,
+            on_open=partial(self.store.set_circuit_open, worker_id),
+            opened_elsewhere=partial(self.store.circuit_open, worker_id),
+        )
+        return Worker(name, m.name, role, self.factory(name, spec, m, link), breaker)
 
 
 class WorkerFactory:
@@ -290,6 +354,7 @@ def http_backend(name: str, spec: HttpWorker) -> HttpBackend:
         read_timeout_s=spec.read_timeout_s,
         served_model_name=spec.served_model_name,
         usage_per_chunk=spec.usage_per_chunk,
+        control_token=os.environ.get(spec.control_token_env) or None,
     )
     return HttpBackend(
         name, spec.url, spec.protocol, bootstrap_port=spec.bootstrap_port, options=options

@@ -114,6 +114,11 @@ class HttpWorker(_Strict):
     served_model_name: str | None = Field(
         None, description="the model name the upstream serves (default: the name clients send)"
     )
+    control_token_env: str = Field(
+        "PDGATE_CONTROL_TOKEN",
+        description="environment variable with the upstream's control-plane token (pdgate "
+        "backend's KV release); unset: none sent",
+    )
     usage_per_chunk: bool = Field(
         True,
         description="ask streams for usage on every event (continuous_usage_stats): exact "
@@ -178,11 +183,20 @@ class CircuitConfig(_Strict):
     cooldown_s: float = Field(10.0, gt=0, description="open this long, then one probe")
 
 
+# The one default SLO, behind the gateway's goodput metrics, `pdgate simulate` and
+# `pdgate report`: MLPerf Inference's server-scenario latency limits for Llama 3.1 8B, the
+# embedded config's model (TTFT 2 s, TPOT 100 ms at p99; mlcommons/inference
+# loadgen/mlperf.conf, llama3_1-8b Server, 2025). Larger models have looser limits there
+# (Llama 2 70B: TPOT 200 ms): set ``slo`` per model, or pass --slo-tpot.
+SLO_TTFT_S = 2.0
+SLO_TPOT_S = 0.1
+
+
 class SloConfig(_Strict):
     """Latency targets; requests meeting both count as goodput (MLPerf's server limits)."""
 
-    ttft_s: float = Field(2.0, gt=0)
-    tpot_s: float = Field(0.1, gt=0)
+    ttft_s: float = Field(SLO_TTFT_S, gt=0)
+    tpot_s: float = Field(SLO_TPOT_S, gt=0)
 
 
 class ConditionalConfig(_Strict):
@@ -249,6 +263,20 @@ class ServerConfig(_Strict):
         "text", description="json: one JSON object per line, with the request id"
     )
     access_log: bool = False
+    public_metrics: bool | None = Field(
+        None,
+        description="serve /metrics without an API key (default: yes unless auth.api_keys is "
+        "on; closed, Prometheus scrapes with any client key as its bearer token)",
+    )
+    public_docs: bool | None = Field(
+        None, description="serve /docs and /openapi.json (default: yes unless auth is on)"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must arrive within this (slowloris)"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request's body must arrive within this after its headers"
+    )
 
 
 class StateConfig(_Strict):
@@ -297,6 +325,9 @@ class AdminConfig(_Strict):
     drain_timeout_s: float = Field(
         60.0, gt=0, description="DELETE waits this long for in-flight legs to finish"
     )
+    max_new_workers: int = Field(
+        64, gt=0, description="the most workers one POST /admin/workers may add"
+    )
 
 
 class HealthCheckConfig(_Strict):
@@ -330,6 +361,16 @@ class Settings(_Strict):
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {dupes}")
         return self
+
+    @property
+    def metrics_public(self) -> bool:
+        public = self.server.public_metrics
+        return not self.auth.enabled if public is None else public
+
+    @property
+    def docs_public(self) -> bool:
+        public = self.server.public_docs
+        return not self.auth.enabled if public is None else public
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)

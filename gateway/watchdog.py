@@ -22,6 +22,10 @@ Example::
                 idle.done()
             ...
 
+A wait that outlasts its limit while ``busy(limit)`` says the worker behind the stream is still
+producing for others is not failed: the timer re-arms for another ``limit`` (a queued request on
+a busy worker waits; a stalled worker's does not).
+
 Cancellation follows ``asyncio.timeout``: the task is cancelled, and :meth:`expired` takes
 that request back (``Task.uncancel``) only when it was the timeout's alone, so a client
 disconnect or an outer deadline arriving at the same moment still cancels the task.
@@ -30,6 +34,7 @@ disconnect or an outer deadline arriving at the same moment still cancels the ta
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -38,7 +43,8 @@ class IdleTimeout:
     """Fails a wait that lasts longer than its limit (see the module docstring); the waits
     are those of the task that created it."""
 
-    def __init__(self) -> None:
+    def __init__(self, busy: Callable[[float], bool] | None = None) -> None:
+        self._busy = busy  # busy(limit_s): the worker produced something within limit_s
         self._loop = asyncio.get_running_loop()
         task = asyncio.current_task(self._loop)
         assert task is not None, "IdleTimeout outside a task"
@@ -92,8 +98,12 @@ class IdleTimeout:
         if self._since is None:
             return  # between waits; the next wait arms the timer again
         due = self._since + self._limit
-        if self._loop.time() < due:
+        now = self._loop.time()
+        if now < due:
             self._handle = self._loop.call_at(due, self._check)
+            return
+        if self._busy is not None and self._busy(self._limit):
+            self._handle = self._loop.call_at(now + self._limit, self._check)
             return
         self._fired = True
         self._task.cancel()

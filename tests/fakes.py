@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from backends.base import (
     BackendLoad,
@@ -73,6 +74,9 @@ class FakeBackend:
             waiting_tokens=self.waiting_tokens,
             max_running=self.max_running,
         )
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "fake"}
 
     def capacity_tokens(self) -> int | None:
         return self.kv_capacity_tokens

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from typing import Any
 
 from backends.base import (
     BackendLoad,
@@ -98,6 +99,10 @@ class EmulatedBackend:
             waiting_tokens=sum(s.missing for s in e.waiting),
             max_running=e.max_num_seqs,
         )
+
+    def describe(self) -> dict[str, Any]:
+        d = self.deployment
+        return {"type": "emulated", "device": d.device.name, "count": d.count, "tp": d.tp}
 
     def capacity_tokens(self) -> int:
         return self.engine.total_blocks * self.engine.block_size

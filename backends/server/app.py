@@ -17,8 +17,9 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import orjson
@@ -36,6 +37,7 @@ from backends.server.config import InstanceConfig
 from backends.server.instance import Instance, Leg, ServerError
 from backends.server.metrics import CONTENT_TYPE
 from backends.wire.render import DONE, WireFormat, error_envelope
+from backends.wire.requests import ContextLengthExceeded, generation_params
 from backends.wire.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("pdgate.backend")
@@ -64,9 +66,9 @@ def create_backend_app(config: InstanceConfig, catalog: Catalog | None = None) -
         Route("/v1/completions/render", _render_completions, methods=["POST"]),
         Route("/v1/models", _models, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
-        Route("/admin/faults", _faults, methods=["GET", "POST"]),
-        Route("/pdgate/kv/pull", _kv_pull, methods=["POST"]),
-        Route("/pdgate/kv/release", _kv_release, methods=["POST"]),
+        Route("/admin/faults", _control(_faults), methods=["GET", "POST"]),
+        Route("/pdgate/kv/pull", _control(_kv_pull), methods=["POST"]),
+        Route("/pdgate/kv/release", _control(_kv_release), methods=["POST"]),
         Route("/get_server_info", _server_info, methods=["GET"]),
         Route("/server_info", _server_info, methods=["GET"]),
         Route("/get_model_info", _model_info, methods=["GET"]),
@@ -74,12 +76,33 @@ def create_backend_app(config: InstanceConfig, catalog: Catalog | None = None) -
         Route("/get_load", _load, methods=["GET"]),
         Route("/get_loads", _loads, methods=["GET"]),
         Route("/version", _version, methods=["GET"]),
-        Route("/flush_cache", _ok, methods=["GET", "POST"]),
-        Route("/reset_prefix_cache", _ok, methods=["POST"]),
+        Route("/flush_cache", _control(_ok), methods=["GET", "POST"]),
+        Route("/reset_prefix_cache", _control(_ok), methods=["POST"]),
     ]
     for path in ("/health", "/health_generate", "/liveness", "/readiness", "/ping"):
         routes.append(Route(path, _health, methods=["GET", "POST"]))
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _control(handler: Handler) -> Handler:
+    """A control-plane route: the shared token, or 403 (see ``InstanceConfig``)."""
+
+    async def guarded(request: Request) -> Response:
+        if not _instance(request).control_allowed(request.headers.get("authorization")):
+            return _error(
+                ServerError(
+                    403,
+                    "the control plane needs the shared token (Authorization: Bearer ...)",
+                    "permission_error",
+                    "control_token_required",
+                )
+            )
+        return await handler(request)
+
+    return guarded
 
 
 def _instance(request: Request) -> Instance:
@@ -171,29 +194,26 @@ def _params(inst: Instance, request: Request, api: str, data: dict[str, Any]) ->
         raise ServerError(
             404, f"The model `{body.model}` does not exist.", "NotFoundError", "model_not_found"
         )
-    max_tokens = body.requested_max_tokens() or c.default_max_tokens
-    if prompt + max_tokens > inst.max_context:
+    request_id = request.headers.get("x-request-id") or secrets.token_hex(12)
+    try:
+        return generation_params(
+            body,
+            data,
+            prompt_tokens=prompt,
+            request_id=request_id,
+            model=c.model,
+            default_max_tokens=c.default_max_tokens,
+            max_context=inst.max_context,
+            seed=partial(inst.rng.getrandbits, 63),
+        )
+    except ContextLengthExceeded as exc:
         raise ServerError(
             400,
-            f"This model's maximum context length is {inst.max_context} tokens. However, you "
-            f"requested {prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} in "
-            "the completion).",
+            f"This model's maximum context length is {exc.limit} tokens. However, you "
+            f"requested {exc.prompt_tokens + exc.max_tokens} tokens ({exc.prompt_tokens} in the "
+            f"messages, {exc.max_tokens} in the completion).",
             "BadRequestError",
-        )
-    request_id = request.headers.get("x-request-id") or secrets.token_hex(12)
-    return GenerationParams(
-        request_id=request_id,
-        model=c.model,
-        api="chat" if api == "chat" else "completions",
-        prompt_tokens=prompt,
-        max_tokens=max_tokens,
-        seed=body.seed if body.seed is not None else inst.rng.getrandbits(63),
-        stop=body.stop_list(),
-        min_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos,
-        sampling=body.sampling(),
-        body=data,
-    )
+        ) from exc
 
 
 class _Run:
@@ -436,8 +456,18 @@ async def _ok(request: Request) -> Response:
 
 
 async def _faults(request: Request) -> Response:
-    """``GET`` the injected faults; ``POST {"fail_rate": 0.1, ...}`` changes them."""
+    """``GET`` the injected faults; ``POST {"fail_rate": 0.1, ...}`` changes them. Off (403)
+    unless the instance was started with ``--enable-faults`` or a fault flag."""
     inst = _instance(request)
+    if not inst.config.enable_faults:
+        return _error(
+            ServerError(
+                403,
+                "fault injection is off: start pdgate backend with --enable-faults",
+                "permission_error",
+                "faults_disabled",
+            )
+        )
     if request.method == "POST":
         try:
             data = await _read_json(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from backends.emulator.catalog import Catalog, EngineKnobs
@@ -39,11 +40,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--fail-after-tokens", type=int, help="streams break after N tokens")
     a("--hang-after-tokens", type=int, help="streams hang after N tokens")
     a("--slowdown", type=float, default=1.0, help="emulated device runs X times slower")
+    a(
+        "--enable-faults",
+        action="store_true",
+        help="let POST /admin/faults inject faults (implied by any fault flag above)",
+    )
+    a(
+        "--control-token-env",
+        default="PDGATE_CONTROL_TOKEN",
+        help="environment variable holding the control plane's shared token",
+    )
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def config_from_args(args: argparse.Namespace) -> InstanceConfig:
     faults = Faults()
+    injected = (
+        args.fail_rate != 0.0
+        or args.fail_after_tokens is not None
+        or args.hang_after_tokens is not None
+        or args.slowdown != 1.0
+    )
     faults.update(
         {
             "fail_rate": args.fail_rate,
@@ -86,6 +103,8 @@ def config_from_args(args: argparse.Namespace) -> InstanceConfig:
             ),
         ),
         faults=faults,
+        enable_faults=bool(args.enable_faults or injected),
+        control_token=os.environ.get(args.control_token_env) or None,
     )
 
 

@@ -57,7 +57,14 @@ class Faults:
 
 @dataclass
 class InstanceConfig:
-    """Flags of ``pdgate backend``, with their defaults."""
+    """Flags of ``pdgate backend``, with their defaults.
+
+    The control plane (``/admin/faults``, ``/pdgate/kv/pull``, ``/pdgate/kv/release``, the
+    bootstrap rooms, ``/flush_cache``, ``/reset_prefix_cache``) needs ``Authorization: Bearer
+    <control_token>``. Without a token it is open on a loopback bind and closed (403) on any
+    other, so a pod listening on 0.0.0.0 never lets a neighbour inject faults or free another
+    request's KV. Instances of one deployment share the token (decode pulls KV from prefill).
+    """
 
     device: str
     model: str
@@ -79,6 +86,13 @@ class InstanceConfig:
     tokenizer: str | None = None
     engine: EngineKnobs = field(default_factory=EngineKnobs)
     faults: Faults = field(default_factory=Faults)
+    enable_faults: bool = False  # /admin/faults answers 403 unless on
+    control_token: str | None = None  # the control plane's shared bearer token
+
+    @property
+    def loopback(self) -> bool:
+        """Whether it listens on the loopback interface only."""
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
 
     @property
     def name(self) -> str:

@@ -20,6 +20,7 @@ the KV lands.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import random
 import secrets
@@ -89,7 +90,7 @@ class Instance:
         self.held = HeldKV(c.kv_lease_s)
         self.rooms = Rooms(c.kv_lease_s)
         self.metrics = BackendMetrics(c.name, self.backend.load)
-        self.peers = PeerClient()
+        self.peers = PeerClient(c.control_token)
         self.rng = random.Random(c.seed)
         self.faults = c.faults
         self.max_context = min(
@@ -104,9 +105,20 @@ class Instance:
         if self.config.bootstrap_port is not None:
             self._bootstrap = BootstrapServer(
                 self.rooms, self.config.host, self.config.bootstrap_port,
-                self.config.rendezvous_timeout_s,
+                self.config.rendezvous_timeout_s, self.control_allowed,
             )  # fmt: skip
             await self._bootstrap.start()
+
+    def control_allowed(self, authorization: str | None) -> bool:
+        """Whether a control-plane call with this ``Authorization`` header may proceed (see
+        :class:`~backends.server.config.InstanceConfig`)."""
+        token = self.config.control_token
+        if token is None:
+            return self.config.loopback
+        scheme, _, given = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        )
 
     async def close(self) -> None:
         self.held.release_all()

@@ -1,7 +1,7 @@
 """Real upstreams as :class:`~backends.base.Backend`: vLLM (NIXL), SGLang (bootstrap), OpenAI.
 
 One :class:`HttpBackend` is one upstream server. Its ``protocol`` says how a disaggregated
-request's two legs talk to it (design.md §4):
+request's two legs talk to it (see docs/architecture.md, "P/D protocols"):
 
 * ``vllm-nixl`` — sequential. The prefill leg is the request with ``max_tokens=1``,
   ``stream=false`` and ``kv_transfer_params={"do_remote_decode": true}``; the
@@ -21,7 +21,7 @@ vLLM's ``continuous_usage_stats``, reconciled with the final ``usage``).
 The client is :mod:`backends.upstream.httpclient`: keep-alive pools over asyncio protocols and
 httptools, with TCP_NODELAY (asyncio and uvloop set it on every TCP transport). It costs less
 than half the CPU of aiohttp per request, and httpx's default transport collapses under
-concurrency (encode/httpx#3215); figures in the README. Its errors never leave this module:
+concurrency (encode/httpx#3215); figures in docs/performance.md. Its errors never leave this module:
 they become :mod:`backends.errors`.
 
 Example::
@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,8 +54,22 @@ from backends.base import (
     TokenChunk,
     nothing_to_release,
 )
-from backends.errors import BackendUnavailable, LegFailed
+from backends.errors import (
+    BackendError,
+    BackendOverloaded,
+    BackendUnavailable,
+    LegFailed,
+    UpstreamRejected,
+)
 from backends.upstream.httpclient import ConnectError, HttpPool, Response, UpstreamError
+from backends.wire.parse import (
+    StreamParser,
+    body_usage,
+    message,
+    relayed_choice,
+    snippet,
+    upstream_body,
+)
 
 Protocol = Literal["vllm-nixl", "sglang-bootstrap", "openai"]
 PROTOCOLS: tuple[Protocol, ...] = ("vllm-nixl", "sglang-bootstrap", "openai")
@@ -77,6 +91,7 @@ class HttpOptions:
     # tokens per chunk when an event carries several (speculative decoding, a stream interval
     # above 1). Off, an event with text counts one token and the final usage settles the total.
     usage_per_chunk: bool = True
+    control_token: str | None = None  # pdgate backend's control plane (KV release)
 
 
 class HttpBackend:
@@ -136,6 +151,9 @@ class HttpBackend:
         except (UpstreamError, TimeoutError, BackendUnavailable):
             return False
 
+    def describe(self) -> dict[str, Any]:
+        return {"type": "http", "url": self.url, "protocol": self.protocol}
+
     def load(self) -> BackendLoad:
         return BackendLoad()
 
@@ -158,12 +176,16 @@ class HttpBackend:
         if self.protocol == "openai":
             raise BackendUnavailable(f"{self.name}: protocol 'openai' is aggregated only")
         if self.protocol == "sglang-bootstrap":
-            body = _body(params, stream=True, continuous=self._continuous, **kv.params["bootstrap"])
+            body = upstream_body(
+                params, stream=True, continuous=self._continuous, **kv.params["bootstrap"]
+            )
             task: asyncio.Task[dict[str, Any]] = kv.params["prefill"]
             stream = self._stream(params, body, prompt_usage=lambda: _task_usage(task))
             return _fail_with(task, stream, self.name)
         ktp = kv.params.get("ktp")
-        body = _body(params, stream=True, continuous=self._continuous, kv_transfer_params=ktp)
+        body = upstream_body(
+            params, stream=True, continuous=self._continuous, kv_transfer_params=ktp
+        )
         prior = kv.params.get("usage")
         counted = prior if isinstance(prior, ReportedUsage) else None
 
@@ -175,16 +197,16 @@ class HttpBackend:
         return self._stream(params, body, prompt_usage=lambda: counted, on_first=pulled)
 
     def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
-        return self._stream(params, _body(params, stream=True, continuous=self._continuous))
+        return self._stream(params, upstream_body(params, stream=True, continuous=self._continuous))
 
     async def _vllm_prefill(self, params: GenerationParams) -> PrefillResult:
         started = time.monotonic()
         if params.max_tokens <= 1:  # nothing to decode: one ordinary request
-            data = await self._post(params, _body(params, stream=False))
-            text, finish = _message(data)
+            data = await self._post(params, upstream_body(params, stream=False))
+            text, finish = message(data)
             stats = LegStats(compute_s=time.monotonic() - started)
-            usage = _usage(data)
-            chunk = TokenChunk(text, 1, finish or "length", stats, usage)
+            usage = body_usage(data)
+            chunk = TokenChunk(text, 1, finish or "length", stats, usage, relayed_choice(data))
             kv = KVHandle(self.name, params.prompt_tokens, 0.0, 0, None, text)
             return PrefillResult(chunk, kv, stats)
         ktp = {
@@ -195,10 +217,10 @@ class HttpBackend:
             "remote_host": None,
             "remote_port": None,
         }
-        body = _body(params, stream=False, max_tokens=1, kv_transfer_params=ktp)
+        body = upstream_body(params, stream=False, max_tokens=1, kv_transfer_params=ktp)
         data = await self._post(params, body)
         answered = data.get("kv_transfer_params")
-        usage = _usage(data)
+        usage = body_usage(data)
         stats = LegStats(compute_s=time.monotonic() - started)
         blocks = answered.get("remote_block_ids") if isinstance(answered, dict) else None
         held = answered.get("remote_request_id") if isinstance(answered, dict) else None
@@ -229,7 +251,9 @@ class HttpBackend:
         task.add_done_callback(self._releases.discard)
 
     async def _post_release(self, body: bytes) -> None:
-        headers = (("Content-Type", "application/json"),)
+        headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+        if self.options.control_token:
+            headers += (("Authorization", f"Bearer {self.options.control_token}"),)
         try:
             async with await self._http().request(
                 "POST", "/pdgate/kv/release", body, headers, timeout_s=5.0
@@ -246,7 +270,7 @@ class HttpBackend:
             "bootstrap_port": self.bootstrap_port,
             "bootstrap_room": secrets.randbits(63),
         }
-        body = _body(params, stream=False, **fields)
+        body = upstream_body(params, stream=False, **fields)
         task = asyncio.get_running_loop().create_task(self._post(params, body))
         task.add_done_callback(_consume)
 
@@ -295,7 +319,7 @@ class HttpBackend:
             except UpstreamError as exc:
                 raise self._error(exc) from exc
             if resp.status >= 400:
-                raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
+                raise status_error(self.name, resp.status, raw)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -324,9 +348,8 @@ class HttpBackend:
         async with await self._send(params, body) as resp:
             try:
                 if resp.status >= 400:
-                    raw = await resp.read()
-                    raise LegFailed(f"{self.name}: upstream answered {resp.status}: {_text(raw)}")
-                parser = _StreamState(self.name)
+                    raise status_error(self.name, resp.status, await resp.read())
+                parser = StreamParser(self.name)
                 ended = False
                 while not ended:
                     data = await resp.readany()
@@ -354,133 +377,18 @@ class HttpBackend:
             yield last
 
 
-class _StreamState:
-    """Turns SSE bytes into chunks, counting tokens from running or final usage.
-
-    :meth:`feed` takes whatever was read and returns one chunk with the text of every complete
-    ``data:`` line in it (None if none had text). An error event or an unreadable one ends
-    the stream: the text before it is still returned, and :attr:`failure` is set to raise
-    next, so tokens already produced are delivered (and a leg that produced some is never
-    retried)."""
-
-    __slots__ = ("counted", "done", "failure", "finish", "name", "partial", "usage")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.partial = b""  # an incomplete last line, waiting for the next read
-        self.counted = 0
-        self.finish: str | None = None
-        self.usage: dict[str, Any] | None = None
-        self.done = False  # [DONE] seen
-        self.failure: LegFailed | None = None
-
-    def feed(self, data: bytes) -> TokenChunk | None:
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        text: list[str] = []
-        tokens = 0
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                self.done = True
-                break
-            try:
-                part, n = self._event(payload)
-            except LegFailed as exc:
-                self.failure = exc
-                break
-            if part:
-                text.append(part)
-                tokens += n
-        return TokenChunk("".join(text), tokens) if text else None
-
-    def _event(self, payload: bytes) -> tuple[str, int]:
-        """One event's text and the tokens it carries."""
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise LegFailed(f"{self.name}: invalid SSE event: {_text(payload)}") from exc
-        if not isinstance(obj, dict):
-            return "", 0
-        if "error" in obj:
-            error = _text(orjson.dumps(obj["error"]))
-            raise LegFailed(f"{self.name}: upstream stream failed: {error}")
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-        text = ""
-        for choice in obj.get("choices") or ():
-            delta = choice.get("delta")
-            part = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            text += part or ""
-            self.finish = choice.get("finish_reason") or self.finish
-        if not text:
-            return "", 0
-        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            tokens = usage["completion_tokens"] - self.counted
-        else:
-            tokens = 1
-        self.counted += tokens
-        return text, tokens
-
-    def last(self, stats: LegStats) -> TokenChunk:
-        usage = self.usage or {}
-        total = usage.get("completion_tokens")
-        extra = total - self.counted if isinstance(total, int) and total > self.counted else 0
-        prompt = usage.get("prompt_tokens")
-        reported = None
-        if isinstance(prompt, int):
-            details = usage.get("prompt_tokens_details")
-            cached = details.get("cached_tokens") if isinstance(details, dict) else None
-            reported = ReportedUsage(prompt, cached if isinstance(cached, int) else None)
-        return TokenChunk("", extra, self.finish or "length", stats, reported)
-
-
-def _body(
-    params: GenerationParams, *, stream: bool, continuous: bool = False, **fields: Any
-) -> dict[str, Any]:
-    """The client's body for an upstream leg: explicit ``max_tokens``, our stream options."""
-    body = dict(params.body)
-    body.pop("max_completion_tokens", None)
-    body["max_tokens"] = params.max_tokens
-    body["stream"] = stream
-    if stream:
-        options: dict[str, Any] = {"include_usage": True}
-        if continuous:
-            options["continuous_usage_stats"] = True
-        body["stream_options"] = options
-    else:
-        body.pop("stream_options", None)
-    body.update(fields)
-    return body
-
-
-def _message(data: Mapping[str, Any]) -> tuple[str, str | None]:
-    choices = data.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message")
-    text = message.get("content") if isinstance(message, dict) else choice.get("text")
-    return (text or ""), choice.get("finish_reason")
-
-
-def _usage(data: Mapping[str, Any]) -> ReportedUsage | None:
-    usage = data.get("usage")
-    if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
-        return None
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return ReportedUsage(usage["prompt_tokens"], cached if isinstance(cached, int) else None)
-
-
 def _with_usage(chunk: TokenChunk, prompt: ReportedUsage) -> TokenChunk:
-    return TokenChunk(chunk.text, chunk.tokens, chunk.finish_reason, chunk.stats, prompt)
+    """The last chunk with the prompt counted as ``prompt`` says (the prefill server's count),
+    keeping the decode server's usage details (what it generated)."""
+    own = chunk.usage.details if chunk.usage is not None else None
+    details = {**(prompt.details or {}), **(own or {})} or None
+    usage = ReportedUsage(prompt.prompt_tokens, prompt.cached_tokens, details)
+    return TokenChunk(chunk.text, chunk.tokens, chunk.finish_reason, chunk.stats, usage)
 
 
 def _task_usage(task: asyncio.Task[dict[str, Any]]) -> ReportedUsage | None:
     if task.done() and not task.cancelled() and task.exception() is None:
-        return _usage(task.result())
+        return body_usage(task.result())
     return None
 
 
@@ -500,19 +408,70 @@ async def _fail_with(
             if task.done() and (task.cancelled() or task.exception() is not None):
                 step.cancel()
                 await asyncio.gather(step, return_exceptions=True)
-                cause = None if task.cancelled() else task.exception()
-                raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
+                raise _prefill_failure(task, name)
             try:
                 chunk = await step
             except StopAsyncIteration:
                 return
             yield chunk
         if task.cancelled() or task.exception() is not None:
-            cause = None if task.cancelled() else task.exception()
-            raise LegFailed(f"{name}: the prefill leg failed: {cause}") from cause
+            raise _prefill_failure(task, name)
         async for chunk in stream:
             yield chunk
 
 
-def _text(raw: bytes, limit: int = 300) -> str:
-    return raw[:limit].decode("utf-8", "replace")
+def _prefill_failure(task: asyncio.Task[dict[str, Any]], name: str) -> BackendError:
+    """Why the concurrent prefill leg failed: a client error as it was, anything else as the
+    decode leg's failure."""
+    cause = None if task.cancelled() else task.exception()
+    if isinstance(cause, UpstreamRejected):
+        return cause
+    error = LegFailed(f"{name}: the prefill leg failed: {cause}")
+    error.__cause__ = cause
+    return error
+
+
+# 4xx an upstream answers that are not about the request: load (408, 429), or the gateway's
+# own configuration (401/403: credentials; 404: path or served model name).
+_NOT_THE_CLIENTS = frozenset({401, 403, 404, 408, 429})
+
+
+def status_error(name: str, status: int, raw: bytes) -> BackendError:
+    """The backend error for an upstream's error answer.
+
+    A 4xx is the request's fault (:class:`UpstreamRejected`, its envelope kept for the client),
+    except those in ``_NOT_THE_CLIENTS``; 429, or a 503 whose envelope says ``overloaded``, is
+    a busy worker (:class:`BackendOverloaded`); any other status is the worker's failure
+    (:class:`LegFailed`).
+    """
+    envelope = _envelope(raw)
+    if 400 <= status < 500 and status not in _NOT_THE_CLIENTS:
+        message = envelope.get("message")
+        return UpstreamRejected(
+            status,
+            message if isinstance(message, str) else f"the upstream refused the request ({status})",
+            type=str(envelope.get("type") or "invalid_request_error"),
+            param=_str_or_none(envelope.get("param")),
+            code=_str_or_none(envelope.get("code")),
+        )
+    if status == 429 or (status == 503 and envelope.get("code") == "overloaded"):
+        return BackendOverloaded(f"{name}: upstream answered {status}: {snippet(raw)}")
+    return LegFailed(f"{name}: upstream answered {status}: {snippet(raw)}")
+
+
+def _envelope(raw: bytes) -> dict[str, Any]:
+    """The ``error`` object of an OpenAI error body (empty if the body is not one)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return error
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return data  # FastAPI/SGLang style: the fields at the top level
+    return {}
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)

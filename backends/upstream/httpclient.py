@@ -5,7 +5,7 @@ It exists for CPU, the gateway's scarcest resource: every client request costs t
 requests, and aiohttp's client spends about 300 µs of CPU on each on the reference 2-core
 machine (request and response objects, header multidicts, a writer task, timer handles,
 stream readers) where this one spends under 100 µs, so the gateway's whole CPU per request
-dropped by about a quarter (README, "Performance"). It does only what the legs need:
+dropped by about a quarter (docs/performance.md). It does only what the legs need:
 
 * ``http://`` and ``https://`` to one host, HTTP/1.1 keep-alive, request bodies in one write;
 * responses framed by ``Content-Length``, chunked, or (HTTP/1.0 style) by the connection's

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from backends.wire.relay import Accumulator, stream_event
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -26,15 +28,26 @@ def error_envelope(
     return orjson.dumps({"error": error})
 
 
-def usage_dict(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
-    """``usage``; ``prompt_tokens_details.cached_tokens`` only where it is known."""
+def usage_dict(
+    prompt: int,
+    completion: int,
+    cached: int | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``usage``; ``prompt_tokens_details.cached_tokens`` only where it is known; ``details``:
+    an upstream's other usage fields (``completion_tokens_details``...), relayed."""
     usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    if details:
+        for key, value in details.items():
+            usage.setdefault(key, value)
     if cached is not None:
-        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        prompt_details = usage.get("prompt_tokens_details")
+        merged = dict(prompt_details) if isinstance(prompt_details, dict) else {}
+        usage["prompt_tokens_details"] = {**merged, "cached_tokens": cached}
     return usage
 
 
@@ -90,6 +103,10 @@ class WireFormat:
             + b"}\n\n"
         )
 
+    def relayed(self, choice: Mapping[str, Any]) -> bytes:
+        """An upstream's rich choice as one event of this stream (:mod:`backends.wire.relay`)."""
+        return stream_event(self._head, choice, self._usage_tail)
+
     def finish(self, reason: str) -> bytes:
         empty = b'"delta":{}' if self.api == "chat" else b'"text":""'
         return (
@@ -104,12 +121,18 @@ class WireFormat:
             + b"}\n\n"
         )
 
-    def usage(self, prompt: int, completion: int, cached: int | None = None) -> bytes:
+    def usage(
+        self,
+        prompt: int,
+        completion: int,
+        cached: int | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> bytes:
         return (
             b"data: "
             + self._head
             + b',"choices":[],"usage":'
-            + orjson.dumps(usage_dict(prompt, completion, cached))
+            + orjson.dumps(usage_dict(prompt, completion, cached, details))
             + b"}\n\n"
         )
 
@@ -121,9 +144,12 @@ class WireFormat:
         completion: int,
         cached: int | None = None,
         extra: Mapping[str, Any] | None = None,
+        relayed: Accumulator | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> bytes:
         """A whole non-streaming response; ``extra`` adds top-level fields (vLLM's
-        ``kv_transfer_params``)."""
+        ``kv_transfer_params``); ``relayed`` the message and choice fields an upstream's rich
+        events carried; ``details`` its usage details."""
         choice: dict[str, Any]
         if self.api == "chat":
             choice = {
@@ -136,13 +162,20 @@ class WireFormat:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             obj = "text_completion"
+        if relayed is not None:
+            message, fields = relayed.fields()
+            if "message" in choice:
+                if not text and "tool_calls" in message:
+                    message["content"] = None  # a tool call's answer has no content
+                choice["message"].update(message)
+            choice.update(fields)
         out: dict[str, Any] = {
             "id": self.id,
             "object": obj,
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "usage": usage_dict(prompt, completion, cached),
+            "usage": usage_dict(prompt, completion, cached, details),
         }
         if extra:
             out.update(extra)

@@ -3,6 +3,10 @@
 Unknown fields are accepted and kept (``extra="allow"``): peers and SDKs add fields, and real
 upstreams may understand them. Sampling fields are validated for type and range, then passed
 through untouched.
+
+Types are strict, as OpenAI's API is: ``"max_tokens": "8"``, ``"max_tokens": true``,
+``"stream": "yes"`` and ``"prompt": [true, false]`` are 400s, not coerced (an integer is still
+a valid float).
 """
 
 from __future__ import annotations
@@ -13,12 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -74,7 +78,7 @@ class _Common(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None

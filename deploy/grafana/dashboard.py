@@ -3,8 +3,8 @@
     python deploy/grafana/dashboard.py          # rewrite dashboards/pdgate.json
     python deploy/grafana/dashboard.py --check  # exit 1 if the JSON is out of date
 
-Panels are data: a title, a one-line description (shown as the panel's tooltip and in the
-README), a unit and PromQL targets. Every query filters by the ``$model`` and ``$pool``
+Panels are data: a title, a one-line description (shown as the panel's tooltip and in
+docs/observability.md), a unit and PromQL targets. Every query filters by the ``$model`` and ``$pool``
 variables where the metric has those labels; ``$datasource`` picks the Prometheus.
 """
 
@@ -517,7 +517,7 @@ def build() -> dict[str, object]:
         "uid": "pdgate-overview",
         "title": "pdgate — disaggregated serving",
         "description": "Gateway latency, throughput, goodput, load, KV transfer, backends and "
-        "errors (see README, 'Observe it').",
+        "errors (see docs/observability.md).",
         "tags": ["pdgate", "llm-serving"],
         "timezone": "browser",
         "editable": True,

@@ -25,8 +25,6 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.responses import Response
 
 from backends.emulator.catalog import format_validation_error
-from backends.upstream.http import HttpBackend
-from gateway.circuit import CircuitBreaker
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.registry import Pool, Worker
 from gateway.service import Gateway
@@ -81,21 +79,17 @@ def _json(data: Any, status: int = 200) -> Response:
 
 def describe(worker: Worker) -> dict[str, Any]:
     backend = worker.backend
-    info: dict[str, Any] = {
+    return {
         "id": worker.id,
         "name": worker.name,
         "model": worker.model,
         "role": worker.role,
-        "type": "http" if isinstance(backend, HttpBackend) else "emulated",
+        **backend.describe(),
         "healthy": backend.healthy(),
         "available": worker.available(),
         "draining": worker.draining,
         "in_flight": worker.in_flight,
     }
-    if isinstance(backend, HttpBackend):
-        info["url"] = backend.url
-        info["protocol"] = backend.protocol
-    return info
 
 
 def _find(gw: Gateway, worker_id: str) -> tuple[Pool, Worker]:
@@ -128,38 +122,22 @@ async def add_worker(request: Request) -> Response:
         spec = _SPEC.validate_python(data.get("worker"))
     except ValidationError as exc:
         raise InvalidRequest(format_validation_error(exc, "worker"), param="worker") from exc
+    limit = gw.settings.admin.max_new_workers
+    if spec.replicas > limit:
+        raise InvalidRequest(
+            f"worker.replicas: at most {limit} workers per call (admin.max_new_workers)",
+            param="worker.replicas",
+        )
     config = gw.settings.model(model)
     if config is None or not isinstance(role, str):
         raise NotFound(f"no model '{model}'", param="model")
     problems = check_worker(spec, config, role, gw.catalog, "worker")
     if problems:
         raise InvalidRequest("; ".join(problems), param="worker")
-    if gw.factory is None:
+    if gw.workers is None:
         raise AdminDisabled("this gateway cannot build workers at run time")
-    pool = gw.registry.pool(model, role)
-    link = gw.catalog.link(config.pools[role].kv_link)  # type: ignore[index]
-    added = []
-    for _ in range(spec.replicas):
-        name = _free_name(pool, spec.id or role)
-        backend = gw.factory(name, spec, config, link)
-        await backend.start()
-        breaker = CircuitBreaker(
-            gw.clock,
-            failure_threshold=config.circuit.failure_threshold,
-            cooldown_s=config.circuit.cooldown_s,
-        )
-        worker = Worker(name, model, role, backend, breaker)
-        pool.add(worker)
-        added.append(describe(worker))
-    return _json({"workers": added}, 201)
-
-
-def _free_name(pool: Pool, prefix: str) -> str:
-    taken = {w.name for w in pool.workers}
-    index = len(pool.workers)
-    while f"{prefix}-{index}" in taken:
-        index += 1
-    return f"{prefix}-{index}"
+    added = await gw.add_workers(model, role, spec)
+    return _json({"workers": [describe(w) for w in added]}, 201)
 
 
 @router.post("/workers/{worker_id:path}/drain")
@@ -179,7 +157,5 @@ async def remove_worker(worker_id: str, request: Request) -> Response:
     while worker.in_flight > 0 and gw.clock.now() < deadline:
         await gw.clock.sleep(0.05)  # in-flight counts change in sync code: poll them
     drained = worker.in_flight == 0
-    if worker in pool.workers:
-        pool.remove(worker)
-        await worker.backend.close()
+    await gw.remove_worker(pool, worker)
     return _json({"removed": worker.id, "drained": drained})

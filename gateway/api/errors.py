@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from gateway.errors import GatewayError, InvalidRequest
@@ -46,10 +47,17 @@ def sse_error_event(exc: GatewayError) -> bytes:
 def invalid_request(exc: ValidationError | RequestValidationError) -> InvalidRequest:
     """Name the first offending field, the way OpenAI's ``param`` does."""
     first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Without "body" (FastAPI's) and the union member a value failed as ("str", "list[int]").
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(p)]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
     return InvalidRequest(f"{param}: {message}" if param else message, param=param)
+
+
+def _union_member(part: object) -> bool:
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool") or part.startswith(("list[", "dict["))
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -69,6 +77,12 @@ def install(app: FastAPI) -> None:
         err.status, err.type = exc.status_code, "invalid_request_error"
         return error_response(err)
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # Routine: the client closed the connection before its body arrived. Nobody is left
+        # to answer; one line, no traceback.
+        log.info("client disconnected before its request body arrived (%s)", request.url.path)
+        return Response(status_code=499)
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
         return error_response(GatewayError("internal error"))
@@ -77,4 +91,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, unexpected)

@@ -11,7 +11,7 @@ aborts both legs on their devices and releases every in-flight guard.
 
 Both answer as soon as the last token is in, then run the generator to its end: closing the
 legs, releasing slots, metrics and accounting happen after the client has its answer, not
-before, so no client waits for them (README, "Performance"). A failure in that tail has been
+before, so no client waits for them (docs/performance.md). A failure in that tail has been
 counted by dispatch already; the client, answered, does not see it.
 """
 

@@ -19,8 +19,10 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
-from backends.base import GenerationParams, ReportedUsage
+from backends.base import ReportedUsage
+from backends.wire.relay import Accumulator
 from backends.wire.render import DONE, WireFormat
+from backends.wire.requests import ContextLengthExceeded, generation_params
 from backends.wire.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.api.errors import invalid_request
 from gateway.api.responses import (
@@ -144,7 +146,12 @@ async def ready(request: Request) -> Response:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(_gateway(request).metrics.render(), media_type=CONTENT_TYPE)
+    """Prometheus metrics; with API keys on, only for a valid key unless
+    ``server.public_metrics`` opens them."""
+    gw = _gateway(request)
+    if not gw.settings.metrics_public:
+        gw.auth.authenticate(request.headers.get("authorization"))
+    return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
 
 
 # -- request handling ------------------------------------------------------------------------
@@ -209,33 +216,25 @@ async def _generate(
     prompt_tokens = prompt.tokens
     request_id = headers_in.get("x-request-id") or secrets.token_hex(12)
     REQUEST_ID.set(request_id)  # logs while this request is served carry its id
-    max_tokens = body.requested_max_tokens() or served.config.default_max_tokens
-    limit = served.max_context
-    if prompt_tokens + max_tokens > limit:
-        raise InvalidRequest(
-            f"this model's maximum context length is {limit} tokens; the request has "
-            f"{prompt_tokens} prompt tokens and asks for {max_tokens} more",
-            param="messages" if api == "chat" else "prompt",
-        )
     try:
-        await gw.auth.admit(prompt.key, prompt_tokens)
+        params = generation_params(
+            body,
+            _without_handshake(raw),
+            prompt_tokens=prompt_tokens,
+            request_id=request_id,
+            model=served.config.profile_name,
+            default_max_tokens=served.config.default_max_tokens,
+            max_context=served.max_context,
+            seed=partial(secrets.randbits, 63),
+            block_hashes=prompt.block_hashes,
+        )
+    except ContextLengthExceeded as exc:
+        raise InvalidRequest(str(exc), param="messages" if api == "chat" else "prompt") from exc
+    try:
+        await gw.auth.admit(prompt.key, prompt_tokens, params.max_tokens)
     except Overloaded as exc:
         gw.metrics.count_rejection(body.model, exc.reason)
         raise
-    params = GenerationParams(
-        request_id=request_id,
-        model=served.config.profile_name,
-        api="chat" if api == "chat" else "completions",
-        prompt_tokens=prompt_tokens,
-        max_tokens=max_tokens,
-        seed=body.seed if body.seed is not None else secrets.randbits(63),
-        stop=body.stop_list(),
-        min_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos,
-        sampling=body.sampling(),
-        body=raw,
-        block_hashes=prompt.block_hashes,
-    )
     dreq = DispatchRequest(
         params,
         served.route,
@@ -250,6 +249,18 @@ async def _generate(
     if body.stream:
         return EventStreamResponse(_sse(gw, dreq, fmt), headers)
     return DeferredJSONResponse(_complete(gw, dreq, fmt), headers)
+
+
+# The P/D handshake belongs to the gateway (design.md §4): a client's copy of these fields would
+# reach the prefill server, which acts on them (vLLM's kv_transfer_params name a host to pull
+# KV from: a server-side request forgery).
+HANDSHAKE_FIELDS = ("kv_transfer_params", "bootstrap_host", "bootstrap_port", "bootstrap_room")
+
+
+def _without_handshake(raw: dict[str, Any]) -> dict[str, Any]:
+    for name in HANDSHAKE_FIELDS:
+        raw.pop(name, None)
+    return raw
 
 
 def _seconds(headers: dict[str, str], name: str, default: float) -> float:
@@ -278,8 +289,14 @@ async def _sse(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> AsyncGene
                 continue  # nothing follows a last chunk
             completion += chunk.tokens
             reported = chunk.usage or reported
-            out = fmt.text(chunk.text) if chunk.text else b""
-            if opening:
+            if chunk.choices:  # more than text: each upstream event relayed as it was
+                out = b"".join(fmt.relayed(choice) for choice in chunk.choices)
+            else:
+                out = fmt.text(chunk.text) if chunk.text else b""
+            if opening and (out or chunk.finish_reason is not None):
+                # The role goes out with the first content, not with a real upstream's empty
+                # prefill chunk: until then the status is not committed, so an error of the
+                # decode leg (the upstream refusing the request) is still a plain HTTP error.
                 out, opening = opening + out, b""
             if chunk.finish_reason is not None:
                 ended = True
@@ -287,7 +304,7 @@ async def _sse(gw: Gateway, dreq: DispatchRequest, fmt: WireFormat) -> AsyncGene
             elif out:
                 yield out
     if not ended:
-        yield LastEvents(_tail(dreq, fmt, "length", completion, reported))
+        yield LastEvents(opening + _tail(dreq, fmt, "length", completion, reported))
 
 
 def _tail(
@@ -300,7 +317,7 @@ def _tail(
     tail = fmt.finish(finish)
     if fmt.include_usage:
         prompt, cached = _prompt_usage(dreq, reported)
-        tail += fmt.usage(prompt, completion, cached)
+        tail += fmt.usage(prompt, completion, cached, reported.details if reported else None)
     return tail + DONE
 
 
@@ -311,6 +328,7 @@ async def _complete(
     parts: list[str] = []
     completion = 0
     reported: ReportedUsage | None = None
+    relayed: Accumulator | None = None  # what upstream events carried beyond text
     ended = False
     async with gw.dispatcher.open(dreq) as chunks:
         async for chunk in chunks:
@@ -319,11 +337,14 @@ async def _complete(
             parts.append(chunk.text)
             completion += chunk.tokens
             reported = chunk.usage or reported
+            if chunk.choices:
+                relayed = relayed or Accumulator()
+                relayed.add(chunk.choices)
             if chunk.finish_reason is not None:
                 ended = True
-                yield _body(dreq, fmt, parts, chunk.finish_reason, completion, reported)
+                yield _body(dreq, fmt, parts, chunk.finish_reason, completion, reported, relayed)
     if not ended:
-        yield _body(dreq, fmt, parts, "length", completion, reported)
+        yield _body(dreq, fmt, parts, "length", completion, reported, relayed)
 
 
 def _body(
@@ -333,9 +354,12 @@ def _body(
     finish: str,
     completion: int,
     reported: ReportedUsage | None,
+    relayed: Accumulator | None = None,
 ) -> bytes:
     prompt, cached = _prompt_usage(dreq, reported)
-    return fmt.body("".join(parts), finish, prompt, completion, cached)
+    details = reported.details if reported is not None else None
+    text = "".join(parts)
+    return fmt.body(text, finish, prompt, completion, cached, relayed=relayed, details=details)
 
 
 def _prompt_usage(dreq: DispatchRequest, reported: ReportedUsage | None) -> tuple[int, int | None]:

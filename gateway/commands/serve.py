@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
+    from gateway.api.guard import guarded_protocol
     from gateway.app import create_app, settle_heap
 
     configure_logging(server.log_level, server.log_format)
@@ -50,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(  # httptools, with header and body read deadlines
+            header_timeout_s=server.header_timeout_s, body_timeout_s=server.body_timeout_s
+        ),
         log_level=server.log_level,
         access_log=server.access_log,
         timeout_graceful_shutdown=5,

@@ -24,18 +24,18 @@ Goodput counts finished requests with TTFT ≤ ``--slo-ttft`` and TPOT ≤ ``--s
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import sys
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SLO = (2.0, 0.1)  # the gateway's SloConfig defaults
+from gateway.settings import SLO_TPOT_S, SLO_TTFT_S
+
+DEFAULT_SLO = (SLO_TTFT_S, SLO_TPOT_S)  # the gateway's, simulate's: one default
 QUANTILES = (0.5, 0.9, 0.99)
 
 # One row per request in ``<csv prefix>_requests.csv`` (written by ``loadtests/locustfile.py``).
@@ -58,41 +58,6 @@ REQUEST_COLUMNS = (
 def itl_buckets() -> list[float]:
     """Upper bounds (s) of the ITL histogram: 10 per decade, 10 µs to 1000 s, then +inf."""
     return [10.0 ** (e / 10) for e in range(-50, 31)] + [math.inf]
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "results",
-        nargs="+",
-        type=Path,
-        help="a locust --csv PREFIX (or its _requests.csv), or pdgate simulate --json files",
-    )
-    parser.add_argument("--out", type=Path, help="output directory (default: beside the input)")
-    parser.add_argument("--slo-ttft", type=float, help="goodput TTFT target, s (default 2)")
-    parser.add_argument("--slo-tpot", type=float, help="goodput TPOT target, s (default 0.1)")
-    parser.add_argument("--title", help="title of the plots and the summary")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        report = load(args.results, slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot)
-    except ReportError as exc:
-        print(f"pdgate report: {exc}", file=sys.stderr)
-        return 2
-    if args.title:
-        report.title = args.title
-    out = args.out or default_out(args.results[0])
-    try:
-        files = write(report, out)
-    except ImportError:
-        print(
-            "pdgate report: plotting needs matplotlib: pip install 'pdgate[report]'",
-            file=sys.stderr,
-        )
-        return 2
-    for f in files:
-        print(f)
-    return 0
 
 
 class ReportError(ValueError):

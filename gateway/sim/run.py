@@ -40,11 +40,14 @@ from backends.emulator.catalog import Catalog, Deployment, EngineKnobs
 from backends.emulator.emulated import EmulatedBackend
 from backends.emulator.timing import Link
 from backends.errors import BackendError
+from backends.wire.requests import ContextLengthExceeded, check_context
 from gateway.dispatch import DispatchRequest
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.service import Gateway, build_gateway, worker_deployment
 from gateway.settings import (
+    SLO_TPOT_S,
+    SLO_TTFT_S,
     EmulatedWorker,
     HttpWorker,
     ModelConfig,
@@ -61,10 +64,11 @@ NO_TIMEOUT_S = 1e9  # "never" in virtual seconds, still a finite timer
 
 @dataclass(frozen=True)
 class Slo:
-    """Latency targets a request must meet to count as goodput (MLPerf server defaults)."""
+    """Latency targets a request must meet to count as goodput (default: the gateway's, see
+    :data:`gateway.settings.SLO_TPOT_S`)."""
 
-    ttft_s: float = 2.0
-    tpot_s: float = 0.2
+    ttft_s: float = SLO_TTFT_S
+    tpot_s: float = SLO_TPOT_S
 
 
 @dataclass
@@ -370,7 +374,7 @@ def simulate(spec: SimulationSpec) -> SimulationResult:
 
 async def _run(spec: SimulationSpec) -> SimulationResult:
     catalog = spec.catalog or Catalog.load()
-    clock = LoopClock()
+    clock = LoopClock(asyncio.get_running_loop())  # bound: no loop look-up per reading
     gaps = GapRecorder()
     factory = _SimFactory(catalog, clock, gaps, spec.seed)
     settings = spec.settings if spec.timeout_s is not None else _without_timeouts(spec.settings)
@@ -444,8 +448,7 @@ class _Client:
         self.records.append(record)
         now = record.arrival
         try:
-            if r.prompt_tokens + r.output_tokens > self._max_context:
-                raise _Rejected("context_length_exceeded")
+            check_context(r.prompt_tokens, r.output_tokens, self._max_context)
             params = GenerationParams(
                 request_id=f"sim-{i}",
                 model=self._model.profile_name,
@@ -466,18 +469,14 @@ class _Client:
                         record.first_at = clock.now()
                     record.output_tokens += chunk.tokens
             record.end_at = clock.now()
-        except _Rejected as exc:
-            record.error = str(exc)
+        except ContextLengthExceeded:
+            record.error = "context_length_exceeded"
         except GatewayError as exc:
             record.error = exc.code or exc.type
         except BackendError as exc:
             record.error = type(exc).__name__
         finally:
             self._progress.update()
-
-
-class _Rejected(Exception):
-    pass
 
 
 class _Progress:

@@ -69,6 +69,12 @@ async def test_non_object_json_is_400(client: Client, raw: bytes) -> None:
         (COMPLETIONS, {"model": MODEL}, "prompt"),
         (COMPLETIONS, completion_body(min_tokens=-1), "min_tokens"),
         (COMPLETIONS, completion_body(n=3), "n"),
+        # Strict types, as OpenAI's API: no coercion from strings or booleans.
+        (CHAT, chat_body(max_tokens="8"), "max_tokens"),
+        (CHAT, chat_body(max_tokens=True), "max_tokens"),
+        (COMPLETIONS, completion_body(stream="yes"), "stream"),
+        (COMPLETIONS, completion_body(prompt=[True, False]), "prompt"),
+        (CHAT, chat_body(seed="1"), "seed"),
     ],
 )
 async def test_schema_violation_names_param(
@@ -300,7 +306,7 @@ async def test_prefill_failure_is_502(catalog: Catalog) -> None:
         for stream in (False, True):
             resp = await c.post(COMPLETIONS, json=completion_body(max_tokens=4, stream=stream))
             err = assert_error(resp, 502, type_="upstream_error", code="upstream_failed")
-            assert "injected prefill failure" in err["message"]
+            assert err["message"] == "the worker serving the request failed"  # no names, no body
         assert fakes.calls("decode") == [0, 0]
         assert_idle(app)
 

@@ -117,7 +117,9 @@ def cluster() -> Iterator[Cluster]:
 
         def backend(name: str, role: str, device: str) -> Proc:
             port = free_port()
-            argv = backend_argv(port, "--role", role, "--log-level", "warning", device=device)
+            argv = backend_argv(
+                port, "--role", role, "--log-level", "warning", "--enable-faults", device=device
+            )
             procs.append(_launch(argv, port, logs / f"{name}.log"))
             return procs[-1]
 

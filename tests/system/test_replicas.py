@@ -102,7 +102,7 @@ def test_least_loaded_on_one_replica_sees_load_from_the_other(
             # Alone, B's least-loaded would also pick decode-0; sharing, it sees A's stream.
             r = http.post(b + "/v1/chat/completions", headers=auth(), json=body(4))
             assert r.status_code == 200
-        metrics = http.get(b + "/metrics").text
+        metrics = http.get(b + "/metrics", headers=auth()).text  # closed with keys on
     assert metric(metrics, "pdgate_routing_decisions_total", pool="decode", worker="decode-1") == 1
     assert metric(metrics, "pdgate_routing_decisions_total", pool="decode", worker="decode-0") == 0
 
@@ -165,6 +165,11 @@ def test_bad_key_is_401_and_never_logged(replicas: tuple[str, str]) -> None:
     assert health.status_code == 200  # probes stay open
 
 
+async def _scrape(http: httpx.AsyncClient, url: str) -> str:
+    """The replica's metrics (closed to callers without a key while API keys are on)."""
+    return (await http.get(url + "/metrics", headers=auth())).text
+
+
 async def test_redis_outage_fails_no_request_and_sharing_resumes(
     replicas: tuple[str, str], redis: RedisServer
 ) -> None:
@@ -181,12 +186,15 @@ async def test_redis_outage_fails_no_request_and_sharing_resumes(
         load += [asyncio.create_task(one(http, (a, b)[i % 2])) for i in range(20)]
         codes = await asyncio.gather(*load)
         assert codes == [200] * 40
-        down = (await http.get(a + "/metrics")).text
+        down = await _scrape(http, a)
         assert metric(down, "pdgate_state_store_up") == 0
         assert metric(down, "pdgate_state_store_fallbacks_total") > 0
         redis.start()
         deadline = time.monotonic() + 5
-        while metric((await http.get(a + "/metrics")).text, "pdgate_state_store_up") != 1:
+        while (
+            metric((await http.get(a + "/metrics", headers=auth())).text, "pdgate_state_store_up")
+            != 1
+        ):
             assert time.monotonic() < deadline, "sharing did not resume"
             await asyncio.sleep(0.05)
         assert (await one(http, b)) == 200

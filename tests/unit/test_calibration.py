@@ -1,7 +1,7 @@
 """The calibration set (config/calibration.yaml) and `pdgate calibrate` on a representative subset.
 
-The full run (`pdgate calibrate`, 5-7 minutes on two cores) is documented in the
-README; here, the quick points of each family of reference must stay within tolerance.
+The full run (`pdgate calibrate`, 5-7 minutes on two cores) is documented in
+docs/accuracy.md; here, the quick points of each family of reference must stay within tolerance.
 """
 
 from __future__ import annotations

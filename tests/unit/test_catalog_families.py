@@ -40,7 +40,7 @@ from backends.emulator.timing import (
 from backends.errors import CatalogError
 
 CONFIG = Path(Catalog.default_dir())
-README = Path(__file__).resolve().parents[2] / "README.md"
+ACCELERATORS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "accelerators.md"
 DEVICE_FILES = sorted(p.stem for p in (CONFIG / "devices").glob("*.yaml"))
 # Profiles whose reference checks live in test_catalog.py (or that predate this file).
 ORIGINAL = {"h100-sxm", "h200-sxm", "b200", "groq-lpu-v1", "cerebras-wse-3"}
@@ -429,12 +429,12 @@ def test_bad_field_in_a_newer_family_names_the_field_not_the_tag(
     assert f"{tag}." not in msg
 
 
-# -- README -------------------------------------------------------------------------------
+# -- docs/accelerators.md ------------------------------------------------------------------
 
 
-def test_readme_device_table_matches_the_catalog(catalog: Catalog) -> None:
+def test_the_docs_device_table_matches_the_catalog(catalog: Catalog) -> None:
     rows = {}
-    for line in README.read_text().splitlines():
+    for line in ACCELERATORS_PAGE.read_text().splitlines():
         m = re.match(r"\|\s*`([a-z0-9.-]+)`\s*\|[^|]*\|\s*(\w+)\s*\|\s*([\w-]+)\s*\|", line)
         if m:
             rows[m.group(1)] = (m.group(2), m.group(3))

@@ -89,3 +89,55 @@ def test_sleep_until_never_wakes_before_its_deadline_under_uvloop() -> None:
 
     errors = uvloop.run(main())
     assert min(errors) >= -1e-6
+
+
+def test_a_clock_bound_to_a_virtual_loop_reads_and_waits_on_it() -> None:
+    loop = virtual_event_loop()
+    clock = LoopClock(loop)
+    woke: list[float] = []
+
+    async def sleeper(deadline: float) -> None:
+        await clock.sleep_until(deadline)
+        woke.append(clock.now())
+
+    async def main() -> tuple[float, float]:
+        await asyncio.gather(sleeper(2.5), sleeper(0.75), sleeper(0.0))
+        await clock.sleep(10.0)
+        return loop.time(), clock.now()
+
+    try:
+        loop_time, now = loop.run_until_complete(main())
+    finally:
+        close_loop(loop)
+    assert woke == [0.0, 0.75, 2.5]
+    assert now == loop_time == 12.5
+
+
+def test_a_virtual_loop_still_runs_callbacks_from_other_threads() -> None:
+    """The selector skips polling while only the loop's wake-up pipe is registered; a
+    thread's ``call_soon_threadsafe`` callback must still run."""
+    loop = virtual_event_loop()
+
+    async def main() -> int:
+        return await loop.run_in_executor(None, lambda: 41 + 1)
+
+    async def ticking() -> int:
+        task = asyncio.ensure_future(main())
+        while not task.done():  # noqa: ASYNC110 -- timers stay pending, as in an engine
+            await asyncio.sleep(0.001)
+        return task.result()
+
+    try:
+        assert loop.run_until_complete(ticking()) == 42
+    finally:
+        close_loop(loop)
+
+
+def test_a_bound_clock_is_unbound_on_a_real_loop() -> None:
+    async def main() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        clock = LoopClock(loop)
+        return loop.time(), clock.now(), loop.time()
+
+    before, now, after = asyncio.run(main())
+    assert before <= now <= after

@@ -595,13 +595,12 @@ def test_k8s_images_and_users_match_the_dockerfile(
     assert kustomization["namespace"] == namespace
 
 
-# -- README ------------------------------------------------------------------------------------
+# -- docs/replicas.md ---------------------------------------------------------------------------
 
 
 def readme_commands() -> list[list[str]]:
-    """Each command line of the README's "Run several replicas" section, split as bash would."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Run several replicas\n", 1)[1].split("\n## ", 1)[0]
+    """Each command line of the replicas page of the docs, split as bash would."""
+    section = (ROOT / "docs" / "replicas.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -613,7 +612,7 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
-def test_readme_replica_commands_match_the_shipped_files(compose: dict[str, Any]) -> None:
+def test_documented_replica_commands_match_the_shipped_files(compose: dict[str, Any]) -> None:
     commands = readme_commands()
     images = {s["image"] for s in pdgate_services(compose).values()}
     backends: dict[int, argparse.Namespace] = {}
@@ -650,3 +649,63 @@ def test_readme_replica_commands_match_the_shipped_files(compose: dict[str, Any]
             assert url.hostname == "127.0.0.1"
             assert url.port in backends, f"{worker.url}: no backend started on that port"
             assert backends[url.port].role in (role, "both")
+
+
+def test_k8s_network_policies_fence_the_backends_and_redis(
+    manifests: list[dict[str, Any]],
+) -> None:
+    """Only the gateway (and, for backends, each other) may reach backends and Redis."""
+    policies = of_kind(manifests, "NetworkPolicy")
+    deployments = of_kind(manifests, "Deployment")
+
+    def selected(policy: dict[str, Any]) -> set[str]:
+        labels = policy["spec"]["podSelector"]["matchLabels"]
+        return {
+            name
+            for name, d in deployments.items()
+            if labels.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        }
+
+    def sources(policy: dict[str, Any]) -> set[str]:
+        out = set()
+        for rule in policy["spec"]["ingress"]:
+            for peer in rule["from"]:
+                labels = peer.get("podSelector", {}).get("matchLabels")
+                if labels is None:
+                    continue
+                out |= {
+                    name
+                    for name, d in deployments.items()
+                    if labels.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+                }
+        return out
+
+    by_target = {frozenset(selected(p)): p for p in policies.values()}
+    backends = frozenset({"pdgate-prefill", "pdgate-decode"})
+    assert backends in by_target
+    assert sources(by_target[backends]) == {"pdgate-gateway", *backends}
+    assert frozenset({"pdgate-redis"}) in by_target
+    assert sources(by_target[frozenset({"pdgate-redis"})]) == {"pdgate-gateway"}
+
+
+def test_k8s_backends_and_gateway_share_the_generated_control_token(
+    kustomization: dict[str, Any], manifests: list[dict[str, Any]]
+) -> None:
+    secrets = {g["name"] for g in kustomization.get("secretGenerator", [])}
+    for name, deployment in of_kind(manifests, "Deployment").items():
+        if name == "pdgate-redis":
+            continue
+        env = {e["name"]: e for c in containers(deployment) for e in c.get("env", [])}
+        ref = env["PDGATE_CONTROL_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] in secrets, name
+
+
+def test_compose_backends_and_gateways_share_the_control_token(compose: dict[str, Any]) -> None:
+    tokens = {
+        name: service.get("environment", {}).get("PDGATE_CONTROL_TOKEN")
+        for name, service in compose["services"].items()
+        if service.get("image") == "pdgate:local"
+    }
+    assert len(tokens) == 4
+    assert len(set(tokens.values())) == 1
+    assert None not in tokens.values()

@@ -186,3 +186,11 @@ def test_requests_beyond_the_context_are_rejected_not_run(catalog: Catalog) -> N
     m = simulate(spec).metrics()
     assert m["requests"] == 1
     assert m["errors"] == {"context_length_exceeded": 1}
+
+
+def test_simulate_report_and_the_gateway_judge_goodput_by_one_slo() -> None:
+    from gateway.settings import SloConfig
+    from gateway.sim.report import DEFAULT_SLO
+
+    gateway = SloConfig()
+    assert (Slo().ttft_s, Slo().tpot_s) == (gateway.ttft_s, gateway.tpot_s) == DEFAULT_SLO

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.trainers import WordLevelTrainer
 
 from backends.tokens import (
+    IMAGE_BYTES_PER_TOKEN,
+    IMAGE_TOKENS,
     MESSAGE_OVERHEAD,
     REPLY_PRIMER,
     TokenCounter,
@@ -78,8 +81,20 @@ def test_chat_content_as_list_of_parts_and_name() -> None:
         + approximate_count("first part")
         + approximate_count("second")
         + approximate_count("alice")
+        + IMAGE_TOKENS  # the image part
     )
     assert counter.chat([message]) == expected
+
+
+def test_an_inline_image_is_charged_by_its_size() -> None:
+    """Before: a 1 MB data URL was charged as nothing but the message framing."""
+    payload = base64.b64encode(bytes(1_000_000)).decode()
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + payload}}
+    message = {"role": "user", "content": [part]}
+    charged = TokenCounter().chat([message]) - REPLY_PRIMER - MESSAGE_OVERHEAD
+    assert charged == 1_000_000 // IMAGE_BYTES_PER_TOKEN
+    small = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x"}}]}
+    assert TokenCounter().chat([small]) - REPLY_PRIMER - MESSAGE_OVERHEAD == IMAGE_TOKENS
 
 
 def test_chat_message_without_content() -> None:
