@@ -404,5 +404,7 @@ def worker_deployment(catalog: Catalog, spec: EmulatedWorker, model: ModelConfig
         dtype=spec.dtype,
         count=spec.count,
         tp=spec.tp,
-        engine=spec.engine,
+        engine=catalog.engine_knobs(spec.engine_profile, spec.device, spec.engine),
+        layout=spec.layout,
+        weights=spec.weights,
     )

@@ -37,7 +37,13 @@ from pydantic import (
     model_validator,
 )
 
-from backends.emulator.catalog import Catalog, EngineKnobs, format_validation_error
+from backends.emulator.catalog import (
+    Catalog,
+    EngineKnobs,
+    ParallelLayout,
+    WeightFormats,
+    format_validation_error,
+)
 from backends.errors import CatalogError
 
 Role = Literal["prefill", "decode", "aggregated"]
@@ -75,6 +81,17 @@ class EmulatedWorker(_Strict):
     replicas: int = Field(1, gt=0)
     time_scale: float = Field(1.0, ge=0, description="emulated time runs this much faster")
     engine: EngineKnobs = EngineKnobs()
+    engine_profile: str | None = Field(
+        None,
+        description="engine profile (config/engines, e.g. vllm-0.14, sglang-0.5, trtllm-1.1) "
+        "whose defaults apply; fields set under `engine` override them",
+    )
+    layout: ParallelLayout | None = Field(
+        None, description="TP/PP/attention-DP/MoE-TP/EP layout (default: tp-way tensor parallel)"
+    )
+    weights: WeightFormats | None = Field(
+        None, description="weight-only formats (dense, experts) where they differ from dtype"
+    )
 
 
 class HttpWorker(_Strict):

@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -93,6 +93,20 @@ class ModelProfile(_Data):
     attention: Literal["gqa", "mla"] = "gqa"
     kv_lora_rank: int | None = None
     qk_rope_dim: int | None = None
+    qk_nope_dim: int | None = Field(None, description="MLA: non-rope query/key dims per head")
+    v_head_dim: int | None = Field(None, description="MLA: value dims per head")
+    attention_layers: int | None = Field(
+        None, gt=0, description="layers with softmax attention and a KV cache (default: all)"
+    )
+    sliding_window: int | None = Field(None, gt=0, description="window of the windowed layers")
+    sliding_layers: int = Field(0, ge=0, description="attention layers that use the window")
+    linear_layers: int = Field(0, ge=0, description="linear-attention (recurrent) layers")
+    linear_state_elems: int = Field(
+        0, ge=0, description="recurrent state elements per sequence of one linear layer"
+    )
+    unquantised_params_b: float = Field(
+        0.0, ge=0, description="parameters quantised checkpoints keep in 16 bits (embeddings)"
+    )
     vocab: int = Field(gt=0)
     max_context: int = Field(gt=0)
     sources: dict[str, str] = Field(min_length=1)
@@ -108,37 +122,86 @@ class ModelProfile(_Data):
         MLA: ``layers · (kv_lora_rank + qk_rope_dim) · bytes`` (one compressed latent).
         The cache is kept at the serving dtype, except that 4-bit deployments keep it in 8
         bits (:data:`KV_DTYPE`).
+        Sliding-window layers keep at most ``sliding_window`` tokens, so they do not count
+        here (see :meth:`window_kv_bytes_per_token`); nor do linear-attention layers.
         """
         b = DTYPE_BYTES[KV_DTYPE.get(dtype, dtype)]
         if self.attention == "mla":
-            return self.layers * ((self.kv_lora_rank or 0) + (self.qk_rope_dim or 0)) * b
-        return 2 * self.layers * self.kv_heads * self.head_dim * b
+            return self.kv_layers * ((self.kv_lora_rank or 0) + (self.qk_rope_dim or 0)) * b
+        full = self.kv_layers - self.sliding_layers
+        return 2 * full * self.kv_heads * self.head_dim * b
 
-    def shape(self, dtype: str) -> ModelShape:
-        """Physics view at a serving dtype; routed-expert bytes derived from total and active.
+    @property
+    def kv_layers(self) -> int:
+        return self.attention_layers or self.layers
+
+    def window_kv_bytes_per_token(self, dtype: str) -> float:
+        """KV bytes per token of the sliding-window layers (kept for the window only)."""
+        b = DTYPE_BYTES[KV_DTYPE.get(dtype, dtype)]
+        return 2 * self.sliding_layers * self.kv_heads * self.head_dim * b
+
+    def state_bytes_per_seq(self, dtype: str) -> float:
+        """Recurrent state of the linear-attention layers per sequence (16-bit: vLLM's
+        ``mamba_ssm_cache_dtype`` ``auto`` is the model's dtype)."""
+        return self.linear_layers * self.linear_state_elems * 2.0
+
+    def weight_bytes(self, dense: str, experts: str | None = None) -> tuple[float, float]:
+        """``(dense, routed experts)`` weight bytes with dense weights in ``dense`` and routed
+        experts in ``experts`` (default ``dense``); ``unquantised_params_b`` stay 16-bit.
 
         With ``E`` routed experts and top-``k``: ``active = dense + experts_total · k / E`` and
         ``total = dense + experts_total``, so ``experts_total = (total − active) / (1 − k/E)``.
         """
-        b = DTYPE_BYTES[dtype]
         total = self.params_b * 1e9
         experts_total = 0.0
         if self.experts > 0 and self.top_k > 0:
             experts_total = (total - self.active_params) / (1.0 - self.top_k / self.experts)
+        b_dense = DTYPE_BYTES[dense]
+        b_exp = DTYPE_BYTES[experts or dense]
+        keep = min(self.unquantised_params_b * 1e9, total - experts_total)
+        dense_bytes = (total - experts_total - keep) * b_dense + keep * max(b_dense, 2.0)
+        return dense_bytes, experts_total * b_exp
+
+    def shape(
+        self,
+        dtype: str,
+        *,
+        dense: str | None = None,
+        experts: str | None = None,
+        kv_dtype: str | None = None,
+    ) -> ModelShape:
+        """Physics view at a serving (compute) dtype; weights in ``dense`` / ``experts``
+        formats where they differ from it (weight-only quantisation), KV in ``kv_dtype``."""
+        b = DTYPE_BYTES[dtype]
+        dense_bytes, expert_bytes = self.weight_bytes(dense or dtype, experts or dense or dtype)
+        kv = kv_dtype or dtype
+        mla_prefill = mla_decode = 0.0
+        if self.attention == "mla" and self.kv_lora_rank:
+            rope, nope = self.qk_rope_dim or 0, self.qk_nope_dim or self.head_dim
+            v = self.v_head_dim or self.head_dim
+            mla_prefill = 2.0 * self.kv_layers * self.q_heads * (nope + rope + v)
+            mla_decode = 2.0 * self.kv_layers * self.q_heads * (2 * self.kv_lora_rank + rope)
+        elif self.kv_layers != self.layers:
+            mla_prefill = 4.0 * self.kv_layers * self.q_heads * self.head_dim
         return ModelShape(
             layers=self.layers,
             hidden=self.hidden,
             attn_width=self.q_heads * self.head_dim,
             active_params=self.active_params,
-            dense_weight_bytes=(total - experts_total) * b,
-            expert_weight_bytes=experts_total * b,
+            dense_weight_bytes=dense_bytes,
+            expert_weight_bytes=expert_bytes,
             experts=self.experts,
             top_k=self.top_k,
-            kv_bytes_per_token=self.kv_bytes_per_token(dtype),
+            kv_bytes_per_token=self.kv_bytes_per_token(kv),
             act_bytes=2.0,
             expert_ffn=(self.expert_ffn or 0) if self.experts else 0,
             moe_layers=self.layers - self.dense_layers if self.experts else 0,
             gemm_input_bytes=b,
+            attn_pair_flops=mla_prefill,
+            attn_pair_flops_decode=mla_decode,
+            window=self.sliding_window or 0 if self.sliding_layers else 0,
+            window_kv_bytes_per_token=self.window_kv_bytes_per_token(kv),
+            state_bytes_per_seq=self.state_bytes_per_seq(kv),
         )
 
 
@@ -219,14 +282,30 @@ class HbmDevice(_DeviceBase):
     family: Literal["hbm"]
     memory_bandwidth_tb_s: float = Field(gt=0)
     interconnect_gb_s: float = Field(gt=0, description="scale-up bandwidth per direction")
+    scale_up_domain: int = Field(
+        0, ge=0, description="devices one scale-up (NVLink) domain joins; 0: unbounded"
+    )
+    scale_out_gb_s: float = Field(
+        0.0, ge=0, description="scale-out network bandwidth per device per direction"
+    )
+    scale_out_latency_s: float = Field(0.0, ge=0, description="per collective across domains")
     efficiency: HbmEfficiency
 
     def constants(self, dep: Deployment) -> HbmConstants:
         e = self.efficiency
+        lay = dep.layout
         return HbmConstants(
+            dp=lay.dp,
+            pp=lay.pp,
+            moe_tp=lay.moe_tp or dep.tp,
+            ep=lay.ep,
+            kv_shards=dep.kv_shards,
+            nvlink_domain=self.scale_up_domain,
+            scale_out=self.scale_out_gb_s * GB,
+            scale_out_latency_s=self.scale_out_latency_s,
             peak_flops=self.peak_flops(dep.dtype),
             bandwidth=self.memory_bandwidth_tb_s * TB,
-            mfu=e.mfu_by_dtype.get(dep.dtype, e.mfu),
+            mfu=min(1.0, e.mfu_by_dtype.get(dep.dtype, e.mfu) * dep.engine.compute_efficiency),
             bandwidth_efficiency=e.bandwidth,
             step_overhead_s=e.step_overhead_s,
             layer_overhead_s=e.layer_overhead_s,
@@ -543,6 +622,94 @@ class EngineKnobs(_Data):
     # ``guaranteed_no_evict`` admits it only when prompt + max_tokens fit, reserved up front,
     # so nothing is ever preempted (TensorRT-LLM's default).
     scheduler_policy: Literal["max_utilization", "guaranteed_no_evict"] = "max_utilization"
+    kv_dtype: Literal["bf16", "fp16", "fp8"] | None = Field(
+        None, description="KV-cache dtype (default: the serving dtype; 8 bits for 4-bit serving)"
+    )
+    # How the engine builds a step (see backends.emulator.engine): vLLM ``mixed``, SGLang
+    # ``prefill_first``, TensorRT-LLM without chunked prefill ``whole_prompt``.
+    step_policy: Literal["mixed", "prefill_first", "whole_prompt"] = "mixed"
+    # Share of which memory the KV cache gets: ``total`` device memory × utilisation minus the
+    # weights (vLLM, SGLang), or ``free`` memory left after the weights × utilisation
+    # (TensorRT-LLM's kv_cache_free_gpu_memory_fraction).
+    kv_memory_of: Literal["total", "free"] = "total"
+    # An engine profile's two fitted factors: its kernels' share of the device's MFU prior, and
+    # host time per step that overlap scheduling and CUDA graphs do not hide.
+    compute_efficiency: float = Field(1.0, gt=0, le=2)
+    step_overhead_s: float = Field(0.0, ge=0)
+
+
+class ParallelLayout(_Data):
+    """How one instance spreads a model over its devices.
+
+    ``tp`` attention tensor parallelism; ``dp`` attention data-parallel ranks (``tp`` devices
+    each, each with its own sequences); ``moe_tp`` × ``ep``: each routed expert split ``moe_tp``
+    ways, the experts spread over ``ep`` groups (``moe_tp`` 0 means ``tp``); ``pp`` pipeline
+    stages. Devices: ``max(tp · dp, moe_tp · ep) · pp``.
+    """
+
+    tp: int = Field(1, gt=0)
+    pp: int = Field(1, gt=0)
+    dp: int = Field(1, gt=0)
+    moe_tp: int = Field(0, ge=0)
+    ep: int = Field(1, gt=0)
+
+    @property
+    def devices(self) -> int:
+        return max(self.tp * self.dp, (self.moe_tp or self.tp) * self.ep) * self.pp
+
+
+class WeightFormats(_Data):
+    """Weight storage where it differs from the serving dtype (weight-only quantisation):
+    ``dense`` (attention, dense MLPs, shared experts) and ``experts`` (routed experts)."""
+
+    dense: str
+    experts: str
+
+
+class EngineProfile(_Data):
+    """A serving engine's defaults, one version family (``config/engines/NAME.yaml``).
+
+    ``knobs`` are the engine's own scheduler and memory defaults as a server (with sources);
+    ``memory_fraction`` overrides ``gpu_memory_utilization`` per device where the engine
+    derives it from the GPU (SGLang's ``mem_fraction_static``). At most two of ``knobs`` are
+    fitted (``fitted`` names them), on Hopper rows only.
+    """
+
+    name: str
+    display_name: str = ""
+    engine: Literal["vllm", "sglang", "trtllm", "mlperf"]
+    versions: list[str] = Field(
+        default_factory=list, description="version prefixes this family covers"
+    )
+    default: bool = Field(False, description="the family for rows that give no version")
+    knobs: EngineKnobs
+    memory_fraction: dict[str, float] = Field(default_factory=dict)
+    cuda_graph_max_batch: int = Field(0, ge=0, description="largest captured decode batch")
+    overlap_scheduling: bool = False
+    frontend_request_s: float = Field(
+        0.0, ge=0, description="front-end work per request before the engine (HTTP, parsing)"
+    )
+    frontend_token_s: float = Field(0.0, ge=0, description="front-end work per prompt token")
+    speculative: str = "off"
+    layouts: dict[str, ParallelLayout] = Field(
+        default_factory=dict, description="published layouts by device (MLPerf submissions)"
+    )
+    fitted: list[Literal["compute_efficiency", "step_overhead_s"]] = Field(
+        default_factory=list, max_length=2
+    )
+    sources: dict[str, str] = Field(min_length=1)
+
+    def covers(self, version: str) -> bool:
+        return any(version.startswith(v) for v in self.versions)
+
+    def knobs_for(self, device: str, *, max_num_seqs: int | None = None) -> EngineKnobs:
+        """The engine's knobs on ``device``, with a deployment's batch cap if it sets one."""
+        update: dict[str, object] = {}
+        if device in self.memory_fraction:
+            update["gpu_memory_utilization"] = self.memory_fraction[device]
+        if max_num_seqs:
+            update["max_num_seqs"] = max_num_seqs
+        return self.knobs.model_copy(update=update)
 
 
 @dataclass(frozen=True)
@@ -556,10 +723,23 @@ class Deployment:
     tp: int
     engine: EngineKnobs
     kv_capacity_tokens: int
+    layout: ParallelLayout = field(default_factory=ParallelLayout)
+    weights: WeightFormats | None = None
 
     @cached_property
     def model_shape(self) -> ModelShape:
-        return self.model.shape(self.dtype)
+        w = self.weights
+        return self.model.shape(
+            self.dtype,
+            dense=w.dense if w else None,
+            experts=w.experts if w else None,
+            kv_dtype=self.engine.kv_dtype,
+        )
+
+    @property
+    def kv_shards(self) -> int:
+        """Ways one token's KV is split over an attention rank's ``tp`` devices."""
+        return kv_shards(self.model, self.tp)
 
     @cached_property
     def _constants(self) -> PhysicsConstants:
@@ -569,7 +749,7 @@ class Deployment:
         """Seconds one engine step of this composition takes on this deployment."""
         c, m = self._constants, self.model_shape
         if isinstance(c, HbmConstants):
-            return hbm_step_time(m, shape, c)
+            return hbm_step_time(m, shape, c) + self.engine.step_overhead_s
         if isinstance(c, PipelineConstants):
             return pipeline_step_time(m, shape, c)
         if isinstance(c, DramSramConstants):
@@ -591,6 +771,15 @@ class Deployment:
         return self.model_shape.kv_bytes_per_token
 
 
+def kv_shards(model: ModelProfile, tp: int) -> int:
+    """Ways one token's KV is split over ``tp`` tensor-parallel devices: by KV head for GQA,
+    so ``min(tp, kv_heads)`` (beyond that, heads are replicated); not at all for MLA, whose
+    compressed latent every device keeps whole."""
+    if model.attention == "mla":
+        return 1
+    return max(1, min(tp, model.kv_heads))
+
+
 def plan_deployment(
     device: AnyDevice,
     model: ModelProfile,
@@ -598,6 +787,8 @@ def plan_deployment(
     count: int | None,
     tp: int,
     engine: EngineKnobs,
+    layout: ParallelLayout | None = None,
+    weights: WeightFormats | None = None,
 ) -> Deployment:
     """Size a deployment and its KV capacity; raise :class:`CatalogError` if it cannot fit.
 
@@ -610,22 +801,37 @@ def plan_deployment(
     """
     device.check_serves(model, dtype)
     util = engine.gpu_memory_utilization
-    weights = device.resident_weight_bytes(model, dtype)
+    if layout is not None:
+        tp = layout.tp
+        count = count if count is not None else layout.devices
+    formats = weights
+    if formats is not None and isinstance(device, HbmDevice):
+        weights_b = sum(model.weight_bytes(formats.dense, formats.experts))
+    else:
+        weights_b = device.resident_weight_bytes(model, dtype)
     if count is None:
-        count = device.default_count(weights, util, tp)
+        count = device.default_count(weights_b, util, tp)
     if count < tp or count % tp:
         raise CatalogError(f"count {count} must be a positive multiple of tp {tp}")
     total = device.capacity_bytes(count, util)
-    free = device.kv_free_bytes(weights, count, util)
-    kv_per_token = model.kv_bytes_per_token(dtype)
+    free = device.kv_free_bytes(weights_b, count, util)
+    if engine.kv_memory_of == "free":  # a share of what the weights leave (TensorRT-LLM)
+        total = device.capacity_bytes(count, 1.0)
+        free = device.kv_free_bytes(weights_b, count, 1.0) * util
+    kv_per_token = model.kv_bytes_per_token(engine.kv_dtype or dtype)
+    if isinstance(device, HbmDevice):
+        kv_per_token *= tp / kv_shards(model, tp)  # replicas of the KV within a rank
     capacity = int(free // kv_per_token) if free > 0 else 0
     if capacity < engine.block_size:
         raise CatalogError(
             f"{model.name} ({dtype}) does not fit on {count} × {device.name}: weights "
-            f"{weights / GB:.1f} GB + one KV block {engine.block_size * kv_per_token / GB:.3f} GB "
+            f"{weights_b / GB:.1f} GB + one KV block "
+            f"{engine.block_size * kv_per_token / GB:.3f} GB "
             f"> {device.capacity_text(count, util)} = {total / GB:.1f} GB"
         )
-    return Deployment(device, model, dtype, count, tp, engine, capacity)
+    return Deployment(
+        device, model, dtype, count, tp, engine, capacity, layout or ParallelLayout(tp=tp), formats
+    )
 
 
 class Catalog:
@@ -636,10 +842,12 @@ class Catalog:
         devices: dict[str, AnyDevice],
         models: dict[str, ModelProfile],
         links: dict[str, LinkProfile],
+        engines: dict[str, EngineProfile] | None = None,
     ) -> None:
         self.devices = devices
         self.models = models
         self.links = links
+        self.engines = engines or {}
 
     @staticmethod
     def default_dir() -> Path:
@@ -652,14 +860,44 @@ class Catalog:
         devices = {p.stem: _parse(_DEVICE, p) for p in sorted((root / "devices").glob("*.yaml"))}
         models = {p.stem: _parse(_MODEL, p) for p in sorted((root / "models").glob("*.yaml"))}
         links = _parse(_LINKS, root / "links.yaml")
-        for key, item in [*devices.items(), *models.items()]:
+        engines = {p.stem: _parse(_ENGINE, p) for p in sorted((root / "engines").glob("*.yaml"))}
+        for key, item in [*devices.items(), *models.items(), *engines.items()]:
             if item.name != key:
                 raise CatalogError(f"{root}: file '{key}.yaml' declares name '{item.name}'")
         for key, lp in links.items():
             unknown = sorted({d for pair in lp.pairs for d in pair} - set(devices))
             if unknown:
                 raise CatalogError(f"{root}/links.yaml: {key}: unknown devices {unknown}")
-        return cls(devices, models, links)
+        return cls(devices, models, links, engines)
+
+    def engine(self, name: str) -> EngineProfile:
+        return _lookup(self.engines, name, "engine")
+
+    def engine_knobs(
+        self, profile: str | None, device: str, explicit: EngineKnobs | None = None
+    ) -> EngineKnobs:
+        """Knobs of engine ``profile`` on ``device``, with the fields set in ``explicit``
+        taking precedence (``explicit`` alone when there is no profile)."""
+        if profile is None:
+            return explicit or EngineKnobs()
+        base = self.engine(profile).knobs_for(device)
+        if explicit is None:
+            return base
+        return base.model_copy(update=explicit.model_dump(exclude_unset=True))
+
+    def engine_for(self, engine: str, version: str = "") -> EngineProfile:
+        """The profile of ``engine`` whose version family covers ``version`` (the family
+        marked default when the version is unknown or newer than every family)."""
+        family = [e for e in self.engines.values() if e.engine == engine]
+        if not family:
+            raise CatalogError(f"no engine profile for {engine!r}")
+        for e in family:
+            if version and e.covers(version):
+                return e
+        for e in family:
+            if e.default:
+                return e
+        return family[-1]
 
     def device(self, name: str) -> AnyDevice:
         return _lookup(self.devices, name, "device")
@@ -687,15 +925,25 @@ class Catalog:
         count: int | None = None,
         tp: int = 1,
         engine: EngineKnobs | None = None,
+        layout: ParallelLayout | None = None,
+        weights: WeightFormats | None = None,
     ) -> Deployment:
         return plan_deployment(
-            self.device(device), self.model(model), dtype, count, tp, engine or EngineKnobs()
+            self.device(device),
+            self.model(model),
+            dtype,
+            count,
+            tp,
+            engine or EngineKnobs(),
+            layout,
+            weights,
         )
 
 
 _DEVICE = TypeAdapter[AnyDevice](DeviceProfile)
 _MODEL = TypeAdapter(ModelProfile)
 _LINKS = TypeAdapter(dict[str, LinkProfile])
+_ENGINE = TypeAdapter(EngineProfile)
 T = TypeVar("T")
 
 

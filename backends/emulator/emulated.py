@@ -73,6 +73,7 @@ class EmulatedBackend:
             seed=seed,
             recorder=recorder,
             reserve_max=knobs.scheduler_policy == "guaranteed_no_evict",
+            step_policy=knobs.step_policy,
         )
         self._open = False
         self._time_scale_or_one = time_scale or 1.0

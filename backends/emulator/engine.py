@@ -25,6 +25,13 @@ Optional behaviour, each off by default:
   fit, and those blocks are taken at once, so no sequence is ever preempted. Without it
   (vLLM), a request is admitted when its next chunk fits, and the newest sequence is preempted
   (recomputed later) when decodes outgrow the cache.
+* **Step building** (``step_policy``): ``mixed`` (vLLM V1, the default) runs the running
+  sequences first, then admits waiting ones into the same step with whatever token budget is
+  left, the last one cut into a chunk; ``prefill_first`` (SGLang) runs a prefill-only step
+  whenever a waiting request can be admitted or a chunked prefill is unfinished, and a
+  decode-only step otherwise; ``whole_prompt`` (TensorRT-LLM without chunked prefill) runs
+  the decodes first and admits a new request only if its whole prompt fits in the budget left
+  (first come, first served: admission stops at the first that does not).
 * **Token-gap recording** (``recorder``): the gap before every token a sequence receives, for
   inter-token-latency percentiles in simulation. Recorded per step (one entry for all
   sequences that also took part in the previous step), never per token event.
@@ -305,6 +312,7 @@ class Engine:
         recorder: GapRecorder | None = None,
         reserve_max: bool = False,
         bulk_decode: bool = True,
+        step_policy: str = "mixed",
     ) -> None:
         self._dep = deployment
         self._clock = clock
@@ -321,6 +329,9 @@ class Engine:
         self._rng = random.Random(seed)
         self._recorder = recorder
         self._reserve_max = reserve_max
+        if step_policy not in ("mixed", "prefill_first", "whole_prompt"):
+            raise ValueError(f"unknown step policy {step_policy!r}")
+        self.step_policy = step_policy
         self._prev_end = -math.inf  # end of the previous step (gap bookkeeping)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -521,13 +532,34 @@ class Engine:
 
         Returns the batch, its shape (summed here, so a step costs one pass over the batch)
         and, when it verifies drafts, (speculating sequences, their context); None when
-        nothing can run. Sequences decoding in bulk are not in the returned batch: they are
-        all in the step, and the shape counts them from the engine's running totals.
+        nothing can run. Under ``prefill_first`` a step is either prefills or decodes. Sequences
+        decoding in bulk are not in the returned batch: they are all in the step, and the shape
+        counts them from the engine's running totals; a prefill-only step, which they sit out,
+        first returns them to the per-sequence path.
         """
+        if self.step_policy == "prefill_first":
+            if self._prefill_pending(now):
+                step = self._build(now, decodes=False, admit=True)
+                if step is not None:
+                    return step
+            return self._build(now, decodes=True, admit=False)
+        return self._build(now, decodes=True, admit=True)
+
+    def _prefill_pending(self, now: float) -> bool:
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return True
+        return any(
+            s.generated == 0 and s.missing > 0 and s.state == "running" and s.ready_at <= now
+            for s in self.running
+        )
+
+    def _build(self, now: float, *, decodes: bool, admit: bool) -> _Step | None:
         budget = self.max_batched_tokens
         spec = self.speculative_tokens
         step_no = self.stats.steps
         co = self._co
+        if co and not decodes:  # the bulk gains a token every step; this one has no decodes
+            self._dissolve()
         order: Seq[Sequence | None] | None = self._bulk_order(now, step_no) if co else None
         if order is None:
             if co:
@@ -536,7 +568,7 @@ class Engine:
         co_tokens_due = bool(co)  # the bulk's tokens are not yet taken from the budget
         batch: list[tuple[Sequence, int]] = []
         new = kv_read = drafts = draft_seqs = draft_context = 0
-        pairs = 0.0
+        pairs = decode_pairs = 0.0
         for seq in order:
             if seq is None:  # the bulk, older than every sequence after this mark
                 budget -= len(co)
@@ -555,6 +587,8 @@ class Engine:
                 continue
             c = seq._comp
             n = seq.prompt + seq._gen - c
+            if not decodes and seq._gen:
+                continue  # a prefill-only step
             if n == 1 and not spec:  # the common case: one plain decode token
                 if c >= seq.cap and not self._grow(seq, c, 1):
                     continue
@@ -563,6 +597,7 @@ class Engine:
                 new += 1
                 kv_read += c
                 pairs += c + 1
+                decode_pairs += c + 1
                 continue
             d = 0
             if spec and n == 1 and seq._gen:  # decoding: verify drafts, not past max_new
@@ -584,8 +619,11 @@ class Engine:
         bulk = len(co)
         if co_tokens_due:
             budget -= bulk
-        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
+        whole = self.step_policy == "whole_prompt"
+        while admit and budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if whole and seq.missing > budget and (batch or bulk):
+                break  # the whole prompt must fit (an empty step takes a chunk of it)
             if seq.hashes and seq._comp == 0:
                 self._lookup(seq, first=seq.first_scheduled is None)
             n = min(seq.missing, budget)
@@ -623,9 +661,10 @@ class Engine:
             new += bulk
             kv_read += self._co_computed
             pairs += self._co_computed + bulk
+            decode_pairs += self._co_computed + bulk
         elif not batch:
             return None
-        shape = StepShape(new, pairs, kv_read, len(batch) + bulk)
+        shape = StepShape(new, pairs, kv_read, len(batch) + bulk, decode_pairs)
         return batch, shape, (draft_seqs, draft_context) if drafts else None
 
     def _bulk_order(self, now: float, step_no: int) -> Seq[Sequence | None] | None:

@@ -27,7 +27,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DTYPE_BYTES: dict[str, float] = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5}
+DTYPE_BYTES: dict[str, float] = {
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "fp8": 1.0,
+    "int8": 1.0,
+    "fp4": 0.5,
+    # Weight-only formats with their scales: INT4 in groups of 32 with a BF16 scale each
+    # (Kimi-K2.5's compressed-tensors checkpoint, group_size 32) = 4 + 16/32 bits; MXFP4 in
+    # blocks of 32 with an 8-bit shared exponent (OCP MX spec; gpt-oss) = 4 + 8/32 bits.
+    "int4": 0.5625,
+    "mxfp4": 0.53125,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +54,19 @@ class StepShape:
     attn_pairs: float
     kv_read_tokens: int
     seqs: int
+    decode_pairs: float = 0.0  # the part of attn_pairs from sequences decoding one token
+
+    def split(self, ways: int) -> StepShape:
+        """One of ``ways`` equal shares of the step (an attention data-parallel rank's)."""
+        if ways <= 1:
+            return self
+        return StepShape(
+            self.new_tokens / ways,  # type: ignore[arg-type]
+            self.attn_pairs / ways,
+            self.kv_read_tokens / ways,  # type: ignore[arg-type]
+            self.seqs / ways,  # type: ignore[arg-type]
+            self.decode_pairs / ways,
+        )
 
     @staticmethod
     def of(chunks: list[tuple[int, int]]) -> StepShape:
@@ -50,7 +74,8 @@ class StepShape:
         new = sum(n for n, _ in chunks)
         pairs = sum(n * (c + (n + 1) / 2) for n, c in chunks)
         kv_read = sum(c for _, c in chunks)
-        return StepShape(new, pairs, kv_read, len(chunks))
+        decode = sum(c + 1.0 for n, c in chunks if n == 1)
+        return StepShape(new, pairs, kv_read, len(chunks), decode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +95,12 @@ class ModelShape:
     expert_ffn: int = 0  # intermediate width of one routed expert (0: not known)
     moe_layers: int = 0  # layers with routed experts (MoE models; the rest are dense)
     gemm_input_bytes: float = 2.0  # bytes per GEMM input element (activations quantised to dtype)
+    # Attention variants (defaults: every layer attends over all its context, GQA/MHA FLOPs).
+    attn_pair_flops: float = 0.0  # FLOPs per (query, key) pair, all layers (0: 4·layers·width)
+    attn_pair_flops_decode: float = 0.0  # the same for decoding sequences (0: attn_pair_flops)
+    window: int = 0  # sliding window of the windowed layers (0: none)
+    window_kv_bytes_per_token: float = 0.0  # KV bytes per token of the windowed layers
+    state_bytes_per_seq: float = 0.0  # recurrent state per sequence (linear-attention layers)
 
 
 def forward_flops(m: ModelShape, s: StepShape) -> float:
@@ -99,6 +130,35 @@ def step_bytes(m: ModelShape, s: StepShape) -> float:
     return weight_bytes_read(m, s.new_tokens) + kv
 
 
+def attention_flops(m: ModelShape, s: StepShape) -> float:
+    """FLOPs of attention in one step: pairs × FLOPs per pair.
+
+    GQA/MHA: ``4 · layers · q_heads · head_dim`` per pair (QKᵀ and AV). Models that set
+    ``attn_pair_flops`` (MLA) price prefill pairs at it and decoding pairs at
+    ``attn_pair_flops_decode``: DeepSeek-style engines run MLA prefill as multi-head attention
+    over decompressed K/V (``2 · heads · (qk_nope + qk_rope + v)`` per pair and layer) and decode
+    in the absorbed form over the latent (``2 · heads · (2 · kv_lora + qk_rope)``).
+    """
+    if not m.attn_pair_flops:
+        return 4.0 * m.layers * m.attn_width * s.attn_pairs
+    decode = s.decode_pairs
+    per_decode = m.attn_pair_flops_decode or m.attn_pair_flops
+    return m.attn_pair_flops * (s.attn_pairs - decode) + per_decode * decode
+
+
+def attention_bytes(m: ModelShape, s: StepShape) -> float:
+    """HBM bytes of attention in one step: context KV read + new KV written, plus the windowed
+    layers' KV (at most ``window`` tokens per sequence, taken at the step's mean context) and
+    the recurrent state of linear-attention layers (read and written once per sequence)."""
+    kv = (s.kv_read_tokens + s.new_tokens) * m.kv_bytes_per_token
+    if m.window and m.window_kv_bytes_per_token and s.seqs:
+        per_seq = min(float(m.window), s.kv_read_tokens / s.seqs)
+        kv += (s.seqs * per_seq + s.new_tokens) * m.window_kv_bytes_per_token
+    if m.state_bytes_per_seq:
+        kv += 2.0 * s.seqs * m.state_bytes_per_seq
+    return kv
+
+
 @dataclass(frozen=True, slots=True)
 class HbmConstants:
     """Per-instance constants of an HBM roofline device (aggregated over ``tp`` devices)."""
@@ -115,6 +175,15 @@ class HbmConstants:
     kv_bandwidth_efficiency: float | None = None  # η for attention's KV reads (default: η)
     seq_overhead_s: float = 0.0  # per sequence per step (sampling, bookkeeping)
     gemm_half_tokens: float = 0.0  # GEMM rows at which MFU is half its large-batch value
+    # Parallel layout beyond plain tensor parallelism (defaults: ``tp`` devices do everything).
+    dp: int = 1  # attention data-parallel ranks, each ``tp`` devices with its own sequences
+    pp: int = 1  # pipeline stages
+    moe_tp: int = 0  # ways each routed expert is split (0: tp)
+    ep: int = 1  # expert-parallel groups the routed experts are spread over
+    kv_shards: int = 0  # ways one token's KV is split over the tp devices (0: tp)
+    nvlink_domain: int = 0  # devices one scale-up domain joins (0: any number)
+    scale_out: float = 0.0  # bytes/s per device per direction beyond the domain
+    scale_out_latency_s: float = 0.0  # per collective step across the scale-out network
 
 
 def gemm_efficiency(mfu: float, rows: float, half: float) -> float:
@@ -152,40 +221,132 @@ def linear_time(
     return t
 
 
+def collective_link(c: HbmConstants, devices: int) -> tuple[float, float]:
+    """``(bandwidth, latency)`` of a ring collective over ``devices``: the scale-up fabric
+    inside one domain (NVLink), the scale-out network (per device) once it spans domains, where
+    a ring's slowest hop sets its pace."""
+    if c.nvlink_domain and devices > c.nvlink_domain and c.scale_out > 0:
+        return c.scale_out, c.scale_out_latency_s or c.allreduce_latency_s
+    return c.interconnect, c.allreduce_latency_s
+
+
 def allreduce_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     """Tensor-parallel communication: two ring all-reduces per layer.
 
-    Each moves ``2 · (tp − 1) / tp · new_tokens · hidden · act_bytes`` bytes per device.
+    Each moves ``2 · (tp − 1) / tp · new_tokens · hidden · act_bytes`` bytes per device, over
+    :func:`collective_link`. With attention data parallelism and pipeline stages the traffic
+    is :func:`layout_comm_time`'s instead.
     """
+    if c.dp > 1 or c.pp > 1:
+        return layout_comm_time(m, s, c)
     if c.tp <= 1:
         return 0.0
+    bw, lat = collective_link(c, c.tp)
     payload = 2.0 * (c.tp - 1) / c.tp * s.new_tokens * m.hidden * m.act_bytes
-    return 2 * m.layers * (c.allreduce_latency_s + payload / c.interconnect)
+    return 2 * m.layers * (lat + payload / bw)
 
 
-def expert_layer_bytes(m: ModelShape, tokens: int, tp: int) -> tuple[float, float, float, float]:
+def all_to_all_time(c: HbmConstants, payload: float, devices: int) -> float:
+    """One all-to-all in which each device sends ``payload`` bytes spread evenly over the other
+    ``devices − 1``: the share to devices in its own scale-up domain crosses NVLink, the rest
+    the scale-out network, both at once::
+
+        latency + max(payload · (d − 1)/(n − 1) / BW_up, payload · (n − d)/(n − 1) / BW_out)
+
+    with ``d`` = devices per domain (``n`` when the collective fits in one domain).
+    """
+    if devices <= 1 or payload <= 0:
+        return 0.0
+    domain = min(devices, c.nvlink_domain or devices)
+    inside = payload * (domain - 1) / (devices - 1)
+    outside = payload - inside
+    t = inside / c.interconnect
+    lat = c.allreduce_latency_s
+    if outside > 0:
+        t = max(t, outside / (c.scale_out or c.interconnect))
+        lat = c.scale_out_latency_s or lat
+    return lat + t
+
+
+def layout_comm_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
+    """Communication of a step under data-parallel attention and pipeline stages.
+
+    * Attention of each of the ``dp`` ranks: one all-reduce per layer over its ``tp`` devices
+      of its ``N / dp`` tokens (``2 · (tp − 1)/tp · N/dp · H · b`` bytes per device).
+    * MoE layers: tokens go to the devices holding their experts and come back, an all-to-all
+      dispatch (GEMM-input dtype, ``q`` bytes) and combine (``b`` bytes) over the
+      ``G = moe_tp · ep`` devices: each device sends its ``N / dp`` tokens to ``min(k, G)``
+      devices, ``(G − 1)/G`` of them elsewhere: ``N/dp · min(k, G) · (G − 1)/G · H · (q + b)``.
+      (Dense layers of a MoE model are taken to run data-parallel, like attention.)
+    * Pipeline stages: ``pp − 1`` point-to-point sends of the ``N`` activations.
+    """
+    n_r = s.new_tokens / max(1, c.dp)
+    h, b = float(m.hidden), m.act_bytes
+    t = 0.0
+    if c.tp > 1:
+        bw, lat = collective_link(c, c.tp)
+        payload = 2.0 * (c.tp - 1) / c.tp * n_r * h * b
+        t += (1 if c.dp > 1 else 2) * m.layers * (lat + payload / bw)
+    g = (c.moe_tp or c.tp) * max(1, c.ep)
+    if c.dp > 1 and m.moe_layers and g > 1:
+        copies = min(m.top_k, g) * (g - 1) / g
+        dispatch = n_r * copies * h * m.gemm_input_bytes
+        combine = n_r * copies * h * b
+        t += m.moe_layers * (all_to_all_time(c, dispatch, g) + all_to_all_time(c, combine, g))
+    if c.pp > 1:
+        t += (c.pp - 1) * (c.allreduce_latency_s + s.new_tokens * h * b / c.interconnect)
+    return t
+
+
+def expert_imbalance(rows: float, ep: int) -> float:
+    """Load on the busiest of ``ep`` expert-parallel devices over the mean, for ``rows`` routed
+    rows per device on average.
+
+    Routing spreads rows roughly uniformly at random, so a device's count is near-Gaussian with
+    variance ``rows · (1 − 1/ep)``; the expected maximum of ``ep`` such counts is about
+    ``mean + σ · √(2 ln ep)`` (extreme-value approximation of the Gaussian maximum)::
+
+        1 + √(2 ln ep · (1 − 1/ep) / rows),  at most ep
+
+    A step waits for its slowest device: a few hundred decode rows per device cost 10-20 %,
+    tens of thousands of prefill rows about 1 %.
+    """
+    if ep <= 1 or rows <= 0:
+        return 1.0
+    return min(float(ep), 1.0 + math.sqrt(2.0 * math.log(ep) * (1.0 - 1.0 / ep) / rows))
+
+
+def expert_layer_bytes(
+    m: ModelShape, tokens: float, tp: int, *, ep: int = 1, local_tokens: float | None = None
+) -> tuple[float, float, float, float]:
     """HBM bytes one device moves in one MoE layer's four expert kernels, for ``N`` tokens.
 
-    Routed experts are tensor-parallel: each of the ``tp`` devices holds ``F / tp`` of every
-    expert's ``F`` intermediate columns, so it runs all ``A = N · k`` routed rows through narrow
-    GEMMs. With hidden size ``H``, activations ``b`` bytes (``act_bytes``), GEMM inputs ``q``
-    bytes (quantised to the serving dtype) and ``W`` expert weight bytes per device and layer
+    Routed experts are split two ways: over ``ep`` expert-parallel groups (each device holds
+    ``E / ep`` experts) and, within a group, tensor-parallel (``tp`` here is the MoE TP degree:
+    each device holds ``F / tp`` of every expert's ``F`` intermediate columns). A device receives
+    ``A = N · k / ep`` routed rows (times :func:`expert_imbalance` for the busiest device) and
+    runs them through narrow GEMMs. With hidden size ``H``, activations ``b`` bytes
+    (``act_bytes``), GEMM inputs ``q`` bytes (quantised to the serving dtype), ``n`` tokens the
+    device holds before dispatch (``local_tokens``: all ``N`` when attention is tensor-parallel,
+    ``N / dp`` with data-parallel attention) and ``W`` expert weight bytes per device and layer
     (only the experts the step touches, :func:`weight_bytes_read`)::
 
-        dispatch   N · H · b + A · H · q                  (gather rows by expert, quantise)
+        dispatch   n · H · b + A · H · q                  (gather rows by expert, quantise)
         gate/up    A · H · q + 2/3 · W + A · 2F/tp · b
         down       A · F/tp · q + 1/3 · W + A · H · b    (every device writes full-width rows)
-        combine    A · H · b + N · H · b                  (weighted sum of the k rows per token)
+        combine    A · H · b + n · H · b                  (weighted sum of the k rows per token)
 
     Returns ``(dispatch, gate_up, down, combine)``. The ``A · H`` terms do not shrink with
     ``tp``: at 8-way TP a 1,536-wide expert (Qwen3-235B) leaves 192 columns per device, and the
     down projection writes more bytes of partial sums than it does multiply-adds per byte.
     """
-    n, h, b, q = float(tokens), float(m.hidden), m.act_bytes, m.gemm_input_bytes
-    a = n * m.top_k
+    n_all, h, b, q = float(tokens), float(m.hidden), m.act_bytes, m.gemm_input_bytes
+    n = n_all if local_tokens is None else float(local_tokens)
+    a = n_all * m.top_k / ep
+    a *= expert_imbalance(a, ep)
     f = m.expert_ffn / tp
     touched = 1.0 - (1.0 - m.top_k / m.experts) ** tokens
-    w = m.expert_weight_bytes * touched / (max(m.moe_layers, 1) * tp)
+    w = m.expert_weight_bytes * touched / (max(m.moe_layers, 1) * tp * ep)
     return (
         n * h * b + a * h * q,
         a * h * q + 2.0 / 3.0 * w + a * 2.0 * f * b,
@@ -202,7 +363,7 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
 
     Bytes as in :func:`expert_layer_bytes`; ``β = η · BW`` of one device; ``F_gu = 2 · A · H ·
     2F/tp`` and ``F_down = 2 · A · F/tp · H``; ``π = peak`` at the GEMM efficiency of
-    :func:`gemm_efficiency` over ``A / experts`` rows (each expert's share; the narrow
+    :func:`gemm_efficiency` over ``A / (E / ep)`` rows (each expert's share; the narrow
     ``F / tp`` width is charged as bytes, not as fewer rows). Large expert GEMMs (Mixtral,
     TP1) are compute-bound and this is the plain FLOP count; narrow ones (Qwen3 at TP8) are
     bound by the routed rows' traffic, which a FLOP roofline alone does not see.
@@ -210,11 +371,17 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     tokens = s.new_tokens
     if tokens <= 0:
         return 0.0
-    dispatch, gate_up, down, combine = expert_layer_bytes(m, tokens, c.tp)
+    moe_tp = c.moe_tp or c.tp
+    ep = max(1, c.ep)
+    local = tokens / c.dp if c.dp > 1 else None
+    dispatch, gate_up, down, combine = expert_layer_bytes(
+        m, tokens, moe_tp, ep=ep, local_tokens=local
+    )
     beta = c.bandwidth_efficiency * c.bandwidth
-    a = float(tokens * m.top_k)
-    f = m.expert_ffn / c.tp
-    rows = a / m.experts
+    a = float(tokens * m.top_k) / ep
+    a *= expert_imbalance(a, ep)
+    f = m.expert_ffn / moe_tp
+    rows = a / (m.experts / ep)
     pi = c.peak_flops * gemm_efficiency(c.mfu, rows, c.gemm_half_tokens)
     per_layer = (
         dispatch / beta
@@ -245,12 +412,12 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     """Roofline step time of an HBM device, one roofline per kind of kernel::
 
         t = max(F_linear / (MFU · peak · tp), weights / (η · BW · tp))        linear layers
-          + max(F_attention / (MFU · peak · tp), KV / (η_kv · BW · tp))       attention
-          + step_overhead + layers · layer_overhead + seqs · seq_overhead + t_allreduce
+          + max(F_attention / (MFU · peak · tp), KV / (η_kv · BW · kv_shards)) attention
+          + step_overhead + layers · layer_overhead + seqs · seq_overhead + t_comm
 
     ``F_linear = 2 · P_active · new_tokens`` at the GEMM efficiency of its height
-    (:func:`linear_time`), ``F_attention = 4 · layers · attn_width · attn_pairs``; KV is the
-    context read plus the new tokens written. The GEMMs over the
+    (:func:`linear_time`), ``F_attention`` from :func:`attention_flops`; KV is the context read
+    plus the new tokens written (:func:`attention_bytes`). The GEMMs over the
     weights and the attention over the KV cache are separate kernels that run one after the
     other, so each is bound by its own roof and their times add: large-batch decode pays for
     compute-bound GEMMs *and* for KV-bound attention. Small-batch decode is bound by weight
@@ -259,20 +426,29 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     Mixture-of-experts models whose expert width is known split the linear term in two, the
     dense GEMMs (:func:`dense_linear_time`) and the routed experts' kernels
     (:func:`expert_time`), each with its own roofline.
+
+    Layouts: with ``dp`` data-parallel attention ranks every term but the routed experts is
+    one rank's share of the step (ranks run in parallel, each with ``tp`` devices); the experts
+    see all the step's tokens, spread over ``moe_tp · ep`` devices. ``kv_shards`` is how many
+    ways one token's KV is split over a rank's ``tp`` devices: ``min(tp, kv_heads)`` for GQA
+    (heads are replicated once TP exceeds them), 1 for MLA (the latent is not split by head).
+    Pipeline stages run one after the other for a step, so they add their hand-offs, not speed.
     """
+    r = s.split(c.dp)
     peak = c.mfu * c.peak_flops * c.tp
     bandwidth = c.bandwidth * c.tp
-    f_attention = 4.0 * m.layers * m.attn_width * s.attn_pairs
-    kv = (s.kv_read_tokens + s.new_tokens) * m.kv_bytes_per_token
+    f_attention = attention_flops(m, r)
+    kv = attention_bytes(m, r)
     eta_kv = c.kv_bandwidth_efficiency or c.bandwidth_efficiency
+    kv_ways = c.kv_shards or c.tp
     if m.experts and m.expert_ffn and m.moe_layers:
-        t_linear = dense_linear_time(m, s, c) + expert_time(m, s, c)
+        t_linear = dense_linear_time(m, r, c) + expert_time(m, s, c)
     else:
-        weights = weight_bytes_read(m, s.new_tokens)
-        compute = linear_time(m, s, c.peak_flops * c.tp, c.mfu, c.gemm_half_tokens, c.tp)
+        weights = weight_bytes_read(m, r.new_tokens)
+        compute = linear_time(m, r, c.peak_flops * c.tp, c.mfu, c.gemm_half_tokens, c.tp)
         t_linear = max(compute, weights / (c.bandwidth_efficiency * bandwidth))
-    t_attention = max(f_attention / peak, kv / (eta_kv * bandwidth))
-    overhead = c.step_overhead_s + m.layers * c.layer_overhead_s + s.seqs * c.seq_overhead_s
+    t_attention = max(f_attention / peak, kv / (eta_kv * c.bandwidth * kv_ways))
+    overhead = c.step_overhead_s + m.layers * c.layer_overhead_s + r.seqs * c.seq_overhead_s
     return t_linear + t_attention + overhead + allreduce_time(m, s, c)
 
 

@@ -33,8 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--rendezvous-timeout", type=float, default=30.0, help="decode wait for an SGLang room")
     a("--default-max-tokens", type=int, default=256)
     a("--tokenizer", help="Hugging Face tokenizer.json for prompt counting")
-    a("--max-num-seqs", type=int, default=256)
-    a("--max-num-batched-tokens", type=int, default=8192)
+    a("--engine", help="engine profile (config/engines, e.g. vllm-0.14, sglang-0.5, trtllm-1.1)")
+    a("--max-num-seqs", type=int, help="default 256 (or the engine profile's)")
+    a("--max-num-batched-tokens", type=int, help="default 8192 (or the engine profile's)")
     a("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
     a("--fail-after-tokens", type=int, help="streams break after N tokens")
     a("--hang-after-tokens", type=int, help="streams hang after N tokens")
@@ -87,8 +88,19 @@ def config_from_args(args: argparse.Namespace) -> InstanceConfig:
         rendezvous_timeout_s=args.rendezvous_timeout,
         default_max_tokens=args.default_max_tokens,
         tokenizer=args.tokenizer,
-        engine=EngineKnobs(
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        engine=Catalog.load().engine_knobs(
+            getattr(args, "engine", None),
+            args.device,
+            EngineKnobs(
+                **{
+                    k: v
+                    for k, v in (
+                        ("max_num_seqs", args.max_num_seqs),
+                        ("max_num_batched_tokens", args.max_num_batched_tokens),
+                    )
+                    if v is not None
+                }
+            ),
         ),
         faults=faults,
         enable_faults=bool(args.enable_faults or injected),

@@ -24,14 +24,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--model", help="model profile (with --config: a served model name)")
     what.add_argument("--dtype", default="bf16", choices=["bf16", "fp8", "fp4"])
     knobs = parser.add_argument_group("engine knobs (--device)")
-    knobs.add_argument("--max-num-seqs", type=int, default=256)
-    knobs.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    knobs.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    knobs.add_argument("--block-size", type=int, default=16)
-    knobs.add_argument("--enable-prefix-caching", action="store_true")
-    knobs.add_argument("--speculative-tokens", type=int, default=0, help="drafts per step")
-    knobs.add_argument("--acceptance-rate", type=float, default=0.7)
-    knobs.add_argument("--draft-cost-fraction", type=float, default=0.1)
+    knobs.add_argument(
+        "--engine",
+        help="engine profile (config/engines: vllm-0.14, sglang-0.5, trtllm-1.1, ...); "
+        "the knobs below override its defaults",
+    )
+    knobs.add_argument("--max-num-seqs", type=int, help="default 256 (or the engine's)")
+    knobs.add_argument("--max-num-batched-tokens", type=int, help="default 8192")
+    knobs.add_argument("--gpu-memory-utilization", type=float, help="default 0.9")
+    knobs.add_argument("--block-size", type=int, help="default 16")
+    knobs.add_argument("--enable-prefix-caching", action="store_true", default=None)
+    knobs.add_argument("--speculative-tokens", type=int, help="drafts per step (default 0)")
+    knobs.add_argument("--acceptance-rate", type=float, help="default 0.7")
+    knobs.add_argument("--draft-cost-fraction", type=float, help="default 0.1")
     work = parser.add_argument_group("workload")
     work.add_argument("--isl", help="input length: N, or a distribution as for --isl-dist")
     work.add_argument("--osl", help="output length: N, or a distribution")

@@ -78,15 +78,23 @@ def _deployment(args: argparse.Namespace, catalog: Catalog) -> tuple[Settings, s
         return settings, model, f"{args.config} ({model})"
     if args.device is None or args.model is None:
         raise ValueError("give --device and --model (or --config)")
-    engine = EngineKnobs(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        block_size=args.block_size,
-        enable_prefix_caching=args.enable_prefix_caching,
-        speculative_tokens=args.speculative_tokens,
-        acceptance_rate=args.acceptance_rate,
-        draft_cost_fraction=args.draft_cost_fraction,
+    explicit = {
+        name: getattr(args, name, None)
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "gpu_memory_utilization",
+            "block_size",
+            "enable_prefix_caching",
+            "speculative_tokens",
+            "acceptance_rate",
+            "draft_cost_fraction",
+        )
+    }
+    engine = catalog.engine_knobs(
+        getattr(args, "engine", None),
+        args.device,
+        EngineKnobs(**{k: v for k, v in explicit.items() if v is not None}),
     )
     settings = device_settings(
         catalog,

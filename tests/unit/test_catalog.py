@@ -28,6 +28,12 @@ KV_BYTES_BF16 = {
     "qwen3-30b-a3b": 98304,
     "qwen3-235b-a22b": 192512,
     "deepseek-v3": 70272,
+    "qwen3-32b": 262144,  # 2 x 64 x 8 x 128 x 2
+    "gpt-oss-120b": 36864,  # 2 x 18 full-attention layers x 8 x 64 x 2 (windowed layers apart)
+    "minimax-m2.5": 253952,  # 2 x 62 x 8 x 128 x 2
+    "qwen3.5-397b-a17b": 30720,  # 2 x 15 attention layers x 2 x 256 x 2
+    "kimi-k2.5": 70272,  # 61 x (512 + 64) x 2
+    "glm-5": 89856,  # 78 x (512 + 64) x 2
 }
 
 

@@ -154,6 +154,14 @@ SCENARIOS = [
     ),
     pytest.param({"prefix_caching": True, "kv_capacity_tokens": 20_000}, id="prefix-cache"),
     pytest.param({"reserve_max": True, "kv_capacity_tokens": 20_000}, id="reserve-max"),
+    # SGLang's step building: a prefill-only step, which the bulk sits out
+    pytest.param(
+        {"step_policy": "prefill_first", "max_num_batched_tokens": 1024}, id="prefill-first"
+    ),
+    # TensorRT-LLM without chunking: whole prompts only, beside the bulk's decodes
+    pytest.param(
+        {"step_policy": "whole_prompt", "max_num_batched_tokens": 2048}, id="whole-prompt"
+    ),
 ]
 
 

@@ -1,0 +1,230 @@
+"""Predict measured serving runs ("silicon" rows) with the emulation.
+
+An aggregated row runs aiperf's closed loop on one emulated engine in virtual time
+(:func:`gateway.sim.silicon.closed_loop`): the engine's own scheduler and the deployment's
+physics, no HTTP and no event loop, so a row costs a fraction of a second. A disaggregated row
+(xPyD) runs through the gateway's P/D flow exactly as ``pdgate serve`` would route it
+(:func:`gateway.sim.simulate`): ``x`` prefill workers, ``y`` decode workers, the KV link between
+them, the same engines.
+
+Example::
+
+    row = parse_row(csv_dict)
+    predict(row)   # Prediction(id=..., ttft_ms=..., tpot_ms=..., reason="")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from backends.emulator.catalog import (
+    Catalog,
+    Deployment,
+    EngineKnobs,
+    EngineProfile,
+    ParallelLayout,
+    WeightFormats,
+)
+from backends.emulator.engine import Engine
+from backends.errors import CatalogError
+from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings
+from gateway.sim.silicon import (
+    Layout,
+    ManualClock,
+    Prediction,
+    RowError,
+    SiliconRow,
+    Stalled,
+    closed_loop,
+    weights_of,
+)
+from gateway.sim.workload import RequestSpec
+
+# Counted waves of a disaggregated row's closed loop (after the warm-up wave). The gateway's
+# closed loop has no convergence test, so a fixed number of waves is run: with fixed lengths
+# the pattern repeats after the first counted wave.
+DISAGG_WAVES = 4
+
+# KV link between prefill and decode workers on separate Hopper nodes: each GPU's own
+# 400 Gb/s InfiniBand NIC (DGX H100/H200: eight ConnectX-7, one per GPU).
+DISAGG_LINK = "ib_ndr"
+
+_catalog: Catalog | None = None
+
+MOE_MODELS = {
+    "deepseek-v3",
+    "kimi-k2.5",
+    "glm-5",
+    "qwen3-235b-a22b",
+    "qwen3.5-397b-a17b",
+    "gpt-oss-120b",
+    "minimax-m2.5",
+}
+
+
+def catalog() -> Catalog:
+    global _catalog
+    if _catalog is None:
+        _catalog = Catalog.load()
+    return _catalog
+
+
+def engine_profile(row: SiliconRow, cat: Catalog | None = None) -> EngineProfile:
+    """The engine profile of the row's engine and version family."""
+    return (cat or catalog()).engine_for(row.backend, row.version)
+
+
+# Knob overrides by engine profile name, for fitting a profile's factors (:func:`fit_profile`).
+_overrides: dict[str, dict[str, float]] = {}
+
+
+def knobs_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> EngineKnobs:
+    """Engine settings of a worker of the row: its engine's defaults on the row's device, with
+    the row's batch cap (per attention data-parallel rank, so ``batch × dp`` per worker)."""
+    profile = engine_profile(row, cat)
+    batch = layout.batch * layout.dp if layout.batch else None
+    knobs = profile.knobs_for(row.device or "", max_num_seqs=batch)
+    if profile.name in _overrides:
+        knobs = knobs.model_copy(update=_overrides[profile.name])
+    return knobs
+
+
+def predict_with(row: SiliconRow, overrides: dict[str, dict[str, float]]) -> Prediction:
+    """:func:`predict` with some engine profiles' knobs replaced (fitting)."""
+    _overrides.clear()
+    _overrides.update(overrides)
+    try:
+        return predict(row)
+    finally:
+        _overrides.clear()
+
+
+def deployment_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> Deployment:
+    cat = cat or catalog()
+    model, device = row.model, row.device
+    if model is None:
+        raise RowError(f"no model profile for {row.model_path}")
+    if device is None:
+        raise RowError(f"no device profile for system {row.system}")
+    w = weights_of(row)
+    return cat.deployment(
+        device,
+        model,
+        dtype=w.compute,
+        engine=knobs_for(row, layout, cat),
+        layout=parallel_layout(row, layout),
+        weights=WeightFormats(dense=w.dense, experts=w.experts),
+    )
+
+
+def parallel_layout(row: SiliconRow, layout: Layout) -> ParallelLayout:
+    """The row's layout in the catalog's terms.
+
+    Dense models have no experts to split: their ``moe_*`` columns only repeat the GPU count.
+    For MoE models the expert group ``moe_tp × moe_ep`` is the worker's GPU count, and the
+    attention layout must fill it (``tp × dp``); some rows record more attention ranks than
+    there are GPUs (DP 64 on one 8-GPU node), so ``tp`` and ``dp`` are capped to fit it.
+    """
+    moe = (row.model or "") in MOE_MODELS
+    if not moe:
+        return ParallelLayout(tp=layout.tp, pp=layout.pp, dp=layout.dp)
+    g = layout.moe_tp * layout.moe_ep
+    tp = min(layout.tp, g)
+    dp = max(1, min(layout.dp, g // tp))
+    return ParallelLayout(tp=tp, pp=layout.pp, dp=dp, moe_tp=layout.moe_tp, ep=layout.moe_ep)
+
+
+def predict(row: SiliconRow, cat: Catalog | None = None) -> Prediction:
+    """The emulation's TTFT and TPOT for ``row``, or a reason why it cannot say."""
+    wall = time.perf_counter()
+    try:
+        if row.mode == "agg":
+            assert row.agg is not None
+            ttft, tpot = _agg(row, row.agg, cat)
+        else:
+            ttft, tpot = _disagg(row, cat)
+    except (RowError, CatalogError, Stalled, ValueError) as exc:
+        return Prediction(row.id, None, None, str(exc), time.perf_counter() - wall)
+    return Prediction(row.id, ttft * 1e3, tpot * 1e3, "", time.perf_counter() - wall)
+
+
+def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, float]:
+    dep = deployment_for(row, layout, cat)
+    clock = ManualClock()
+    k = dep.engine
+    engine = Engine(
+        dep,
+        clock,  # type: ignore[arg-type]
+        max_num_seqs=k.max_num_seqs,
+        max_num_batched_tokens=k.max_num_batched_tokens,
+        block_size=k.block_size,
+        speculative_tokens=k.speculative_tokens,
+        acceptance_rate=k.acceptance_rate,
+        draft_cost_fraction=k.draft_cost_fraction,
+        reserve_max=k.scheduler_policy == "guaranteed_no_evict",
+        step_policy=k.step_policy,
+    )
+    profile = engine_profile(row, cat)
+    frontend = profile.frontend_request_s + profile.frontend_token_s * row.isl
+    r = closed_loop(
+        engine,
+        clock,
+        dep.step_time,
+        concurrency=row.concurrency,
+        isl=row.isl,
+        osl=row.osl,
+        frontend_s=frontend,
+    )
+    return r.ttft_s, r.tpot_s
+
+
+def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
+    """The gateway config an xPyD row describes: a prefill pool of ``x`` workers and a decode
+    pool of ``y``, each worker with its own layout, joined by the KV link."""
+    if row.prefill is None or row.decode is None:
+        raise RowError("a disaggregated row needs prefill and decode layouts")
+    model = row.model
+    if model is None:
+        raise RowError(f"no model profile for {row.model_path}")
+    pools = {}
+    for role, layout in (("prefill", row.prefill), ("decode", row.decode)):
+        dep = deployment_for(row, layout, cat)  # validates that it fits
+        worker = EmulatedWorker(
+            device=dep.device.name,
+            count=dep.count,
+            tp=dep.tp,
+            dtype=dep.dtype,
+            replicas=layout.workers,
+            engine=dep.engine,
+            layout=dep.layout,
+            weights=dep.weights,
+        )
+        pools[role] = PoolConfig(policy="least_loaded", kv_link=DISAGG_LINK, workers=[worker])
+    served = ModelConfig(name=model, mode="disaggregated", pools=pools)
+    return Settings(models=[served])
+
+
+def _disagg(row: SiliconRow, cat: Catalog | None) -> tuple[float, float]:
+    from gateway.sim.run import SimulationSpec, simulate
+
+    settings = disagg_settings(row, cat)
+    c = row.concurrency
+    total = c * (1 + DISAGG_WAVES)
+
+    def requests() -> Iterator[RequestSpec]:
+        for _ in range(total):
+            yield RequestSpec(prompt_tokens=row.isl, output_tokens=row.osl)
+
+    spec = SimulationSpec(
+        settings, row.model or "", requests(), concurrency=c, total=total, catalog=cat or catalog()
+    )
+    result = simulate(spec)
+    counted = [r for r in result.records[c:] if r.error is None and r.end_at is not None]
+    if not counted:
+        errors = {r.error for r in result.records if r.error}
+        raise RowError(f"no request completed: {', '.join(sorted(e for e in errors if e))}")
+    ttft = sum(r.ttft for r in counted) / len(counted)
+    tpots = [t for r in counted if (t := r.tpot) is not None]
+    tpot = sum(tpots) / len(tpots) if tpots else 0.0
+    return ttft, tpot

@@ -1,0 +1,205 @@
+"""Measured-run rows: parsing, mapping to the emulation, the closed loop and the accuracy maths
+(backends/sim/silicon.py, gateway/silicon.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from backends.emulator.engine import Engine
+from backends.emulator.timing import StepShape
+from gateway.sim.silicon import (
+    Layout,
+    ManualClock,
+    Prediction,
+    RowError,
+    accuracy,
+    breakdown,
+    closed_loop,
+    concurrency_of,
+    fit_objective,
+    is_train,
+    parse_row,
+    rel_error,
+    summary_table,
+    weights_of,
+)
+
+AGG = {
+    "id": "r1",
+    "silicon_data_source": "db-dump; config_id=1; silicon_concurrency=16; measured=x",
+    "backend": "trtllm",
+    "backend_version": "1.0.0rc3",
+    "model_path": "deepseek-ai/DeepSeek-R1",
+    "system": "h200_sxm",
+    "precision": "fp8",
+    "mode": "agg",
+    "isl": "1024",
+    "osl": "128",
+    "gemm_quant_mode": "fp8",
+    "moe_quant_mode": "fp8_block",
+    "batch_size": "16",
+    "tp_size": "8",
+    "pp_size": "1",
+    "attention_dp_size": "",
+    "moe_tp_size": "1",
+    "moe_ep_size": "8",
+    "silicon_ttft_ms": "250.0",
+    "silicon_tpot_ms": "12.5",
+}
+
+DISAGG = {
+    "id": "d1",
+    "silicon_data_source": "source_file=x.csv; silicon_concurrency=64",
+    "backend": "sglang",
+    "backend_version": "0.5.9",
+    "model_path": "Qwen/Qwen3-32B",
+    "system": "h100_sxm",
+    "precision": "",
+    "mode": "disagg",
+    "isl": "4000",
+    "osl": "1000",
+    "prefill_batch_size": "1",
+    "prefill_num_workers": "2",
+    "prefill_tp_size": "2",
+    "prefill_pp_size": "1",
+    "prefill_moe_ep_size": "0",
+    "decode_batch_size": "32",
+    "decode_num_workers": "1",
+    "decode_tp_size": "4",
+    "decode_attention_dp_size": "1",
+    "silicon_ttft_ms": "900",
+    "silicon_tpot_ms": "40",
+}
+
+
+def test_parse_agg_row_reads_layout_concurrency_and_measurements() -> None:
+    row = parse_row(AGG)
+    assert (row.mode, row.isl, row.osl, row.concurrency) == ("agg", 1024, 128, 16)
+    assert row.agg == Layout(tp=8, pp=1, dp=1, moe_tp=1, moe_ep=8, batch=16, workers=1)
+    assert (row.ttft_ms, row.tpot_ms) == (250.0, 12.5)
+    assert row.model == "deepseek-v3"
+    assert row.device == "h200-sxm"
+    assert row.family == "deepseek"
+
+
+def test_parse_disagg_row_reads_both_layouts_and_worker_counts() -> None:
+    row = parse_row(DISAGG)
+    assert row.prefill == Layout(tp=2, pp=1, dp=1, moe_tp=1, moe_ep=1, batch=1, workers=2)
+    assert row.decode == Layout(tp=4, pp=1, dp=1, moe_tp=1, moe_ep=1, batch=32, workers=1)
+    assert row.prefill.gpus == 2
+    assert row.agg is None
+
+
+def test_concurrency_falls_back_to_batch_times_workers() -> None:
+    d = {**DISAGG, "silicon_data_source": "source_file=x.csv"}
+    assert concurrency_of(d) == 32
+    with pytest.raises(RowError):
+        concurrency_of({**AGG, "silicon_data_source": "", "batch_size": ""})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"mode": "both"}, "mode"), ({"isl": "0"}, "isl"), ({"id": ""}, "id"), ({"osl": "x"}, "osl")],
+)
+def test_bad_rows_are_refused(change: dict[str, str], message: str) -> None:
+    with pytest.raises(RowError, match=message):
+        parse_row({**AGG, **change})
+
+
+def test_weight_formats_follow_precision_and_quant_modes() -> None:
+    row = parse_row(AGG)
+    assert weights_of(row) == weights_of(parse_row({**AGG, "moe_quant_mode": "fp8"}))
+    assert (weights_of(row).dense, weights_of(row).experts) == ("fp8", "fp8")
+    bf16 = parse_row({**AGG, "precision": "", "gemm_quant_mode": "", "moe_quant_mode": ""})
+    assert weights_of(bf16).compute == "bf16"
+    kimi = parse_row({**AGG, "precision": "int4", "moe_quant_mode": "int4_wo"})
+    assert (weights_of(kimi).dense, weights_of(kimi).experts) == ("bf16", "int4")
+    oss = parse_row({**AGG, "precision": "fp4", "gemm_quant_mode": "nvfp4"})
+    assert (weights_of(oss).experts, weights_of(oss).compute) == ("mxfp4", "bf16")
+    with pytest.raises(RowError):
+        weights_of(parse_row({**AGG, "precision": "int2", "gemm_quant_mode": "int2"}))
+
+
+class ConstantTimer:
+    """Every step takes ``t`` seconds, whatever it holds."""
+
+    def __init__(self, t: float, capacity: int = 1_000_000) -> None:
+        self.t = t
+        self.kv_capacity_tokens = capacity
+
+    def step_time(self, shape: StepShape) -> float:
+        return self.t
+
+
+def test_closed_loop_single_client_hand_worked() -> None:
+    # One client, a prompt that fits one step: the first token comes after the front end
+    # (2 ms) and one step (10 ms); every further token one step later.
+    timer = ConstantTimer(0.010)
+    clock = ManualClock()
+    engine = Engine(timer, clock, max_num_batched_tokens=8192)  # type: ignore[arg-type]
+    r = closed_loop(engine, clock, timer.step_time, concurrency=1, isl=100, osl=5, frontend_s=0.002)
+    assert r.ttft_s == pytest.approx(0.012)
+    assert r.tpot_s == pytest.approx(0.010)
+    assert r.converged
+    assert 2 <= r.counted <= 20
+
+
+def test_closed_loop_counts_waves_after_warmup_and_queues_behind_budget() -> None:
+    # Budget 100 tokens, prompts of 100: four clients' prompts take one step each, so the
+    # n-th prompt of a wave waits n steps (mean 2.5 steps) on the engine's first wave.
+    timer = ConstantTimer(0.010)
+    clock = ManualClock()
+    engine = Engine(timer, clock, max_num_batched_tokens=100)  # type: ignore[arg-type]
+    r = closed_loop(engine, clock, timer.step_time, concurrency=4, isl=100, osl=50)
+    assert r.counted % 4 == 0
+    assert r.ttft_s >= 0.010
+    assert r.tpot_s >= 0.010 * 0.99
+
+
+def test_accuracy_maths_hand_worked() -> None:
+    rows = [parse_row({**AGG, "id": f"r{i}"}) for i in range(4)]
+    preds = [
+        Prediction("r0", 250.0, 12.5),  # exact
+        Prediction("r1", 300.0, 14.0),  # TTFT +20 %, TPOT +12 %
+        Prediction("r2", 125.0, 10.0),  # TTFT -50 %, TPOT -20 %
+        Prediction("r3", None, None, "unsupported"),
+    ]
+    acc = accuracy(list(zip(rows, preds, strict=True)))
+    assert acc.rows == 4
+    assert acc.covered == 3
+    assert acc.coverage == pytest.approx(0.75)
+    assert acc.tpot_within == pytest.approx(2 / 3)
+    assert acc.ttft_within == pytest.approx(2 / 3)
+    assert acc.tpot_median == pytest.approx(0.12)
+    assert acc.ttft_median == pytest.approx(0.20)
+    assert not acc.meets_targets()
+    groups = breakdown(list(zip(rows, preds, strict=True)), lambda r: r.backend)
+    assert list(groups) == ["trtllm"]
+    assert "engine=trtllm" in summary_table(list(zip(rows, preds, strict=True)))
+
+
+def test_rel_error_and_empty_accuracy() -> None:
+    assert rel_error(110.0, 100.0) == pytest.approx(0.10)
+    assert rel_error(None, 100.0) is None
+    acc = accuracy([])
+    assert math.isnan(acc.tpot_median)
+    assert math.isnan(acc.coverage)
+
+
+def test_fit_objective_caps_errors_and_charges_uncovered_rows() -> None:
+    rows = [parse_row({**AGG, "id": f"r{i}"}) for i in range(3)]
+    preds = [
+        Prediction("r0", 250.0, 12.5),
+        Prediction("r1", 2500.0, 125.0),  # +900 %: capped at 1
+        Prediction("r2", None, None, "x"),  # charged 1
+    ]
+    assert fit_objective(list(zip(rows, preds, strict=True))) == pytest.approx(2.0)
+
+
+def test_train_split_is_a_fixed_half() -> None:
+    ids = [f"row{i}" for i in range(2000)]
+    train = [i for i in ids if is_train(i)]
+    assert 900 < len(train) < 1100
+    assert train == [i for i in ids if is_train(i)]

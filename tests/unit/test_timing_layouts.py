@@ -1,0 +1,299 @@
+"""Physics of parallel layouts, MLA, sliding windows, linear attention and weight formats
+(backends/timing.py, backends/catalog.py), each against a hand-worked figure."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from backends.emulator.catalog import (
+    Catalog,
+    EngineKnobs,
+    ParallelLayout,
+    WeightFormats,
+    kv_shards,
+)
+from backends.emulator.timing import (
+    DTYPE_BYTES,
+    HbmConstants,
+    ModelShape,
+    StepShape,
+    all_to_all_time,
+    allreduce_time,
+    attention_bytes,
+    attention_flops,
+    collective_link,
+    expert_imbalance,
+    expert_layer_bytes,
+    hbm_step_time,
+    layout_comm_time,
+)
+
+GB = 1e9
+
+
+def shape(**kw: float) -> ModelShape:
+    base = {
+        "layers": 10,
+        "hidden": 1000,
+        "attn_width": 1000,
+        "active_params": 1e9,
+        "dense_weight_bytes": 1e9,
+        "expert_weight_bytes": 0.0,
+        "experts": 0,
+        "top_k": 0,
+        "kv_bytes_per_token": 100.0,
+        "act_bytes": 2.0,
+    }
+    base.update(kw)
+    return ModelShape(**base)  # type: ignore[arg-type]
+
+
+def consts(**kw: float) -> HbmConstants:
+    base = {
+        "peak_flops": 1e15,
+        "bandwidth": 1e12,
+        "mfu": 0.5,
+        "bandwidth_efficiency": 0.5,
+        "step_overhead_s": 0.0,
+        "layer_overhead_s": 0.0,
+        "tp": 1,
+        "interconnect": 100e9,
+        "allreduce_latency_s": 1e-5,
+    }
+    base.update(kw)
+    return HbmConstants(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return Catalog.load()
+
+
+def test_expert_imbalance_hand_worked() -> None:
+    # ep 8, 100 rows per device: 1 + sqrt(2 ln 8 · 7/8 / 100) = 1.19076
+    assert expert_imbalance(100, 8) == pytest.approx(1 + math.sqrt(2 * math.log(8) * 0.875 / 100))
+    assert expert_imbalance(100, 8) == pytest.approx(1.19076, abs=1e-5)
+    assert expert_imbalance(100, 1) == 1.0
+    assert expert_imbalance(0.01, 8) == 8.0  # capped at ep: one device takes everything
+
+
+def test_expert_bytes_split_over_ep_and_moe_tp() -> None:
+    m = shape(experts=8, top_k=2, expert_ffn=400, moe_layers=10, expert_weight_bytes=8e9)
+    _, gu1, _, _ = expert_layer_bytes(m, 1000, 1)
+    # EP 2: half the routed rows (times imbalance), half the expert weights per device.
+    d2, gu2, dn2, c2 = expert_layer_bytes(m, 1000, 1, ep=2, local_tokens=500)
+    imb = expert_imbalance(1000, 2)
+    a = 1000 * 2 / 2 * imb
+    h = 1000
+    w = 8e9 * (1 - (1 - 2 / 8) ** 1000) / (10 * 2)
+    assert d2 == pytest.approx(500 * h * 2 + a * h * 2)
+    assert gu2 == pytest.approx(a * h * 2 + 2 / 3 * w + a * 2 * 400 * 2)
+    assert dn2 == pytest.approx(a * 400 * 2 + w / 3 + a * h * 2)
+    assert c2 == pytest.approx(a * h * 2 + 500 * h * 2)
+    assert gu2 < gu1
+
+
+def test_kv_shards_gqa_replicates_beyond_heads_mla_never_splits(catalog: Catalog) -> None:
+    assert kv_shards(catalog.model("llama-3.1-70b"), 4) == 4
+    assert kv_shards(catalog.model("qwen3-235b-a22b"), 8) == 4  # 4 KV heads at TP8
+    assert kv_shards(catalog.model("deepseek-v3"), 8) == 1
+
+
+def test_mla_kv_capacity_counts_one_latent_per_device(catalog: Catalog) -> None:
+    knobs = EngineKnobs(kv_dtype="bf16")
+    w = WeightFormats(dense="fp8", experts="fp8")
+    dep = catalog.deployment(
+        "h200-sxm",
+        "deepseek-v3",
+        dtype="fp8",
+        engine=knobs,
+        layout=ParallelLayout(tp=8),
+        weights=w,
+    )
+    m = catalog.model("deepseek-v3")
+    per_token = 61 * (512 + 64) * 2  # 70,272 B
+    weights = sum(m.weight_bytes("fp8", "fp8"))
+    free = 8 * 141 * GB * 0.9 - weights
+    assert dep.kv_capacity_tokens == int(free // (per_token * 8))
+
+
+def test_attention_flops_mla_prefill_and_absorbed_decode() -> None:
+    # 10 layers, 4 heads: prefill 2·10·4·(128+64+128) per pair, decode 2·10·4·(2·512+64)
+    m = shape(attn_pair_flops=2 * 10 * 4 * 320, attn_pair_flops_decode=2 * 10 * 4 * 1088)
+    s = StepShape(
+        new_tokens=11, attn_pairs=100.0 + 50.0, kv_read_tokens=49, seqs=2, decode_pairs=50.0
+    )
+    assert attention_flops(m, s) == pytest.approx(100 * 25600 + 50 * 87040)
+    plain = shape()
+    assert attention_flops(plain, s) == pytest.approx(4 * 10 * 1000 * 150)
+
+
+def test_attention_bytes_window_and_recurrent_state() -> None:
+    m = shape(
+        kv_bytes_per_token=100.0,
+        window=128,
+        window_kv_bytes_per_token=10.0,
+        state_bytes_per_seq=1000.0,
+    )
+    # 2 sequences with 1000 cached tokens each, decoding one token each
+    s = StepShape(new_tokens=2, attn_pairs=2002.0, kv_read_tokens=2000, seqs=2)
+    full = (2000 + 2) * 100
+    window = (2 * 128 + 2) * 10  # at most 128 tokens per sequence
+    state = 2 * 2 * 1000  # read and written once per sequence
+    assert attention_bytes(m, s) == pytest.approx(full + window + state)
+
+
+def test_collective_link_inside_and_across_domains() -> None:
+    c = consts(nvlink_domain=8, scale_out=50e9, scale_out_latency_s=3e-5)
+    assert collective_link(c, 8) == (100e9, 1e-5)
+    assert collective_link(c, 16) == (50e9, 3e-5)
+
+
+def test_all_to_all_splits_traffic_between_nvlink_and_scale_out() -> None:
+    c = consts(nvlink_domain=8, scale_out=50e9, scale_out_latency_s=3e-5)
+    # 16 devices, 1.5 MB per device: 7/15 of it inside the node, 8/15 across
+    payload = 1.5e6
+    inside = payload * 7 / 15
+    outside = payload * 8 / 15
+    expected = 3e-5 + max(inside / 100e9, outside / 50e9)
+    assert all_to_all_time(c, payload, 16) == pytest.approx(expected)
+    assert all_to_all_time(c, payload, 8) == pytest.approx(1e-5 + payload / 100e9)
+    assert all_to_all_time(c, payload, 1) == 0.0
+
+
+def test_data_parallel_attention_pays_all_to_all_not_allreduce() -> None:
+    m = shape(experts=8, top_k=2, expert_ffn=400, moe_layers=10, expert_weight_bytes=8e9)
+    s = StepShape(new_tokens=800, attn_pairs=0.0, kv_read_tokens=0, seqs=800)
+    c = consts(tp=1, dp=8, ep=8, moe_tp=1)
+    n_r = 100
+    copies = 2 * 7 / 8
+    per = 1e-5 + n_r * copies * 1000 * 2 / 100e9  # dispatch (bf16 inputs) = combine
+    assert layout_comm_time(m, s, c) == pytest.approx(10 * 2 * per)
+    assert allreduce_time(m, s, c) == pytest.approx(layout_comm_time(m, s, c))
+    # plain TP: two all-reduces per layer of 800 rows over 8 devices
+    tp = consts(tp=8)
+    payload = 2 * 7 / 8 * 800 * 1000 * 2
+    assert allreduce_time(m, s, tp) == pytest.approx(2 * 10 * (1e-5 + payload / 100e9))
+
+
+def test_pipeline_stages_add_hand_offs() -> None:
+    m = shape()
+    s = StepShape(new_tokens=100, attn_pairs=0.0, kv_read_tokens=0, seqs=100)
+    c = consts(pp=2)
+    assert layout_comm_time(m, s, c) == pytest.approx(1e-5 + 100 * 1000 * 2 / 100e9)
+
+
+def test_step_split_over_dp_ranks() -> None:
+    s = StepShape(new_tokens=80, attn_pairs=400.0, kv_read_tokens=8000, seqs=80, decode_pairs=400.0)
+    r = s.split(8)
+    assert (r.new_tokens, r.attn_pairs, r.kv_read_tokens, r.seqs) == (10, 50, 1000, 10)
+    assert s.split(1) is s
+
+
+def test_dp_attention_reads_each_ranks_kv_only() -> None:
+    m = shape()
+    s = StepShape(
+        new_tokens=80,
+        attn_pairs=80 * 1001.0,
+        kv_read_tokens=80_000,
+        seqs=80,
+        decode_pairs=80 * 1001.0,
+    )
+    one = hbm_step_time(m, s, consts(tp=1))
+    dp = hbm_step_time(m, s, consts(tp=1, dp=8))
+    # the KV term shrinks 8x; the weights are read by every rank
+    kv_one = attention_bytes(m, s) / (0.5 * 1e12)
+    assert one - dp == pytest.approx(kv_one * 7 / 8, rel=1e-6)
+
+
+def test_weight_bytes_keep_unquantised_params_in_16_bits(catalog: Catalog) -> None:
+    m = catalog.model("gpt-oss-120b")
+    dense, experts = m.weight_bytes("bf16", "mxfp4")
+    e_params = (m.params_b - m.active_params_b) * 1e9 / (1 - m.top_k / m.experts)  # type: ignore[operator]
+    assert experts == pytest.approx(e_params * DTYPE_BYTES["mxfp4"])
+    assert dense == pytest.approx((m.params_b * 1e9 - e_params) * 2)
+    q = catalog.model("qwen3-32b")
+    d8, _ = q.weight_bytes("fp8")
+    assert d8 == pytest.approx((32.76 - 0.78) * 1e9 + 0.78e9 * 2)
+
+
+def test_sliding_window_and_linear_layers_in_model_shapes(catalog: Catalog) -> None:
+    oss = catalog.model("gpt-oss-120b").shape("bf16")
+    assert oss.kv_bytes_per_token == 2 * 18 * 8 * 64 * 2
+    assert oss.window == 128
+    assert oss.window_kv_bytes_per_token == 2 * 18 * 8 * 64 * 2
+    q35 = catalog.model("qwen3.5-397b-a17b").shape("fp8", kv_dtype="bf16")
+    assert q35.kv_bytes_per_token == 2 * 15 * 2 * 256 * 2
+    assert q35.state_bytes_per_seq == 45 * 64 * 128 * 128 * 2
+    ds = catalog.model("deepseek-v3").shape("fp8", kv_dtype="bf16")
+    assert ds.attn_pair_flops == 2 * 61 * 128 * (128 + 64 + 128)
+    assert ds.attn_pair_flops_decode == 2 * 61 * 128 * (2 * 512 + 64)
+
+
+def test_engine_profiles_cover_versions_and_cap_fitted_factors(catalog: Catalog) -> None:
+    assert catalog.engine_for("vllm", "0.12.0").name == "vllm-0.11"
+    assert catalog.engine_for("vllm", "0.18.0").name == "vllm-0.14"
+    assert catalog.engine_for("vllm", "").name == "vllm-0.14"
+    assert catalog.engine_for("trtllm", "1.0.0rc3").name == "trtllm-1.0"
+    assert catalog.engine_for("sglang", "glm5-hopper").name == "sglang-0.5"
+    sg = catalog.engine("sglang-0.5")
+    assert sg.knobs.step_policy == "prefill_first"
+    assert sg.knobs_for("h200-sxm", max_num_seqs=7).gpu_memory_utilization == 0.90
+    assert sg.knobs_for("h200-sxm", max_num_seqs=7).max_num_seqs == 7
+    for profile in catalog.engines.values():
+        assert len(profile.fitted) <= 2
+        assert "fitted" in profile.sources
+
+
+def test_free_memory_share_for_trtllm(catalog: Catalog) -> None:
+    free = EngineKnobs(kv_memory_of="free", gpu_memory_utilization=0.9, kv_dtype="bf16")
+    total = replace_knobs(free, kv_memory_of="total")
+    a = catalog.deployment("h100-sxm", "llama-3.1-8b", engine=free)
+    b = catalog.deployment("h100-sxm", "llama-3.1-8b", engine=total)
+    w = 8.03e9 * 2
+    per = catalog.model("llama-3.1-8b").kv_bytes_per_token("bf16")
+    assert a.kv_capacity_tokens == int((80 * GB - w) * 0.9 // per)
+    assert b.kv_capacity_tokens == int((80 * GB * 0.9 - w) // per)
+
+
+def replace_knobs(k: EngineKnobs, **kw: object) -> EngineKnobs:
+    return k.model_copy(update=kw)
+
+
+def test_replace_is_available() -> None:  # keeps dataclasses.replace imported for readers
+    assert replace(consts(), tp=2).tp == 2
+
+
+def test_engine_knobs_profile_defaults_with_explicit_overrides(catalog: Catalog) -> None:
+    knobs = catalog.engine_knobs("sglang-0.5", "h100-sxm", EngineKnobs(max_num_seqs=7))
+    assert knobs.max_num_seqs == 7  # set explicitly
+    assert knobs.step_policy == "prefill_first"  # the profile's
+    assert knobs.gpu_memory_utilization == 0.83  # the profile's, for this device
+    assert catalog.engine_knobs(None, "h100-sxm", None) == EngineKnobs()
+
+
+def test_worker_engine_profile_reaches_the_deployment(catalog: Catalog) -> None:
+    from gateway.service import worker_deployment
+    from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig
+
+    worker = EmulatedWorker(
+        device="h200-sxm",
+        tp=8,
+        dtype="fp8",
+        engine_profile="trtllm-1.1",
+        engine=EngineKnobs(max_num_seqs=32),
+        layout=ParallelLayout(tp=8, moe_tp=1, ep=8),
+        weights=WeightFormats(dense="fp8", experts="fp8"),
+    )
+    model = ModelConfig(
+        name="deepseek-v3", mode="aggregated", pools={"aggregated": PoolConfig(workers=[worker])}
+    )
+    dep = worker_deployment(catalog, worker, model)
+    assert dep.engine.step_policy == "whole_prompt"
+    assert dep.engine.scheduler_policy == "guaranteed_no_evict"
+    assert dep.engine.max_num_seqs == 32
+    assert dep.layout.ep == 8
+    assert dep.kv_shards == 1
