@@ -369,6 +369,9 @@ def closed_loop(
     soon as the counted means of TTFT and TPOT moved less than ``tolerance`` (relative) over the
     last wave.
     """
+    if getattr(engine, "_bulk", False):
+        # Finished sequences are read from each step's batch, which bulk decodes are not in.
+        raise ValueError("closed_loop needs an engine built with bulk_decode=False")
     c = max(1, concurrency)
     arrival: dict[int, float] = {}
     pending: deque[tuple[float, float]] = deque()  # (reaches the engine, sent by the client)

@@ -164,6 +164,7 @@ def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, f
         draft_cost_fraction=k.draft_cost_fraction,
         reserve_max=k.scheduler_policy == "guaranteed_no_evict",
         step_policy=k.step_policy,
+        bulk_decode=False,  # the closed loop reads each step's batch (see closed_loop)
     )
     profile = engine_profile(row, cat)
     frontend = profile.frontend_request_s + profile.frontend_token_s * row.isl

@@ -138,7 +138,7 @@ def test_closed_loop_single_client_hand_worked() -> None:
     # (2 ms) and one step (10 ms); every further token one step later.
     timer = ConstantTimer(0.010)
     clock = ManualClock()
-    engine = Engine(timer, clock, max_num_batched_tokens=8192)  # type: ignore[arg-type]
+    engine = Engine(timer, clock, max_num_batched_tokens=8192, bulk_decode=False)  # type: ignore[arg-type]
     r = closed_loop(engine, clock, timer.step_time, concurrency=1, isl=100, osl=5, frontend_s=0.002)
     assert r.ttft_s == pytest.approx(0.012)
     assert r.tpot_s == pytest.approx(0.010)
@@ -151,7 +151,7 @@ def test_closed_loop_counts_waves_after_warmup_and_queues_behind_budget() -> Non
     # n-th prompt of a wave waits n steps (mean 2.5 steps) on the engine's first wave.
     timer = ConstantTimer(0.010)
     clock = ManualClock()
-    engine = Engine(timer, clock, max_num_batched_tokens=100)  # type: ignore[arg-type]
+    engine = Engine(timer, clock, max_num_batched_tokens=100, bulk_decode=False)  # type: ignore[arg-type]
     r = closed_loop(engine, clock, timer.step_time, concurrency=4, isl=100, osl=50)
     assert r.counted % 4 == 0
     assert r.ttft_s >= 0.010
