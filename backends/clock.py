@@ -58,6 +58,12 @@ class LoopClock:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop if type(loop) is _VirtualEventLoop else None
 
+    @property
+    def virtual_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The virtual loop this clock is bound to (None: real time, or unbound): code that
+        runs only on it may schedule callbacks at virtual instants instead of sleeping."""
+        return self._loop
+
     def now(self) -> float:
         if self._loop is not None:
             return self._loop._virtual.time
