@@ -421,11 +421,46 @@ class _Client:
         self.records: list[RequestRecord] = []
 
     async def open_loop(self, requests: Iterable[RequestSpec]) -> None:
-        tasks = []
-        for r in sorted(requests, key=lambda r: r.arrival_s or 0.0):
-            await self._clock.sleep_until(r.arrival_s or 0.0)
-            tasks.append(asyncio.ensure_future(self.send(r)))
-        await asyncio.gather(*tasks)
+        """Send each request at its arrival: a timer per arrival starts the request's task
+        (no client task wakes up for each), and the last request to end wakes this one (no
+        gather over tens of thousands of tasks)."""
+        loop = asyncio.get_running_loop()
+        queue = sorted(requests, key=lambda r: r.arrival_s or 0.0)
+        if not queue:
+            return
+        done: asyncio.Future[None] = loop.create_future()
+        tasks: list[asyncio.Task[None]] = []
+        left = len(queue)
+
+        async def one(r: RequestSpec) -> None:
+            nonlocal left
+            try:
+                await self.send(r)
+            except Exception as exc:  # a bug (send records a request's errors): end the run
+                if not done.done():
+                    done.set_exception(exc)
+            finally:
+                left -= 1
+                if not left and not done.done():
+                    done.set_result(None)
+
+        def arrive(i: int) -> None:
+            now = self._clock.now()
+            while i < len(queue):
+                at = queue[i].arrival_s or 0.0
+                if at > now:
+                    loop.call_at(at, arrive, i)
+                    return
+                tasks.append(loop.create_task(one(queue[i])))
+                i += 1
+
+        arrive(0)
+        try:
+            await done
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
 
     async def closed_loop(
         self, requests: Iterable[RequestSpec], concurrency: int, stop_after: float | None
