@@ -775,7 +775,9 @@ class Engine:
                 if first < 0:
                     first = seq._rank
         if grow is not None:  # those still in the bulk and due now (entries go stale)
-            grow = list(dict.fromkeys(s for s in grow if s._co is self and s._ev == step_no))
+            grow = [s for s in grow if s._co is self and s._ev == step_no]
+            if len(set(grow)) < len(grow):  # one that left the bulk and joined it again
+                grow = list(dict.fromkeys(grow))
         binding = demand > self.max_batched_tokens
         if binding and (bulk > self.max_batched_tokens or 0 <= first < self._co_max_rank):
             return None

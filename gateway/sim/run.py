@@ -30,7 +30,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -432,17 +432,15 @@ class _Client:
         tasks: list[asyncio.Task[None]] = []
         left = len(queue)
 
-        async def one(r: RequestSpec) -> None:
+        def ended(failure: Exception | None) -> None:
             nonlocal left
-            try:
-                await self.send(r)
-            except Exception as exc:  # a bug (send records a request's errors): end the run
-                if not done.done():
-                    done.set_exception(exc)
-            finally:
-                left -= 1
-                if not left and not done.done():
-                    done.set_result(None)
+            left -= 1
+            if done.done():
+                return
+            if failure is not None:  # a bug (send records a request's errors): end the run
+                done.set_exception(failure)
+            elif not left:
+                done.set_result(None)
 
         def arrive(i: int) -> None:
             now = self._clock.now()
@@ -451,7 +449,7 @@ class _Client:
                 if at > now:
                     loop.call_at(at, arrive, i)
                     return
-                tasks.append(loop.create_task(one(queue[i])))
+                tasks.append(loop.create_task(self.send(queue[i], ended)))
                 i += 1
 
         arrive(0)
@@ -476,8 +474,13 @@ class _Client:
 
         await asyncio.gather(*(client() for _ in range(max(1, concurrency))))
 
-    async def send(self, r: RequestSpec) -> None:
+    async def send(
+        self, r: RequestSpec, ended: Callable[[Exception | None], None] | None = None
+    ) -> None:
+        """Send one request and record it; ``ended`` is told when it is over, with the
+        exception that a bug raised (instead of raising it)."""
         clock = self._clock
+        failure: Exception | None = None
         i = len(self.records)
         record = RequestRecord(clock.now(), r.prompt_tokens)
         self.records.append(record)
@@ -510,8 +513,14 @@ class _Client:
             record.error = exc.code or exc.type
         except BackendError as exc:
             record.error = type(exc).__name__
+        except Exception as exc:
+            if ended is None:
+                raise
+            failure = exc
         finally:
             self._progress.update()
+            if ended is not None:
+                ended(failure)
 
 
 class _Progress:
