@@ -536,7 +536,7 @@ class ConditionalFlow(DisaggregatedFlow):
 
 def _observe_leg(metrics: GatewayMetrics, req: DispatchRequest, pool: str, c: TokenChunk) -> None:
     s = c.stats
-    if s is None:
+    if s is None or not metrics.recording:
         return
     model, mode = req.route.model, req.route.mode
     metrics.observe_phase(model, mode, pool, "queue", s.queue_s)
@@ -610,9 +610,9 @@ class Dispatcher:
                         completion += chunk.tokens
                     yield chunk
             outcome = "ok"
-            e2e = clock.now() - req.received_at
-            metrics.observe_e2e(model, mode, e2e)
-            self._observe_slo(req, first, last, completion)
+            if metrics.recording:
+                metrics.observe_e2e(model, mode, clock.now() - req.received_at)
+                self._observe_slo(req, first, last, completion)
         except GatewayError as exc:
             outcome = exc.code or exc.type
             raise

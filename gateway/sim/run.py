@@ -319,6 +319,8 @@ class _QuietMetrics(GatewayMetrics):
     cost. Every ``observe_*``, ``count_*`` and ``set_*`` helper is silenced, present or future.
     """
 
+    recording = False
+
     def __init__(self) -> None:
         super().__init__()
         for name in dir(GatewayMetrics):
