@@ -3,8 +3,10 @@
 A :class:`Route` binds a served model to its mode's :class:`Flow`:
 
 * ``disaggregated`` — policy P picks a prefill worker; it prefills and returns the first token
-  and a KV handle; the first token goes to the client at once; policy D picks a decode worker,
-  which pulls the KV (charged at the link's modelled transfer time) and streams the rest.
+  and a KV handle; the first token goes to the client at once (or, with the model's
+  ``first_token: decode``, with the decode worker's first chunk, as SGLang and Dynamo serve
+  it); policy D picks a decode worker, which pulls the KV (charged at the link's modelled
+  transfer time) and streams the rest.
 * ``aggregated`` — one worker does both (the baseline every comparison needs).
 * ``conditional`` — per request, prefill remotely (as disaggregated) or locally on the decode
   worker, whichever pays: see :class:`ConditionalFlow`.
@@ -382,6 +384,7 @@ class DisaggregatedFlow:
         self._prefill = deps.registry.pool(model.name, "prefill")
         self._decode = deps.registry.pool(model.name, "decode")
         self._legs = _Legs(model, deps)
+        self._first_token = model.first_token
 
     def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
         if not self._decode.candidates():  # fail before spending a prefill
@@ -400,7 +403,11 @@ class DisaggregatedFlow:
             result = await self._legs.prefill(self._prefill, req)
             try:
                 _observe_leg(metrics, req, "prefill", result.first)
-                yield result.first
+                held: TokenChunk | None = None
+                if self._first_token == "decode" and result.first.finish_reason is None:
+                    held = result.first  # goes out with the decode worker's first chunk
+                else:
+                    yield result.first
                 if result.first.finish_reason is not None:
                     return
                 decode = self._legs.decode(self._decode, req, result.kv, decoder, admitted=True)
@@ -411,6 +418,9 @@ class DisaggregatedFlow:
                             metrics.observe_kv_transfer(
                                 req.route.model, req.route.mode, result.kv.kv_bytes
                             )
+                        if held is not None:
+                            yield held
+                            held = None
                         yield chunk
             finally:
                 result.kv.release()

@@ -250,6 +250,14 @@ class ModelConfig(_Strict):
     timeouts: TimeoutConfig = TimeoutConfig()
     circuit: CircuitConfig = CircuitConfig()
     conditional: ConditionalConfig = ConditionalConfig()
+    first_token: Literal["prefill", "decode"] = Field(
+        "prefill",
+        description="disaggregated: where the client's first token comes from. prefill: sent "
+        "as soon as the prefill returns it (the lowest TTFT); decode: held until the decode "
+        "worker streams, as SGLang's PD mode and NVIDIA Dynamo serve it (the first token "
+        "reaches the client through the decode worker once it has admitted the request and "
+        "pulled its KV, so a full decode pool shows in TTFT rather than in TPOT)",
+    )
     pools: dict[Role, PoolConfig]
 
     @model_validator(mode="after")

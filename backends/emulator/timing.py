@@ -111,6 +111,24 @@ def forward_flops(m: ModelShape, s: StepShape) -> float:
     return 2.0 * m.active_params * s.new_tokens + 4.0 * m.layers * m.attn_width * s.attn_pairs
 
 
+def touched_fraction(m: ModelShape, tokens: float) -> float:
+    """Expected share of a MoE layer's routed experts that ``tokens`` tokens route to:
+    ``1 − (1 − k/E)^N`` with ``E`` experts and top-``k`` routing (1 for dense models)."""
+    if m.experts <= 0 or tokens <= 0:
+        return 1.0
+    return 1.0 - (1.0 - m.top_k / m.experts) ** tokens
+
+
+def expert_rows(m: ModelShape, tokens: float) -> float:
+    """Rows of each routed expert's GEMM that runs: the ``N · k`` routed rows over the experts
+    actually touched, ``N · k / (E · touched)``. An expert no token routes to runs no GEMM; its
+    efficiency must not be averaged in (at 4 tokens over 128 experts, top-4, each of the ~15
+    touched experts runs about one row, not an eighth of one)."""
+    if m.experts <= 0:
+        return float(tokens)
+    return tokens * m.top_k / (m.experts * touched_fraction(m, tokens))
+
+
 def weight_bytes_read(m: ModelShape, tokens: int) -> float:
     """Weights read by one step.
 
@@ -207,7 +225,8 @@ def linear_time(
     A device's share of a GEMM is ``rows × N / tp`` outputs; its efficiency is taken at the
     rows of a full-width GEMM of the same size, ``rows / tp``. Dense GEMMs have ``new_tokens``
     rows; each routed expert of a mixture-of-experts layer only its share,
-    ``new_tokens · top_k / experts``, so small batches run experts at low efficiency.
+    ``new_tokens · top_k / (experts · touched)`` (:func:`expert_rows`), so small batches run
+    experts at low efficiency.
     """
     tokens = s.new_tokens
     expert_active = m.expert_weight_bytes * m.top_k / m.experts if m.experts else 0.0
@@ -216,7 +235,7 @@ def linear_time(
     f_expert = f * expert_share
     t = (f - f_expert) / (peak_flops * gemm_efficiency(mfu, tokens / tp, half))
     if f_expert:
-        rows = tokens * m.top_k / m.experts / tp
+        rows = expert_rows(m, tokens) / tp
         t += f_expert / (peak_flops * gemm_efficiency(mfu, rows, half))
     return t
 
@@ -363,7 +382,8 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
 
     Bytes as in :func:`expert_layer_bytes`; ``β = η · BW`` of one device; ``F_gu = 2 · A · H ·
     2F/tp`` and ``F_down = 2 · A · F/tp · H``; ``π = peak`` at the GEMM efficiency of
-    :func:`gemm_efficiency` over ``A / (E / ep)`` rows (each expert's share; the narrow
+    :func:`gemm_efficiency` over ``A / (E / ep · touched)`` rows (each touched expert's share,
+    :func:`expert_rows`; the narrow
     ``F / tp`` width is charged as bytes, not as fewer rows). Large expert GEMMs (Mixtral,
     TP1) are compute-bound and this is the plain FLOP count; narrow ones (Qwen3 at TP8) are
     bound by the routed rows' traffic, which a FLOP roofline alone does not see.
@@ -381,7 +401,7 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     a = float(tokens * m.top_k) / ep
     a *= expert_imbalance(a, ep)
     f = m.expert_ffn / moe_tp
-    rows = a / (m.experts / ep)
+    rows = a / (m.experts / ep * touched_fraction(m, tokens))
     pi = c.peak_flops * gemm_efficiency(c.mfu, rows, c.gemm_half_tokens)
     per_layer = (
         dispatch / beta

@@ -81,10 +81,22 @@ _overrides: dict[str, dict[str, float]] = {}
 
 def knobs_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> EngineKnobs:
     """Engine settings of a worker of the row: its engine's defaults on the row's device, with
-    the row's batch cap (per attention data-parallel rank, so ``batch × dp`` per worker)."""
+    the row's batch cap (per attention data-parallel rank, so ``batch × dp`` per worker).
+
+    An engine that admits only whole prompts (TensorRT-LLM without chunked prefill) needs a
+    token budget that holds a prompt beside its running batch: with the default 8,192 tokens an
+    8,192-token prompt could join no step that has a decode in it, and the engine would run
+    one request at a time. No measured run shows that, so a deployment serving the row's
+    lengths is taken to set ``max_num_tokens`` to at least ``isl + batch`` (what a serving
+    recipe sizes it to; an assumption, named in the accuracy page).
+    """
     profile = engine_profile(row, cat)
     batch = layout.batch * layout.dp if layout.batch else None
     knobs = profile.knobs_for(row.device or "", max_num_seqs=batch)
+    if knobs.step_policy == "whole_prompt":
+        need = row.isl + (batch or row.concurrency)
+        if knobs.max_num_batched_tokens < need:
+            knobs = knobs.model_copy(update={"max_num_batched_tokens": need})
     if profile.name in _overrides:
         knobs = knobs.model_copy(update=_overrides[profile.name])
     return knobs
@@ -202,7 +214,8 @@ def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
             weights=dep.weights,
         )
         pools[role] = PoolConfig(policy="least_loaded", kv_link=DISAGG_LINK, workers=[worker])
-    served = ModelConfig(name=model, mode="disaggregated", pools=pools)
+    # SGLang's PD mode and Dynamo stream the first token from the decode worker.
+    served = ModelConfig(name=model, mode="disaggregated", first_token="decode", pools=pools)
     return Settings(models=[served])
 
 

@@ -203,3 +203,38 @@ def test_train_split_is_a_fixed_half() -> None:
     train = [i for i in ids if is_train(i)]
     assert 900 < len(train) < 1100
     assert train == [i for i in ids if is_train(i)]
+
+
+def test_whole_prompt_engines_get_a_budget_that_holds_a_prompt_beside_the_batch() -> None:
+    """TensorRT-LLM without chunked prefill admits a prompt only if all of it fits in the step's
+    token budget. At the default 8,192 tokens an 8,192-token prompt could never join a step
+    with decodes in it and the closed loop would serve one request at a time; the mapping sizes
+    the budget to ``isl + batch`` so the measured deployment's batching is what is simulated."""
+    from gateway.sim.silicon_run import engine_profile, knobs_for, predict, predict_with
+
+    row = parse_row(
+        {
+            **AGG,
+            "model_path": "meta-llama/Llama-3.1-8B-Instruct",
+            "precision": "bf16",
+            "gemm_quant_mode": "",
+            "moe_quant_mode": "",
+            "tp_size": "1",
+            "moe_ep_size": "",
+            "moe_tp_size": "",
+            "isl": "8192",
+            "osl": "32",
+            "batch_size": "8",
+            "silicon_data_source": "x; silicon_concurrency=8",
+        }
+    )
+    assert row.agg is not None
+    knobs = knobs_for(row, row.agg)
+    assert knobs.step_policy == "whole_prompt"
+    assert knobs.max_num_batched_tokens == 8192 + 8
+    batched = predict(row)
+    serial = predict_with(row, {engine_profile(row).name: {"max_num_batched_tokens": 8192}})
+    assert batched.ttft_ms is not None
+    assert serial.ttft_ms is not None
+    # One at a time, the n-th client waits for n − 1 whole requests: far longer.
+    assert serial.ttft_ms > 2 * batched.ttft_ms

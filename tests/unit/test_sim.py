@@ -107,6 +107,36 @@ def test_disaggregated_h100_prefill_lpu_decode(catalog: Catalog) -> None:
     assert m["usd_per_million_output_tokens"] is None  # no LPU price is published
 
 
+def test_first_token_from_the_decode_worker_waits_for_its_kv(catalog: Catalog) -> None:
+    """``first_token: decode`` (SGLang PD, Dynamo): the client's first token leaves with the
+    decode worker's first chunk, so the KV transfer and the first decode step are in TTFT
+    (and out of TPOT); the request ends at the same time."""
+    runs = {}
+    for first_token in ("prefill", "decode"):
+        data = config(
+            prefill={**pool("h100-sxm", 1), "kv_link": "roce_200g"},
+            decode=pool("groq-lpu-v1", 1, dtype="fp8"),
+            first_token=first_token,
+        )
+        settings = parse_settings(data, catalog=catalog)
+        spec = SimulationSpec(
+            settings, "llama-3.1-8b", [RequestSpec(2000, 100)], concurrency=1, catalog=catalog
+        )
+        runs[first_token] = simulate(spec).records[0]
+    h100 = catalog.deployment("h100-sxm", "llama-3.1-8b")
+    lpu = catalog.deployment("groq-lpu-v1", "llama-3.1-8b", dtype="fp8")
+    prefill = h100.step_time(StepShape.of([(2000, 0)]))
+    transfer = kv_transfer_time(catalog.link("roce_200g"), 2000 * h100.kv_bytes_per_token, 125)
+    first_decode = lpu.step_time(StepShape.of([(1, 2000)]))
+    assert runs["prefill"].ttft == pytest.approx(prefill)
+    assert runs["decode"].ttft == pytest.approx(prefill + transfer + first_decode)
+    assert runs["decode"].end_at == pytest.approx(runs["prefill"].end_at)
+    tpot = runs["decode"].tpot
+    assert tpot is not None
+    assert runs["prefill"].tpot is not None
+    assert tpot < runs["prefill"].tpot
+
+
 def test_open_loop_traffic_simulates_far_faster_than_real_time(catalog: Catalog) -> None:
     settings = device_settings(catalog, device="h100-sxm", model="llama-3.1-8b", count=2)
     w = make_workload(

@@ -27,8 +27,11 @@ from backends.emulator.timing import (
     collective_link,
     expert_imbalance,
     expert_layer_bytes,
+    expert_rows,
+    expert_time,
     hbm_step_time,
     layout_comm_time,
+    touched_fraction,
 )
 
 GB = 1e9
@@ -297,3 +300,42 @@ def test_worker_engine_profile_reaches_the_deployment(catalog: Catalog) -> None:
     assert dep.engine.max_num_seqs == 32
     assert dep.layout.ep == 8
     assert dep.kv_shards == 1
+
+
+def test_expert_rows_count_only_the_experts_tokens_route_to() -> None:
+    # 4 tokens, 128 experts, top-4: touched = 1 − (124/128)^4 = 0.11926; 16 routed rows over
+    # 128 × 0.11926 = 15.265 touched experts: 1.0481 rows each (not 16/128 = 0.125).
+    m = shape(experts=128, top_k=4, expert_weight_bytes=1e9, expert_ffn=1000, moe_layers=10)
+    assert touched_fraction(m, 4) == pytest.approx(1 - (124 / 128) ** 4)
+    assert touched_fraction(m, 4) == pytest.approx(0.11926, abs=1e-5)
+    assert expert_rows(m, 4) == pytest.approx(16 / (128 * 0.11926), rel=1e-4)
+    assert expert_rows(m, 4) == pytest.approx(1.0481, abs=1e-3)
+    # Thousands of tokens touch every expert: rows are the plain share N · k / E.
+    assert expert_rows(m, 4096) == pytest.approx(4096 * 4 / 128)
+    # Dense models: every token is a row.
+    assert expert_rows(shape(), 7) == 7.0
+
+
+def test_small_batch_experts_are_bound_by_their_weights_not_by_idle_tiles() -> None:
+    # One token, 128 experts top-4 (4 touched), each expert 1000 x 1000 x 3 at 1 byte: the
+    # experts' kernels read the touched weights, 4/128 of 3 MB per layer at 0.5 TB/s, and do
+    # next to no work: one row each, GEMM efficiency 0.5 · 1/(1 + 32).
+    m = shape(
+        experts=128,
+        top_k=4,
+        expert_ffn=1000,
+        moe_layers=1,
+        layers=1,
+        expert_weight_bytes=128 * 3e6,
+        gemm_input_bytes=1.0,
+    )
+    c = consts(gemm_half_tokens=32.0)
+    s = StepShape.of([(1, 100)])
+    t = expert_time(m, s, c)
+    weights = 128 * 3e6 * touched_fraction(m, 1) / (0.5 * 1e12)
+    flops = 2 * 4 * 1000 * 2 * 1000 / (1e15 * 0.5 * 1 / 33)
+    assert touched_fraction(m, 1) == pytest.approx(4 / 128)
+    assert weights == pytest.approx(24e-6)
+    assert flops == pytest.approx(1.056e-6)
+    # gate/up and down: each the larger of its FLOPs and its bytes; bytes win by 20x.
+    assert t == pytest.approx(weights, rel=0.01)
