@@ -274,6 +274,12 @@ class HbmEfficiency(_Data):
     gemm_half_tokens: float = Field(
         0.0, ge=0, description="GEMM rows (tokens) at which MFU is half `mfu`; 0: flat MFU"
     )
+    moe_layer_floor_s: float = Field(
+        0.0,
+        ge=0,
+        description="shortest time of one routed-expert layer's kernels per step, however few "
+        "rows they get (the launch-bound chain of router, permute, GEMM and combine kernels)",
+    )
 
 
 class HbmDevice(_DeviceBase):
@@ -315,6 +321,7 @@ class HbmDevice(_DeviceBase):
             kv_bandwidth_efficiency=e.kv_bandwidth,
             seq_overhead_s=e.seq_overhead_s,
             gemm_half_tokens=e.gemm_half_tokens,
+            moe_layer_floor_s=e.moe_layer_floor_s,
         )
 
 

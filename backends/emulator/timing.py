@@ -116,7 +116,8 @@ def touched_fraction(m: ModelShape, tokens: float) -> float:
     ``1 − (1 − k/E)^N`` with ``E`` experts and top-``k`` routing (1 for dense models)."""
     if m.experts <= 0 or tokens <= 0:
         return 1.0
-    return 1.0 - (1.0 - m.top_k / m.experts) ** tokens
+    miss: float = (1.0 - m.top_k / m.experts) ** tokens
+    return 1.0 - miss
 
 
 def expert_rows(m: ModelShape, tokens: float) -> float:
@@ -202,6 +203,7 @@ class HbmConstants:
     nvlink_domain: int = 0  # devices one scale-up domain joins (0: any number)
     scale_out: float = 0.0  # bytes/s per device per direction beyond the domain
     scale_out_latency_s: float = 0.0  # per collective step across the scale-out network
+    moe_layer_floor_s: float = 0.0  # shortest routed-expert layer (its chain of small kernels)
 
 
 def gemm_efficiency(mfu: float, rows: float, half: float) -> float:
@@ -445,7 +447,10 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
 
     Mixture-of-experts models whose expert width is known split the linear term in two, the
     dense GEMMs (:func:`dense_linear_time`) and the routed experts' kernels
-    (:func:`expert_time`), each with its own roofline.
+    (:func:`expert_time`), each with its own roofline; the experts take at least
+    ``moe_layers · moe_layer_floor`` however few rows they get: a routed-expert layer is a
+    chain of about ten small kernels (router, top-k, sort, permute, quantise, two grouped
+    GEMMs, activation, unpermute, combine) that cannot run faster than they launch.
 
     Layouts: with ``dp`` data-parallel attention ranks every term but the routed experts is
     one rank's share of the step (ranks run in parallel, each with ``tp`` devices); the experts
@@ -462,7 +467,8 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     eta_kv = c.kv_bandwidth_efficiency or c.bandwidth_efficiency
     kv_ways = c.kv_shards or c.tp
     if m.experts and m.expert_ffn and m.moe_layers:
-        t_linear = dense_linear_time(m, r, c) + expert_time(m, s, c)
+        t_experts = max(expert_time(m, s, c), m.moe_layers * c.moe_layer_floor_s)
+        t_linear = dense_linear_time(m, r, c) + t_experts
     else:
         weights = weight_bytes_read(m, r.new_tokens)
         compute = linear_time(m, r, c.peak_flops * c.tp, c.mfu, c.gemm_half_tokens, c.tp)

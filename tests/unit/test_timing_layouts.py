@@ -339,3 +339,28 @@ def test_small_batch_experts_are_bound_by_their_weights_not_by_idle_tiles() -> N
     assert flops == pytest.approx(1.056e-6)
     # gate/up and down: each the larger of its FLOPs and its bytes; bytes win by 20x.
     assert t == pytest.approx(weights, rel=0.01)
+
+
+def test_routed_experts_take_at_least_their_kernel_chain() -> None:
+    # One token over 128 experts (4 touched): the experts' roofline is 24 us per layer (the
+    # test above), under a 100 us floor per MoE layer; ten MoE layers cost 1 ms, not 0.24.
+    m = shape(
+        experts=128,
+        top_k=4,
+        expert_ffn=1000,
+        moe_layers=10,
+        layers=10,
+        expert_weight_bytes=10 * 128 * 3e6,
+        gemm_input_bytes=1.0,
+    )
+    s = StepShape.of([(1, 100)])
+    free = consts(gemm_half_tokens=32.0)
+    floored = consts(gemm_half_tokens=32.0, moe_layer_floor_s=100e-6)
+    assert expert_time(m, s, free) == pytest.approx(240e-6, rel=0.01)
+    assert hbm_step_time(m, s, floored) - hbm_step_time(m, s, free) == pytest.approx(
+        1e-3 - expert_time(m, s, free)
+    )
+    # A big batch's experts take longer than the floor: the floor adds nothing.
+    big = StepShape.of([(1, 100)] * 4096)
+    assert expert_time(m, big, free) > 1e-3
+    assert hbm_step_time(m, big, floored) == pytest.approx(hbm_step_time(m, big, free))
