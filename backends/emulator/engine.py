@@ -51,6 +51,11 @@ which consumers wake are those of the per-sequence path (``bulk_decode=False``),
 whenever the bulk's place in the running order matters (the token budget runs out before
 sequences older than some bulk sequence) and tests compare against.
 
+**Stepping.** On a clock bound to a virtual loop (``LoopClock(loop)``, as simulations run)
+each step is a timer whose callback applies the step and builds the next one; elsewhere a task
+sleeps until each step's end. The steps, their times and the order in which consumers wake are
+the same either way (tests run both).
+
 Example::
 
     engine = Engine(deployment, LoopClock())

@@ -11,6 +11,7 @@ last bit, in each mode, with and without timeouts, open and closed loop.
 from __future__ import annotations
 
 import functools
+import gc
 from typing import Any
 
 import pytest
@@ -106,3 +107,20 @@ def test_fast_simulation_paths_match_the_reference(
     done = [r for r in fast["records"] if r[5] is None]
     assert len(done) > 0.9 * len(fast["records"])  # the workload ran
     assert fast == slow
+
+
+def test_a_simulation_collects_cycles_less_often_and_restores_the_thresholds(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = gc.get_threshold()
+    seen: list[tuple[int, int, int]] = []
+    real_run = run._run
+
+    async def watched(spec: SimulationSpec) -> run.SimulationResult:
+        seen.append(gc.get_threshold())
+        return await real_run(spec)
+
+    monkeypatch.setattr(run, "_run", watched)
+    simulate(_spec(catalog, "aggregated"))
+    assert seen == [tuple(max(a, b) for a, b in zip(run.SIM_GC_THRESHOLDS, before, strict=True))]
+    assert gc.get_threshold() == before
