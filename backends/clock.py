@@ -25,9 +25,14 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import collections
+import heapq
+import itertools
 import selectors
 import time
-from typing import Protocol
+from collections.abc import Callable
+from contextvars import Context
+from typing import Protocol, TypeVarTuple, Unpack
 
 
 class Clock(Protocol):
@@ -58,6 +63,12 @@ class LoopClock:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop if type(loop) is _VirtualEventLoop else None
 
+    @property
+    def virtual_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The virtual loop this clock is bound to (None: real time, or unbound): code that
+        runs only on it may schedule callbacks at virtual instants instead of sleeping."""
+        return self._loop
+
     def now(self) -> float:
         if self._loop is not None:
             return self._loop._virtual.time
@@ -87,7 +98,14 @@ class LoopClock:
             await asyncio.sleep(seconds)
 
 
+_Ts = TypeVarTuple("_Ts")
+
 _POLL_EVERY = 256  # loop passes between polls of a selector that holds only the wake-up pipe
+# asyncio's own limits (base_events): rebuild the timer heap when more than half of more than
+# 100 timers are cancelled; never advance more than a day in one pass.
+_MIN_SCHEDULED = 100
+_MAX_CANCELLED = 0.5
+_MAX_TIMEOUT = 24 * 3600.0
 
 
 class _VirtualSelector(selectors.DefaultSelector):
@@ -110,21 +128,108 @@ class _VirtualSelector(selectors.DefaultSelector):
             raise RuntimeError("virtual event loop has nothing left to wait for")
         if timeout > 0:
             self.time += timeout
+        return self.poll() if self.poll_due() else []
+
+    def poll_due(self) -> bool:
+        """Count a loop pass; whether this one must poll the registered descriptors."""
         self._passes += 1
         # (the registry dict itself: len(get_map()) goes through a Python-level mapping)
-        if len(self._fd_to_key) <= 1 and self._passes % _POLL_EVERY:  # type: ignore[attr-defined]
-            return []
+        return len(self._fd_to_key) > 1 or not self._passes % _POLL_EVERY  # type: ignore[attr-defined]
+
+    def poll(self) -> list[tuple[selectors.SelectorKey, int]]:
         return super().select(0)
 
 
 class _VirtualEventLoop(asyncio.SelectorEventLoop):
+    """asyncio's selector loop on a virtual clock, with its own timer queue.
+
+    A simulation is a few hundred thousand loop passes, timers and task wake-ups, so the
+    scheduling paths are lean: timers wait in a heap of ``(when, order, handle)`` tuples that
+    compare in C (asyncio's heap of handles compares them with a Python method), timers due
+    at the same instant run in the order they were set, and a pass neither polls a selector
+    (see :class:`_VirtualSelector`) nor makes the checks only debug mode acts on. The clock
+    advances exactly as asyncio's selector wait would advance it.
+    """
+
+    # asyncio.BaseEventLoop's own state, used here as it uses it.
+    _ready: collections.deque[asyncio.Handle]
+    _stopping: bool
+    _closed: bool
+    _timer_cancelled_count: int
+
     def __init__(self) -> None:
         self._virtual = _VirtualSelector()
         super().__init__(self._virtual)
         self._clock_resolution = 1e-9
+        self._timers: list[tuple[float, int, asyncio.TimerHandle]] = []
+        self._order = itertools.count()
 
     def time(self) -> float:
         return self._virtual.time
+
+    def call_soon(
+        self,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: *_Ts,
+        context: Context | None = None,
+    ) -> asyncio.Handle:
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        handle = asyncio.Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
+    def call_at(
+        self,
+        when: float,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: *_Ts,
+        context: Context | None = None,
+    ) -> asyncio.TimerHandle:
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        if when is None:
+            raise TypeError("when cannot be None")
+        timer = asyncio.TimerHandle(when, callback, args, self, context)
+        heapq.heappush(self._timers, (when, next(self._order), timer))
+        timer._scheduled = True  # type: ignore[attr-defined]  # (counted when cancelled)
+        return timer
+
+    def _run_once(self) -> None:
+        """One pass: drop cancelled timers, advance the clock to the next timer when nothing
+        is ready, move the timers due by then to the ready queue, run that queue."""
+        timers = self._timers
+        count = len(timers)
+        if count > _MIN_SCHEDULED and self._timer_cancelled_count / count > _MAX_CANCELLED:
+            for _, _, timer in timers:
+                if timer._cancelled:
+                    timer._scheduled = False  # type: ignore[attr-defined]
+            timers[:] = [t for t in timers if not t[2]._cancelled]
+            heapq.heapify(timers)
+            self._timer_cancelled_count = 0
+        else:
+            while timers and timers[0][2]._cancelled:
+                self._timer_cancelled_count -= 1
+                heapq.heappop(timers)[2]._scheduled = False  # type: ignore[attr-defined]
+        virtual = self._virtual
+        ready = self._ready
+        if not (ready or self._stopping):
+            if not timers:  # nothing scheduled and nothing ready: in virtual time a deadlock
+                raise RuntimeError("virtual event loop has nothing left to wait for")
+            timeout = min(max(0, timers[0][0] - virtual.time), _MAX_TIMEOUT)
+            if timeout > 0:
+                virtual.time += timeout
+        if virtual.poll_due():
+            self._process_events(virtual.poll())  # type: ignore[attr-defined]
+        end = virtual.time + self._clock_resolution
+        while timers and timers[0][0] < end:
+            timer = heapq.heappop(timers)[2]
+            timer._scheduled = False  # type: ignore[attr-defined]
+            ready.append(timer)
+        for _ in range(len(ready)):
+            handle = ready.popleft()
+            if not handle._cancelled:
+                handle._run()
 
     async def sleep_until(self, deadline: float) -> None:
         """Wait until virtual time reaches ``deadline`` (at once if it has)."""

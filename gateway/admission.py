@@ -43,6 +43,9 @@ class Limiter:
         return len(self._waiters)
 
     async def __aenter__(self) -> None:
+        if self.max_active is None or (self.active < self.max_active and not self._waiters):
+            self.active += 1  # (acquire's fast path, without a second coroutine)
+            return
         await self.acquire()
 
     async def __aexit__(

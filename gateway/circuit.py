@@ -72,7 +72,7 @@ class CircuitBreaker:
 
     def begin(self) -> None:
         """A leg was sent; in half-open state it is the probe."""
-        if self.state is CircuitState.HALF_OPEN:
+        if self._opened_at is not None and self.state is CircuitState.HALF_OPEN:
             self._probing = True
 
     def abandon(self) -> None:

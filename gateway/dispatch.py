@@ -45,8 +45,8 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
@@ -242,10 +242,11 @@ class _Legs:
         )
 
     def generate(
-        self, pool: Pool, req: DispatchRequest, worker: Worker | None = None
+        self, pool: Pool, req: DispatchRequest, worker: Worker | None = None, observe: str = ""
     ) -> AsyncGenerator[TokenChunk, None]:
         """Prefill and decode on one worker (aggregated, or a conditional local prefill on
-        ``worker``); retried elsewhere until its first chunk."""
+        ``worker``); retried elsewhere until its first chunk. ``observe``: the pool name its
+        per-phase metrics go under (none if empty)."""
         return self._stream(
             pool,
             req,
@@ -253,6 +254,7 @@ class _Legs:
             self.model.retries.prefill,
             self.model.timeouts.prefill_s,
             first=worker,
+            observe=observe,
         )
 
     async def _stream(
@@ -264,12 +266,14 @@ class _Legs:
         first_chunk_s: float,
         first: Worker | None = None,
         admitted: bool = False,
+        observe: str = "",
     ) -> AsyncGenerator[TokenChunk, None]:
         """A streaming leg: ``first_chunk_s`` to its first chunk, ``decode_idle_s`` between
         chunks; a failure before the first chunk moves it to another worker. ``admitted``: the
-        caller already holds the pool's admission slot."""
+        caller already holds the pool's admission slot; ``observe``: see :meth:`generate`."""
         routing, params = req.routing, req.params
         idle_s = self.model.timeouts.decode_idle_s
+        timed = first_chunk_s < math.inf or idle_s < math.inf  # else no idle timer at all
         attempts = retries + 1
         tried: set[str] = set()
         failure: BackendError | None = None
@@ -283,13 +287,25 @@ class _Legs:
                 try:
                     with Leg(worker, params.prompt_tokens + params.max_tokens, self.deps):
                         stream = open_leg(worker)
-                        busy = partial(_busy, worker, clock)
-                        async with aclosing(stream), IdleTimeout(busy) as idle:
+                        idle = IdleTimeout(partial(_busy, worker, clock)) if timed else None
+                        try:
                             limit = first_chunk_s
-                            while (chunk := await _next(stream, idle, limit, worker)) is not None:
+                            while (
+                                chunk := await (
+                                    anext(stream, None)
+                                    if idle is None
+                                    else _next(stream, idle, limit, worker)
+                                )
+                            ) is not None:
                                 started, limit = True, idle_s
                                 worker.last_progress = clock.now()
+                                if observe and chunk.stats is not None:
+                                    _observe_leg(self.deps.metrics, req, observe, chunk)
                                 yield chunk
+                        finally:
+                            if idle is not None:
+                                idle.close()
+                            await stream.aclose()
                     return
                 except BackendRejected:
                     raise  # the client's error: no other worker would answer differently
@@ -357,12 +373,8 @@ class AggregatedFlow:
         self._pool = deps.registry.pool(model.name, "aggregated")
         self._legs = _Legs(model, deps)
 
-    async def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
-        async with aclosing(self._legs.generate(self._pool, req)) as stream:
-            async for chunk in stream:
-                if chunk.stats is not None:
-                    _observe_leg(self._legs.deps.metrics, req, "aggregated", chunk)
-                yield chunk
+    def run(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
+        return self._legs.generate(self._pool, req, observe="aggregated")
 
 
 class DisaggregatedFlow:
@@ -534,7 +546,7 @@ class ConditionalFlow(DisaggregatedFlow):
 
 def _observe_leg(metrics: GatewayMetrics, req: DispatchRequest, pool: str, c: TokenChunk) -> None:
     s = c.stats
-    if s is None:
+    if s is None or not metrics.recording:
         return
     model, mode = req.route.model, req.route.mode
     metrics.observe_phase(model, mode, pool, "queue", s.queue_s)
@@ -579,19 +591,10 @@ class Dispatcher:
         self._deps = deps
         self.limiter = limiter or Limiter("gateway", max_active=None)
 
-    @asynccontextmanager
-    async def open(self, req: DispatchRequest) -> AsyncIterator[AsyncGenerator[TokenChunk, None]]:
-        """The request's token stream; leaving the block closes every leg."""
-        # An infinite deadline (a simulation without timeouts) arms no timer at all.
-        deadline = req.deadline if req.deadline < math.inf else None
-        try:
-            async with asyncio.timeout_at(deadline), aclosing(self._observed(req)) as chunks:
-                yield chunks
-        except TimeoutError as exc:
-            raise DeadlineExceeded("request deadline exceeded") from exc
-        except Overloaded as exc:
-            self._deps.metrics.count_rejection(req.route.model, exc.reason)
-            raise
+    def open(self, req: DispatchRequest) -> Opened:
+        """The request's token stream (``async with dispatcher.open(req) as chunks``), under
+        the request's deadline; leaving the block closes every leg."""
+        return Opened(self, req)
 
     async def _observed(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
         """The flow's chunks, with metrics, and backend errors translated to gateway errors."""
@@ -617,9 +620,9 @@ class Dispatcher:
                         completion += chunk.tokens
                     yield chunk
             outcome = "ok"
-            e2e = clock.now() - req.received_at
-            metrics.observe_e2e(model, mode, e2e)
-            self._observe_slo(req, first, last, completion)
+            if metrics.recording:
+                metrics.observe_e2e(model, mode, clock.now() - req.received_at)
+                self._observe_slo(req, first, last, completion)
         except GatewayError as exc:
             outcome = exc.code or exc.type
             raise
@@ -655,6 +658,52 @@ class Dispatcher:
         for pool in dict.fromkeys(req.pools):
             met = _pool_met(pool, req.pools, ttft_ok=ttft_ok, tpot_ok=tpot_ok)
             metrics.observe_pool_slo(req.route.model, req.route.mode, pool, met=met)
+
+
+class Opened:
+    """:meth:`Dispatcher.open`'s context: the deadline around the block, the stream closed on
+    the way out, a deadline that fired raised as :class:`DeadlineExceeded` and a refusal
+    counted. (A class rather than an ``asynccontextmanager``: one generator fewer on every
+    request's path.)"""
+
+    __slots__ = ("_chunks", "_dispatcher", "_req", "_timeout")
+
+    def __init__(self, dispatcher: Dispatcher, req: DispatchRequest) -> None:
+        self._dispatcher = dispatcher
+        self._req = req
+        self._timeout: asyncio.Timeout | None = None
+        self._chunks: AsyncGenerator[TokenChunk, None] | None = None
+
+    async def __aenter__(self) -> AsyncGenerator[TokenChunk, None]:
+        # An infinite deadline (a simulation without timeouts) arms no timer at all.
+        if self._req.deadline < math.inf:
+            self._timeout = asyncio.timeout_at(self._req.deadline)
+            await self._timeout.__aenter__()
+        self._chunks = self._dispatcher._observed(self._req)
+        return self._chunks
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            try:
+                if self._chunks is not None:
+                    await self._chunks.aclose()
+            finally:
+                if self._timeout is not None:
+                    await self._timeout.__aexit__(et, e, tb)  # raises TimeoutError if it fired
+        except TimeoutError as exc:
+            raise DeadlineExceeded("request deadline exceeded") from exc
+        except Overloaded as exc:
+            self._refused(exc)
+            raise
+        if isinstance(e, TimeoutError):
+            raise DeadlineExceeded("request deadline exceeded") from e
+        if isinstance(e, Overloaded):
+            self._refused(e)
+
+    def _refused(self, exc: Overloaded) -> None:
+        self._dispatcher._deps.metrics.count_rejection(self._req.route.model, exc.reason)
 
 
 def _translate(exc: BackendError) -> GatewayError:

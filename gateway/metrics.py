@@ -156,6 +156,10 @@ class LocalHistogram(_Family[HistogramChild]):
 class GatewayMetrics:
     """The gateway's metrics and the helpers that record them."""
 
+    # False for a sink that keeps nothing (a simulation's): callers may then skip working out
+    # what they would observe.
+    recording = True
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry

@@ -334,7 +334,11 @@ class WorkerBuilder:
             failure_threshold=m.circuit.failure_threshold,
             cooldown_s=m.circuit.cooldown_s,
             on_open=partial(self.store.set_circuit_open, worker_id),
-            opened_elsewhere=partial(self.store.circuit_open, worker_id),
+            # Only a shared store has other replicas to ask (asking a local one, each time a
+            # leg picks its worker, says no).
+            opened_elsewhere=(
+                partial(self.store.circuit_open, worker_id) if self.store.status().shared else None
+            ),
         )
         return Worker(name, m.name, role, self.factory(name, spec, m, link), breaker)
 

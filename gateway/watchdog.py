@@ -65,6 +65,10 @@ class IdleTimeout:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop timing (what leaving the ``async with`` block does)."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None

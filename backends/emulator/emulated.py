@@ -10,8 +10,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Callable
+from functools import partial
 from typing import Any
 
 from backends.base import (
@@ -167,37 +167,32 @@ class EmulatedBackend:
         )
         return PrefillResult(TokenChunk(first, 1, finish, stats), kv, stats)
 
-    async def decode(
-        self, params: GenerationParams, kv: KVHandle
-    ) -> AsyncGenerator[TokenChunk, None]:
+    def decode(self, params: GenerationParams, kv: KVHandle) -> AsyncGenerator[TokenChunk, None]:
+        # The prefill side's blocks are freed once the transfer has landed (first chunk). If
+        # this leg fails before that, they stay held so the caller can retry the transfer on
+        # another decode instance; the caller releases the handle in the end either way.
+        return self._stream(params, partial(self._submit_decode, params, kv), kv)
+
+    def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
+        submit = partial(self._submit, params.prompt_tokens, params.max_tokens, params=params)
+        return self._stream(params, submit)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _submit_decode(self, params: GenerationParams, kv: KVHandle) -> Sequence:
         transfer = 0.0
         if kv.link is not None:
             layers = self.deployment.model.layers
             transfer = exposed_kv_transfer_time(
                 kv.link, kv.kv_bytes, kv.descriptors, layers, kv.prefill_compute_s
             )
-        seq = self._submit(
+        return self._submit(
             kv.prompt_tokens,
             params.max_tokens,
             prefilled=True,
             transfer_s=transfer,
             last_token_at=kv.first_token_at,
         )
-        # The prefill side's blocks are freed once the transfer has landed (first chunk). If
-        # this leg fails before that, they stay held so the caller can retry the transfer on
-        # another decode instance; the caller releases the handle in the end either way.
-        async with aclosing(self._stream(seq, params, start=1, held=kv.pending_text)) as stream:
-            async for chunk in stream:
-                kv.release()
-                yield chunk
-
-    async def generate(self, params: GenerationParams) -> AsyncGenerator[TokenChunk, None]:
-        seq = self._submit(params.prompt_tokens, params.max_tokens, params=params)
-        async with aclosing(self._stream(seq, params, start=0)) as stream:
-            async for chunk in stream:
-                yield chunk
-
-    # -- helpers ---------------------------------------------------------------------------
 
     def _submit(
         self,
@@ -227,13 +222,17 @@ class EmulatedBackend:
             raise BackendOverloaded(f"{self.name}: {exc}") from exc
 
     async def _stream(
-        self, seq: Sequence, params: GenerationParams, *, start: int, held: str = ""
+        self, params: GenerationParams, submit: Callable[[], Sequence], kv: KVHandle | None = None
     ) -> AsyncGenerator[TokenChunk, None]:
-        """Yield the sequence's tokens from index ``start`` as they are produced, coalesced.
-
-        ``held`` is text an earlier leg held back because it may begin a stop string.
+        """Submit a leg when first asked for a chunk, then yield its tokens as they are
+        produced, coalesced. A decode leg (``kv``) starts after the first token, with the text
+        its prefill held back (it may begin a stop string), and releases the prefill side's KV
+        with each chunk. One generator per leg: each chunk's trip up to the client passes
+        through as few frames as possible.
         """
-        matcher = synth.StopMatcher(params.stop, held)
+        seq = submit()
+        start = 0 if kv is None else 1
+        matcher = synth.StopMatcher(params.stop, "" if kv is None else kv.pending_text)
         seen = start
         try:
             while True:
@@ -251,12 +250,16 @@ class EmulatedBackend:
                 text, stopped = matcher.feed(text, check=seen > params.min_tokens)
                 if stopped:
                     self.engine.abort(seq)
-                    yield TokenChunk(text, new, "stop", _stats(seq))
+                    chunk = TokenChunk(text, new, "stop", _stats(seq))
+                elif seq.finished:
+                    chunk = TokenChunk(text + matcher.flush(), new, "length", _stats(seq))
+                else:
+                    chunk = TokenChunk(text, new)
+                if kv is not None:
+                    kv.release()
+                yield chunk
+                if chunk.finish_reason is not None:
                     return
-                if seq.finished:
-                    yield TokenChunk(text + matcher.flush(), new, "length", _stats(seq))
-                    return
-                yield TokenChunk(text, new)
         finally:
             self.engine.abort(seq)
 

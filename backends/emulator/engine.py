@@ -51,6 +51,11 @@ which consumers wake are those of the per-sequence path (``bulk_decode=False``),
 whenever the bulk's place in the running order matters (the token budget runs out before
 sequences older than some bulk sequence) and tests compare against.
 
+**Stepping.** On a clock bound to a virtual loop (``LoopClock(loop)``, as simulations run)
+each step is a timer whose callback applies the step and builds the next one; elsewhere a task
+sleeps until each step's end. The steps, their times and the order in which consumers wake are
+the same either way (tests run both).
+
 Example::
 
     engine = Engine(deployment, LoopClock())
@@ -72,7 +77,7 @@ from collections import deque
 from collections.abc import Sequence as Seq
 from typing import Protocol
 
-from backends.clock import Clock
+from backends.clock import Clock, LoopClock
 from backends.emulator.kvcache import PrefixCache
 from backends.emulator.timing import StepShape
 
@@ -339,6 +344,10 @@ class Engine:
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # On a virtual loop the steps are timer callbacks instead (see _tick).
+        self._vloop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.Handle | None = None  # the step's end, the idle wake-up or a kick
+        self._idle_now = False  # (virtual loop) nothing scheduled: new work starts a step
         self._busy_until: float | None = None
         self.failed = False
         # Bulk decoding: running sequences that just decode (one token a step, nobody waiting
@@ -357,7 +366,15 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
+        if self._task is not None or self._vloop is not None:
+            return
+        clock = self._clock
+        vloop = clock.virtual_loop if isinstance(clock, LoopClock) else None
+        if vloop is not None:
+            self._vloop = vloop
+            self._idle_now = True
+            self._kick()
+        else:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="engine")
 
     async def stop(self) -> None:
@@ -365,6 +382,11 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._vloop = None
+        self._idle_now = False
         self._abort_all()
 
     def _abort_all(self) -> None:
@@ -429,7 +451,7 @@ class Engine:
             seq.finish_reason = "length"
             return seq
         self.waiting.append(seq)
-        self._wake.set()
+        self._kick()
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -440,14 +462,14 @@ class Engine:
             self._drop(seq)
         if seq.state != "finished":
             self._finish(seq, "abort")
-            self._wake.set()
+            self._kick()
 
     def release(self, seq: Sequence) -> None:
         """Free a held prefill's KV blocks (idempotent)."""
         if seq.state == "held":
             self._free(seq)
             seq.state = "finished"
-            self._wake.set()  # queued requests may fit now
+            self._kick()  # queued requests may fit now
 
     def pending_prefill(self) -> tuple[int, int, int]:
         """(prompt tokens still to prefill, decoding sequences, their total context)."""
@@ -478,13 +500,7 @@ class Engine:
         try:
             await self._loop()
         except Exception:
-            # A bug in the physics or the scheduler must not leave requests waiting forever.
-            log.exception(
-                "engine step loop failed; aborting its %d sequences",
-                len(self.waiting) + len(self.running),
-            )
-            self.failed = True
-            self._abort_all()
+            self._failed()
             raise
 
     async def _loop(self) -> None:
@@ -495,15 +511,92 @@ class Engine:
                 await self._idle(start)
                 continue
             batch, shape, drafting = step
-            seconds = self._dep.step_time(shape)
-            if drafting is not None:
-                seconds += self._draft_time(*drafting)
-            end = start + seconds / self._time_scale if self._time_scale > 0 else start
+            end = self._step_end(start, shape, drafting)
             await self._clock.sleep_until(end)
-            self._busy_until = end
-            self._apply(batch, end)
-            if end <= self._clock.now() and self.stats.steps % 16 == 0:
+            if self._step_done(batch, end):
                 await asyncio.sleep(0)  # catching up: let consumers run now and then
+
+    def _step_end(self, start: float, shape: StepShape, drafting: tuple[int, int] | None) -> float:
+        seconds = self._dep.step_time(shape)
+        if drafting is not None:
+            seconds += self._draft_time(*drafting)
+        return start + seconds / self._time_scale if self._time_scale > 0 else start
+
+    def _step_done(self, batch: list[tuple[Sequence, int]], end: float) -> bool:
+        """Apply a step that has ended; True when the loop should let consumers run before
+        the next step (it is behind its schedule: every 16th step)."""
+        self._busy_until = end
+        self._apply(batch, end)
+        return end <= self._clock.now() and self.stats.steps % 16 == 0
+
+    # The same loop on a virtual loop, as callbacks: a step is one timer, whose callback
+    # applies it and builds the next, with no task to wake in between (two loop passes and a
+    # coroutine resumption per step otherwise). Events keep their order: the 16th-step yield
+    # becomes a call_soon, an idle engine waits for a kick (new work, freed KV) or for its
+    # next KV transfer to land.
+
+    def _tick(self) -> None:
+        """Build steps until one takes time (its end is timed) or nothing can run."""
+        self._timer = None
+        self._idle_now = False
+        loop = self._vloop
+        if loop is None:  # stopped
+            return
+        try:
+            while True:
+                start = self._step_start()
+                step = self._schedule(start)
+                if step is None:
+                    self._idle_until_kicked(loop, start)
+                    return
+                batch, shape, drafting = step
+                end = self._step_end(start, shape, drafting)
+                if end > loop.time():
+                    self._timer = loop.call_at(end, self._timed_step_done, batch, end)
+                    return
+                if self._step_done(batch, end):
+                    self._timer = loop.call_soon(self._tick)
+                    return
+        except Exception:
+            self._failed()
+
+    def _timed_step_done(self, batch: list[tuple[Sequence, int]], end: float) -> None:
+        self._timer = None
+        try:
+            if self._step_done(batch, end):
+                if self._vloop is not None:
+                    self._timer = self._vloop.call_soon(self._tick)
+                return
+        except Exception:
+            self._failed()
+            return
+        self._tick()
+
+    def _idle_until_kicked(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        self._busy_until = None
+        self._idle_now = True
+        pending = [s.ready_at for s in self.running if s.ready_at > now]
+        if pending:
+            self._timer = loop.call_at(min(pending), self._tick)
+
+    def _kick(self) -> None:
+        """New work, or room for it: an idle engine looks for a step."""
+        if self._vloop is None:
+            self._wake.set()
+        elif self._idle_now:
+            self._idle_now = False
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._vloop.call_soon(self._tick)
+
+    def _failed(self) -> None:
+        # A bug in the physics or the scheduler must not leave requests waiting forever.
+        log.exception(
+            "engine step loop failed; aborting its %d sequences",
+            len(self.waiting) + len(self.running),
+        )
+        self.failed = True
+        self._abort_all()
 
     def _step_start(self) -> float:
         now = self._clock.now()
@@ -687,7 +780,9 @@ class Engine:
                 if first < 0:
                     first = seq._rank
         if grow is not None:  # those still in the bulk and due now (entries go stale)
-            grow = list(dict.fromkeys(s for s in grow if s._co is self and s._ev == step_no))
+            grow = [s for s in grow if s._co is self and s._ev == step_no]
+            if len(set(grow)) < len(grow):  # one that left the bulk and joined it again
+                grow = list(dict.fromkeys(grow))
         binding = demand > self.max_batched_tokens
         if binding and (bulk > self.max_batched_tokens or 0 <= first < self._co_max_rank):
             return None

@@ -181,8 +181,8 @@ class StopMatcher:
     """
 
     def __init__(self, stops: tuple[str, ...], held: str = "") -> None:
-        self._stops = tuple(s for s in stops if s)
-        self._keep = max((len(s) for s in self._stops), default=1) - 1
+        self._stops = tuple(s for s in stops if s) if stops else ()
+        self._keep = max(len(s) for s in self._stops) - 1 if self._stops else 0
         self._held = held
 
     def feed(self, chunk: str, *, check: bool = True) -> tuple[str, bool]:

@@ -23,9 +23,18 @@ class LeastLoaded(PolicyBase):
 
     def choose(self, candidates: Sequence[C], request: RouteRequest) -> C:
         tokens_first = self._by == "tokens"
-        keys = [_key(self._store, c, tokens_first) for c in candidates]
-        low = min(keys)
-        tied = [c for c, k in zip(candidates, keys, strict=True) if k == low]
+        load = self._store.load
+        low: tuple[int, int] | None = None
+        tied: list[C] = []
+        for c in candidates:  # one pass: every request is routed through here
+            w = load(c.id)
+            k = (w.tokens, w.requests) if tokens_first else (w.requests, w.tokens)
+            if low is None or k < low:
+                low, tied = k, [c]
+            elif k == low:
+                tied.append(c)
+        if not tied:
+            raise ValueError("no candidates to choose from")
         return tied[next(self._counter) % len(tied)]
 
 

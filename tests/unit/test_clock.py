@@ -7,6 +7,7 @@ import asyncio
 import random
 import time
 
+import pytest
 import uvloop
 
 from backends.clock import LoopClock, close_loop, virtual_event_loop
@@ -141,3 +142,38 @@ def test_a_bound_clock_is_unbound_on_a_real_loop() -> None:
 
     before, now, after = asyncio.run(main())
     assert before <= now <= after
+
+
+def test_virtual_loop_timers_run_in_time_order_then_in_the_order_they_were_set() -> None:
+    loop = virtual_event_loop()
+    ran: list[tuple[float, str]] = []
+    try:
+        for name, when in (("c", 2.0), ("a", 1.0), ("b", 1.0), ("d", 1.5), ("e", 1.0)):
+            loop.call_at(when, lambda n=name: ran.append((loop.time(), n)))
+        dropped = loop.call_at(1.2, lambda: ran.append((loop.time(), "cancelled")))
+        dropped.cancel()
+        loop.call_later(3.0, loop.stop)
+        loop.run_forever()
+    finally:
+        close_loop(loop)
+    assert ran == [(1.0, "a"), (1.0, "b"), (1.0, "e"), (1.5, "d"), (2.0, "c")]
+
+
+def test_virtual_loop_sheds_many_cancelled_timers() -> None:
+    """Timers set and cancelled by the thousand (per-leg timeouts that never fire) do not
+    pile up in the queue, and the clock never stops at them."""
+
+    async def main() -> tuple[int, float]:
+        loop = asyncio.get_running_loop()
+        for i in range(5000):
+            loop.call_at(1000.0 + i, lambda: None).cancel()
+            await asyncio.sleep(0.001)
+        return len(loop._timers), loop.time()  # type: ignore[attr-defined]
+
+    loop = virtual_event_loop()
+    try:
+        left, now = loop.run_until_complete(main())
+    finally:
+        close_loop(loop)
+    assert left < 300
+    assert now == pytest.approx(5.0)

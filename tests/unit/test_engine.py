@@ -1,4 +1,8 @@
-"""The continuous-batching engine (backends/emulator/engine.py), driven in virtual time."""
+"""The continuous-batching engine (backends/emulator/engine.py), driven in virtual time.
+
+Every test runs on both of the engine's step drivers: its stepping task (any clock) and timer
+callbacks (a clock bound to the virtual loop, as simulations use).
+"""
 
 from __future__ import annotations
 
@@ -62,9 +66,19 @@ async def follow(seq: Sequence) -> list[tuple[float, int]]:
     return events
 
 
+BOUND = {"clock": False}  # set per test by the ``driver`` fixture
+
+
+@pytest.fixture(autouse=True, params=["task", "timer-callbacks"])
+def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BOUND, "clock", request.param == "timer-callbacks")
+
+
 def make_engine(timer: StepTimer, **kw: Any) -> Engine:
-    engine = Engine(timer, LoopClock(), **kw)
+    clock = LoopClock(asyncio.get_running_loop()) if BOUND["clock"] else LoopClock()
+    engine = Engine(timer, clock, **kw)
     engine.start()
+    assert (engine._task is None) == BOUND["clock"]
     return engine
 
 

@@ -43,8 +43,9 @@ class Gaps:
         self.entries.append((gap, weight))
 
 
-def run_scenario(seed: int, *, bulk: bool, **knobs: Any) -> dict[str, Any]:
-    """Everything observable about one seeded run."""
+def run_scenario(seed: int, *, bulk: bool, bound: bool = False, **knobs: Any) -> dict[str, Any]:
+    """Everything observable about one seeded run (``bound``: on a clock bound to the virtual
+    loop, whose engine runs its steps as timer callbacks instead of a task)."""
     kv = knobs.pop("kv_capacity_tokens", 60_000)
     requests = knobs.pop("requests", 300)
     timer, gaps = Timer(kv), Gaps()
@@ -56,9 +57,14 @@ def run_scenario(seed: int, *, bulk: bool, **knobs: Any) -> dict[str, Any]:
     loads: list[tuple[int, int, int, int, int]] = []
     in_bulk: list[int] = []
 
-    async def consume(i: int, seq: Sequence, style: str, clock: LoopClock) -> None:
+    async def consume(i: int, seq: Sequence, style: str, clock: LoopClock, engine: Engine) -> None:
         seen = seq.generated
-        if style == "coalesce":  # first token, then the end, as a simulated leg reads
+        if style == "handoff":  # at its first token the request's next leg starts, here
+            await seq.wait_beyond(seen)
+            wakes.append((clock.now(), i, seq.generated))
+            seq = engine.submit(seq.prompt + 1, 6, prefilled=True, last_token_at=clock.now())
+            await seq.wait_finished()
+        elif style == "coalesce":  # first token, then the end, as a simulated leg reads
             await seq.wait_beyond(seen)
             wakes.append((clock.now(), i, seq.generated))
             await seq.wait_finished()
@@ -72,7 +78,8 @@ def run_scenario(seed: int, *, bulk: bool, **knobs: Any) -> dict[str, Any]:
         wakes.append((clock.now(), i, seq.generated))
 
     async def main() -> dict[str, Any]:
-        clock = LoopClock()
+        loop = asyncio.get_running_loop()
+        clock = LoopClock(loop) if bound else LoopClock()
         engine = Engine(timer, clock, recorder=gaps, bulk_decode=bulk, **knobs)
         apply = engine._apply
 
@@ -105,16 +112,14 @@ def run_scenario(seed: int, *, bulk: bool, **knobs: Any) -> dict[str, Any]:
                 )
             elif kind < 0.25:  # a prefill leg, released a little later
                 seq = engine.submit(prompt, max_new, hold_after_prefill=True, block_hashes=hashes)
-                loop = engine._task.get_loop()  # type: ignore[union-attr]
                 loop.call_later(rng.uniform(0.0, 0.2), engine.release, seq)
             else:
                 seq = engine.submit(prompt, max_new, block_hashes=hashes)
             seqs[i] = seq
             token_times[i] = []
-            style = rng.choice(("coalesce", "coalesce", "each", "late"))
-            tasks.append(asyncio.ensure_future(consume(i, seq, style, clock)))
+            style = rng.choice(("coalesce", "coalesce", "each", "late", "handoff"))
+            tasks.append(asyncio.ensure_future(consume(i, seq, style, clock, engine)))
             if rng.random() < 0.05:  # a client that goes away mid-stream
-                loop = engine._task.get_loop()  # type: ignore[union-attr]
                 loop.call_later(rng.uniform(0.0, 0.5), engine.abort, seq)
         await asyncio.gather(*tasks)
         await engine.stop()
@@ -183,6 +188,18 @@ def test_bulk_decoding_matches_the_per_sequence_path(seed: int, knobs: dict[str,
     assert fast["finish"] == slow["finish"]
     assert fast["stats"] == slow["stats"]
     assert fast["free"] == slow["free"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("knobs", SCENARIOS)
+@pytest.mark.parametrize("bulk", [False, True])
+def test_timer_callback_steps_match_the_stepping_task(bulk: bool, knobs: dict[str, Any]) -> None:
+    """On a clock bound to the virtual loop the engine runs its steps as timer callbacks;
+    every step, token, gap and wake-up is the task's, in the same order."""
+    task = run_scenario(3, bulk=bulk, **dict(knobs))
+    callbacks = run_scenario(3, bulk=bulk, bound=True, **dict(knobs))
+    assert len(task["shapes"]) > 50
+    assert callbacks == task
 
 
 def test_an_engine_that_drains_keeps_no_bulk_schedule_behind() -> None:

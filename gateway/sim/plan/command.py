@@ -64,7 +64,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--decode-devices", default="", help="comma-separated devices allowed only to decode"
     )
     space.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
-    space.add_argument("--engine", default="default", help="engine profile (only 'default' yet)")
+    space.add_argument(
+        "--engine",
+        default="default",
+        help="engine profile from config/engines (e.g. vllm-0.14, sglang-0.5, trtllm-1.1) "
+        "whose knobs every candidate runs with; 'default' searches batch caps and chunk budgets",
+    )
     space.add_argument(
         "--objective",
         default="cost",
@@ -98,8 +103,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> PlanRequest:
     catalog = Catalog.load()
-    if args.engine != "default":
-        raise PlanError(f"--engine {args.engine!r}: only the 'default' engine profile exists yet")
+    engine = None if args.engine == "default" else args.engine
+    if engine is not None and engine not in catalog.engines:
+        known = ", ".join(["default", *sorted(catalog.engines)])
+        raise PlanError(f"--engine {engine!r}: no such engine profile; known: {known}")
     trace = load_trace(args.trace) if args.trace else None
     if trace is not None and any(
         x is not None for x in (args.isl, args.osl, args.isl_dist, args.osl_dist)
@@ -138,6 +145,7 @@ def build(args: argparse.Namespace) -> PlanRequest:
         cross_vendor_link=args.cross_link,
         progress=not args.no_progress,
         robustness=not args.no_robustness,
+        engine=engine,
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.emulator.catalog import Catalog
+from backends.emulator.catalog import Catalog, EngineKnobs
 from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings, SloConfig
 from gateway.sim.plan.space import Candidate, Pool
 from gateway.sim.run import RequestRecord, SimulationSpec, Slo, simulate
@@ -149,6 +149,9 @@ def candidate_settings(candidate: Candidate, model: str, slos: Slos) -> Settings
 
 
 def _pool_config(pool: Pool, link: str | None) -> PoolConfig:
+    """An instance with an engine profile names it, as a user's config would, and the gateway
+    applies the profile's knobs on the device (:meth:`Catalog.engine_knobs`): the same knobs
+    the plan sized and simulated the instance with."""
     i = pool.instance
     worker = EmulatedWorker(
         device=i.device,
@@ -156,7 +159,8 @@ def _pool_config(pool: Pool, link: str | None) -> PoolConfig:
         tp=i.tp,
         dtype=i.dtype,
         replicas=pool.replicas,
-        engine=i.knobs,
+        engine=EngineKnobs() if i.engine else i.knobs,
+        engine_profile=i.engine,
     )
     if pool.role == "prefill" and link is not None:
         return PoolConfig(policy="least_loaded", kv_link=link, workers=[worker])

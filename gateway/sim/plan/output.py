@@ -30,6 +30,7 @@ def row(plan: Plan, e: Evaluated) -> dict[str, Any]:
         "chosen": e is plan.best,
         "meets": e.meets,
         "mode": e.candidate.mode,
+        "engine": req.engine or "default",
         "pools": "; ".join(
             f"{p.role}: {p.replicas} x {p.instance.label}" for p in e.candidate.pools
         ),
@@ -79,6 +80,7 @@ def as_json(plan: Plan) -> dict[str, Any]:
         ],
         "attainment_floor": req.slos.attainment,
         "objective": req.objective,
+        "engine": req.engine or "default",
         "verdict": plan.verdict,
         "infeasible": plan.infeasible,
         "candidates_screened": len(plan.screened),
@@ -137,7 +139,8 @@ def table(plan: Plan, limit: int = 10) -> str:
     lines = [
         f"pdgate plan: {req.model} at {req.rate:g} req/s, "
         + ", ".join(f"{t.name} ≤ {t.limit_s:g} s" for t in req.slos.targets)
-        + f", attainment ≥ {req.slos.attainment:.0%}; objective {req.objective}",
+        + f", attainment ≥ {req.slos.attainment:.0%}; objective {req.objective}; "
+        + f"engine {req.engine or 'default'}",
         f"{len(plan.screened)} candidates screened, {len(plan.evaluated)} simulated "
         f"({sum(e.sims for e in plan.evaluated)} runs, {plan.check_runs} checks) in "
         f"{plan.wall_s:.1f} s",

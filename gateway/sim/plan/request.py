@@ -42,3 +42,4 @@ class PlanRequest:
     tp_degrees: Sequence[int] = TP_DEGREES
     max_num_seqs: Sequence[int] = MAX_NUM_SEQS
     chunk_budgets: Sequence[int] = CHUNK_BUDGETS
+    engine: str | None = None  # an engine profile (config/engines); None: the default knobs

@@ -120,6 +120,7 @@ def screen(req: PlanRequest, catalog: Catalog, prices: PriceBook) -> tuple[list[
         tp_degrees=req.tp_degrees,
         max_num_seqs=req.max_num_seqs,
         chunk_budgets=req.chunk_budgets,
+        engine=req.engine,
     )
     caps = _capacities(space, demand, targets)
     both = [c for c in caps if c.instance.device not in req.decode_only]

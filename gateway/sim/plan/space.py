@@ -4,7 +4,9 @@ Layouts come from the catalog: a device sized by memory (LPU pipelines, wafers, 
 cards) runs one layout, the device count its memory needs; any other device runs tensor
 parallel over 1, 2, 4 or 8 devices, wherever the model fits with room for a batch of KV.
 Engine knobs vary the two that trade TTFT against TPOT and throughput: the batch cap
-(``max_num_seqs``) and the chunk budget (``max_num_batched_tokens``).
+(``max_num_seqs``) and the chunk budget (``max_num_batched_tokens``). With an engine profile
+(``config/engines``, e.g. ``sglang-0.5``) every instance runs that engine as it ships: all its
+knobs on each device (:meth:`EngineProfile.knobs_for`), its batch cap and chunk budget too.
 
 Example::
 
@@ -31,7 +33,8 @@ MODES = ("aggregated", "disaggregated", "conditional")
 @dataclass(frozen=True)
 class Instance:
     """One instance's deployment: device, devices per instance, tensor parallel degree, dtype
-    and engine knobs."""
+    and engine knobs; ``engine`` names the engine profile whose knobs on this device
+    (``profile``) the instance runs (None: the default knobs)."""
 
     device: str
     count: int
@@ -39,9 +42,13 @@ class Instance:
     dtype: str
     max_num_seqs: int
     max_num_batched_tokens: int
+    engine: str | None = None
+    profile: EngineKnobs | None = None
 
     @property
     def knobs(self) -> EngineKnobs:
+        if self.profile is not None:
+            return self.profile
         return EngineKnobs(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens
         )
@@ -49,8 +56,9 @@ class Instance:
     @property
     def label(self) -> str:
         layout = f"tp{self.tp}" if self.tp == self.count else f"×{self.count}"
+        engine = f" {self.engine}" if self.engine else ""
         return (
-            f"{self.device} {layout} {self.dtype} seqs {self.max_num_seqs} "
+            f"{self.device} {layout} {self.dtype}{engine} seqs {self.max_num_seqs} "
             f"chunk {self.max_num_batched_tokens}"
         )
 
@@ -110,6 +118,7 @@ class Space:
     tp_degrees: Sequence[int] = TP_DEGREES
     max_num_seqs: Sequence[int] = MAX_NUM_SEQS
     chunk_budgets: Sequence[int] = CHUNK_BUDGETS
+    engine: str | None = None  # an engine profile's knobs instead of the grids above
     skipped: dict[str, str] = field(default_factory=dict)
 
     def instances(self) -> list[Instance]:
@@ -122,34 +131,51 @@ class Space:
             out.extend(self._layouts(device))
         return out
 
+    def _knob_grid(self, device: str) -> list[tuple[EngineKnobs, EngineKnobs | None]]:
+        """(knobs, the engine profile's knobs or None) to try on ``device``: the profile's
+        alone, or every batch cap and chunk budget of the grid."""
+        if self.engine is not None:
+            knobs = self.catalog.engine(self.engine).knobs_for(device)
+            return [(knobs, knobs)]
+        return [
+            (EngineKnobs(max_num_seqs=seqs, max_num_batched_tokens=chunk), None)
+            for seqs in self.max_num_seqs
+            for chunk in self.chunk_budgets
+        ]
+
     def _layouts(self, device: str) -> Iterable[Instance]:
         profile = self.catalog.device(device)
         found = False
         reasons: list[str] = []
-        for seqs in self.max_num_seqs:
-            for chunk in self.chunk_budgets:
-                knobs = EngineKnobs(max_num_seqs=seqs, max_num_batched_tokens=chunk)
-                sizes: Iterable[int | None] = (
-                    (None,) if profile.sized_by_memory else self.tp_degrees
+        for knobs, engine_knobs in self._knob_grid(device):
+            sizes: Iterable[int | None] = (None,) if profile.sized_by_memory else self.tp_degrees
+            for tp in sizes:
+                try:
+                    dep = self.catalog.deployment(
+                        device,
+                        self.model,
+                        dtype=self.dtype,
+                        tp=tp or 1,
+                        count=tp,
+                        engine=knobs,
+                    )
+                except CatalogError as exc:
+                    reasons.append(str(exc))
+                    continue
+                if dep.kv_capacity_tokens < MIN_BATCH * (self.isl + self.osl):
+                    reasons.append(f"{device} tp{tp}: KV holds too few sequences")
+                    continue
+                found = True
+                yield Instance(
+                    device,
+                    dep.count,
+                    dep.tp,
+                    self.dtype,
+                    knobs.max_num_seqs,
+                    knobs.max_num_batched_tokens,
+                    self.engine,
+                    engine_knobs,
                 )
-                for tp in sizes:
-                    try:
-                        dep = self.catalog.deployment(
-                            device,
-                            self.model,
-                            dtype=self.dtype,
-                            tp=tp or 1,
-                            count=tp,
-                            engine=knobs,
-                        )
-                    except CatalogError as exc:
-                        reasons.append(str(exc))
-                        continue
-                    if dep.kv_capacity_tokens < MIN_BATCH * (self.isl + self.osl):
-                        reasons.append(f"{device} tp{tp}: KV holds too few sequences")
-                        continue
-                    found = True
-                    yield Instance(device, dep.count, dep.tp, self.dtype, seqs, chunk)
         if not found:
             self.skipped[device] = reasons[0] if reasons else "no layout fits"
 
