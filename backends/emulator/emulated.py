@@ -58,22 +58,13 @@ class EmulatedBackend:
         self._clock = clock
         self._coalesce = coalesce
         self._text = synthesize_text
-        knobs = deployment.engine
-        self.engine = Engine(
+        self.engine = Engine.from_knobs(
             deployment,
             clock,
-            max_num_seqs=knobs.max_num_seqs,
-            max_num_batched_tokens=knobs.max_num_batched_tokens,
-            block_size=knobs.block_size,
+            deployment.engine,
             time_scale=time_scale,
-            prefix_caching=knobs.enable_prefix_caching,
-            speculative_tokens=knobs.speculative_tokens,
-            acceptance_rate=knobs.acceptance_rate,
-            draft_cost_fraction=knobs.draft_cost_fraction,
             seed=seed,
             recorder=recorder,
-            reserve_max=knobs.scheduler_policy == "guaranteed_no_evict",
-            step_policy=knobs.step_policy,
         )
         self._open = False
         self._time_scale_or_one = time_scale or 1.0

@@ -75,11 +75,14 @@ import math
 import random
 from collections import deque
 from collections.abc import Sequence as Seq
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backends.clock import Clock, LoopClock
 from backends.emulator.kvcache import PrefixCache
 from backends.emulator.timing import StepShape
+
+if TYPE_CHECKING:
+    from backends.emulator.catalog import EngineKnobs
 
 log = logging.getLogger("pdgate.engine")
 
@@ -299,6 +302,28 @@ class Engine:
     # When the event loop falls this far behind the device schedule, restart the schedule
     # from now instead of bursting to catch up (the loop was starved, not the device).
     MAX_LAG_S = 0.25
+
+    @classmethod
+    def from_knobs(
+        cls, deployment: StepTimer, clock: Clock, knobs: EngineKnobs, **options: Any
+    ) -> Engine:
+        """An engine running ``knobs`` (an instance's engine settings: caps, budget, block size,
+        prefix caching, speculative decoding, admission, step policy); ``options`` are the
+        engine's other arguments (time scale, seed, recorder, bulk decoding)."""
+        return cls(
+            deployment,
+            clock,
+            max_num_seqs=knobs.max_num_seqs,
+            max_num_batched_tokens=knobs.max_num_batched_tokens,
+            block_size=knobs.block_size,
+            prefix_caching=knobs.enable_prefix_caching,
+            speculative_tokens=knobs.speculative_tokens,
+            acceptance_rate=knobs.acceptance_rate,
+            draft_cost_fraction=knobs.draft_cost_fraction,
+            reserve_max=knobs.scheduler_policy == "guaranteed_no_evict",
+            step_policy=knobs.step_policy,
+            **options,
+        )
 
     def __init__(
         self,

@@ -137,10 +137,7 @@ def weight_bytes_read(m: ModelShape, tokens: int) -> float:
     experts its tokens actually route to: with ``E`` experts, top-``k`` routing and ``N`` tokens,
     the expected fraction of experts touched is ``1 − (1 − k/E)^N``.
     """
-    if m.experts <= 0 or tokens <= 0:
-        return m.dense_weight_bytes + m.expert_weight_bytes
-    touched = 1.0 - (1.0 - m.top_k / m.experts) ** tokens
-    return m.dense_weight_bytes + m.expert_weight_bytes * touched
+    return m.dense_weight_bytes + m.expert_weight_bytes * touched_fraction(m, tokens)
 
 
 def step_bytes(m: ModelShape, s: StepShape) -> float:
@@ -366,8 +363,7 @@ def expert_layer_bytes(
     a = n_all * m.top_k / ep
     a *= expert_imbalance(a, ep)
     f = m.expert_ffn / tp
-    touched = 1.0 - (1.0 - m.top_k / m.experts) ** tokens
-    w = m.expert_weight_bytes * touched / (max(m.moe_layers, 1) * tp * ep)
+    w = m.expert_weight_bytes * touched_fraction(m, tokens) / (max(m.moe_layers, 1) * tp * ep)
     return (
         n * h * b + a * h * q,
         a * h * q + 2.0 / 3.0 * w + a * 2.0 * f * b,

@@ -164,20 +164,8 @@ def predict(row: SiliconRow, cat: Catalog | None = None) -> Prediction:
 def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, float]:
     dep = deployment_for(row, layout, cat)
     clock = ManualClock()
-    k = dep.engine
-    engine = Engine(
-        dep,
-        clock,  # type: ignore[arg-type]
-        max_num_seqs=k.max_num_seqs,
-        max_num_batched_tokens=k.max_num_batched_tokens,
-        block_size=k.block_size,
-        speculative_tokens=k.speculative_tokens,
-        acceptance_rate=k.acceptance_rate,
-        draft_cost_fraction=k.draft_cost_fraction,
-        reserve_max=k.scheduler_policy == "guaranteed_no_evict",
-        step_policy=k.step_policy,
-        bulk_decode=False,  # the closed loop reads each step's batch (see closed_loop)
-    )
+    # The closed loop reads each step's batch, so sequences are stepped one by one.
+    engine = Engine.from_knobs(dep, clock, dep.engine, bulk_decode=False)  # type: ignore[arg-type]
     profile = engine_profile(row, cat)
     frontend = profile.frontend_request_s + profile.frontend_token_s * row.isl
     r = closed_loop(

@@ -10,7 +10,6 @@ last bit, in each mode, with and without timeouts, open and closed loop.
 
 from __future__ import annotations
 
-import functools
 import gc
 from typing import Any
 
@@ -87,6 +86,13 @@ def _observed(spec: SimulationSpec) -> dict[str, Any]:
     }
 
 
+class _PerSequenceEngine(Engine):
+    """The engine with bulk decoding off: every sequence stepped one by one (the reference)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "bulk_decode": False})
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "case",
@@ -97,7 +103,7 @@ def test_fast_simulation_paths_match_the_reference(
 ) -> None:
     fast = _observed(_spec(catalog, case))
     with monkeypatch.context() as m:
-        m.setattr(emulated, "Engine", functools.partial(Engine, bulk_decode=False))
+        m.setattr(emulated, "Engine", _PerSequenceEngine)
         m.setattr(run, "LoopClock", lambda loop: LoopClock())  # unbound: a task per engine
         slow = _observed(_spec(catalog, case))
     assert fast.pop("bulk") == [True] * len(fast["engines"])
