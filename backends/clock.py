@@ -30,9 +30,10 @@ import heapq
 import itertools
 import selectors
 import time
-from collections.abc import Callable
-from contextvars import Context
-from typing import Protocol, TypeVarTuple, Unpack
+from asyncio import format_helpers
+from collections.abc import Callable, Coroutine, Generator
+from contextvars import Context, copy_context
+from typing import Any, Protocol, TypeVar, TypeVarTuple, Unpack
 
 
 class Clock(Protocol):
@@ -99,6 +100,7 @@ class LoopClock:
 
 
 _Ts = TypeVarTuple("_Ts")
+_T = TypeVar("_T")
 
 _POLL_EVERY = 256  # loop passes between polls of a selector that holds only the wake-up pipe
 # asyncio's own limits (base_events): rebuild the timer heap when more than half of more than
@@ -140,6 +142,36 @@ class _VirtualSelector(selectors.DefaultSelector):
         return super().select(0)
 
 
+class _Handle(asyncio.Handle):
+    """asyncio's callback handle, filled in by the virtual loop itself (see
+    :meth:`_VirtualEventLoop.call_soon`)."""
+
+    __slots__ = ()
+
+
+class _TimerHandle(asyncio.TimerHandle):
+    """asyncio's timer handle, filled in by the virtual loop itself."""
+
+    __slots__ = ()
+
+
+_new_handle = object.__new__
+
+
+def _report(loop: asyncio.AbstractEventLoop, handle: asyncio.Handle, exc: BaseException) -> None:
+    """What ``Handle._run`` does when its callback raises: tell the loop's exception handler."""
+    callback, args = handle._callback, handle._args  # type: ignore[attr-defined]
+    source = format_helpers._format_callback_source(callback, args)
+    context: dict[str, Any] = {
+        "message": f"Exception in callback {source}",
+        "exception": exc,
+        "handle": handle,
+    }
+    if handle._source_traceback:  # type: ignore[attr-defined]
+        context["source_traceback"] = handle._source_traceback  # type: ignore[attr-defined]
+    loop.call_exception_handler(context)
+
+
 class _VirtualEventLoop(asyncio.SelectorEventLoop):
     """asyncio's selector loop on a virtual clock, with its own timer queue.
 
@@ -147,14 +179,23 @@ class _VirtualEventLoop(asyncio.SelectorEventLoop):
     scheduling paths are lean: timers wait in a heap of ``(when, order, handle)`` tuples that
     compare in C (asyncio's heap of handles compares them with a Python method), timers due
     at the same instant run in the order they were set, and a pass neither polls a selector
-    (see :class:`_VirtualSelector`) nor makes the checks only debug mode acts on. The clock
-    advances exactly as asyncio's selector wait would advance it.
+    (see :class:`_VirtualSelector`) nor makes the checks only debug mode acts on. Outside
+    debug mode, handles are filled in directly (no debug check per handle) and run inline, as
+    ``Handle._run`` would run them. The clock advances exactly as asyncio's selector wait
+    would advance it.
+
+    Async generators are not tracked for :meth:`shutdown_asyncgens` (a simulation starts a few
+    per request, and tracking each costs a weak reference and its callback): the tasks left at
+    the end are cancelled by :func:`close_loop`, which closes the generators they run, and a
+    generator dropped unfinished is closed by asyncio's finalizer hook, as on any loop.
     """
 
     # asyncio.BaseEventLoop's own state, used here as it uses it.
     _ready: collections.deque[asyncio.Handle]
     _stopping: bool
     _closed: bool
+    _debug: bool
+    _task_factory: object
     _timer_cancelled_count: int
 
     def __init__(self) -> None:
@@ -175,7 +216,17 @@ class _VirtualEventLoop(asyncio.SelectorEventLoop):
     ) -> asyncio.Handle:
         if self._closed:
             raise RuntimeError("Event loop is closed")
-        handle = asyncio.Handle(callback, args, self, context)
+        if self._debug:
+            handle = asyncio.Handle(callback, args, self, context)
+        else:  # Handle.__init__ without its debug check
+            handle = _new_handle(_Handle)
+            handle._context = copy_context() if context is None else context  # type: ignore[attr-defined]
+            handle._loop = self  # type: ignore[attr-defined]
+            handle._callback = callback  # type: ignore[attr-defined]
+            handle._args = args
+            handle._cancelled = False
+            handle._repr = None  # type: ignore[attr-defined]
+            handle._source_traceback = None  # type: ignore[attr-defined]
         self._ready.append(handle)
         return handle
 
@@ -190,10 +241,38 @@ class _VirtualEventLoop(asyncio.SelectorEventLoop):
             raise RuntimeError("Event loop is closed")
         if when is None:
             raise TypeError("when cannot be None")
-        timer = asyncio.TimerHandle(when, callback, args, self, context)
+        if self._debug:
+            timer = asyncio.TimerHandle(when, callback, args, self, context)
+        else:  # TimerHandle.__init__ without its debug check
+            timer = _new_handle(_TimerHandle)
+            timer._context = copy_context() if context is None else context  # type: ignore[attr-defined]
+            timer._loop = self  # type: ignore[attr-defined]
+            timer._callback = callback  # type: ignore[attr-defined]
+            timer._args = args
+            timer._cancelled = False
+            timer._repr = None  # type: ignore[attr-defined]
+            timer._source_traceback = None  # type: ignore[attr-defined]
+            timer._when = when  # type: ignore[attr-defined]
         heapq.heappush(self._timers, (when, next(self._order), timer))
         timer._scheduled = True  # type: ignore[attr-defined]  # (counted when cancelled)
         return timer
+
+    def create_task(
+        self,
+        coro: Generator[Any, None, _T] | Coroutine[Any, Any, _T],
+        *,
+        name: object = None,
+        context: Context | None = None,
+    ) -> asyncio.Task[_T]:
+        if self._task_factory is not None or self._debug:
+            return super().create_task(coro, name=name, context=context)
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        label = None if name is None else str(name)
+        return asyncio.Task(coro, loop=self, name=label, context=context)
+
+    def _asyncgen_firstiter_hook(self, agen: object) -> None:
+        return None  # not tracked: see the class's docstring
 
     def _run_once(self) -> None:
         """One pass: drop cancelled timers, advance the clock to the next timer when nothing
@@ -219,17 +298,25 @@ class _VirtualEventLoop(asyncio.SelectorEventLoop):
             timeout = min(max(0, timers[0][0] - virtual.time), _MAX_TIMEOUT)
             if timeout > 0:
                 virtual.time += timeout
-        if virtual.poll_due():
+        virtual._passes += 1  # (poll_due, inline)
+        if len(virtual._fd_to_key) > 1 or not virtual._passes % _POLL_EVERY:  # type: ignore[attr-defined]
             self._process_events(virtual.poll())  # type: ignore[attr-defined]
         end = virtual.time + self._clock_resolution
         while timers and timers[0][0] < end:
             timer = heapq.heappop(timers)[2]
             timer._scheduled = False  # type: ignore[attr-defined]
             ready.append(timer)
+        popleft = ready.popleft
         for _ in range(len(ready)):
-            handle = ready.popleft()
-            if not handle._cancelled:
-                handle._run()
+            handle = popleft()
+            if handle._cancelled:
+                continue
+            try:  # Handle._run, inline
+                handle._context.run(handle._callback, *handle._args)  # type: ignore[attr-defined]
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                _report(self, handle, exc)
 
     async def sleep_until(self, deadline: float) -> None:
         """Wait until virtual time reaches ``deadline`` (at once if it has)."""

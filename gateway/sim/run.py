@@ -452,12 +452,15 @@ class _Client:
         if not queue:
             return
         done: asyncio.Future[None] = loop.create_future()
-        tasks: list[asyncio.Task[None]] = []
+        # The requests in flight (a finished one leaves at once: kept to its end, tens of
+        # thousands of done tasks would be walked by every garbage collection of the run).
+        tasks: set[asyncio.Task[None]] = set()
         left = len(queue)
 
         def ended(failure: Exception | None) -> None:
             nonlocal left
             left -= 1
+            tasks.discard(asyncio.current_task(loop))
             if done.done():
                 return
             if failure is not None:  # a bug (send records a request's errors): end the run
@@ -472,14 +475,14 @@ class _Client:
                 if at > now:
                     loop.call_at(at, arrive, i)
                     return
-                tasks.append(loop.create_task(self.send(queue[i], ended)))
+                tasks.add(loop.create_task(self.send(queue[i], ended)))
                 i += 1
 
         arrive(0)
         try:
             await done
         finally:
-            for task in tasks:
+            for task in list(tasks):
                 if not task.done():
                     task.cancel()
 
