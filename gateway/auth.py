@@ -27,13 +27,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
-import redis.asyncio as aioredis
 
 from gateway.errors import InvalidRequest, Overloaded, Unauthorized
-from gateway.state_redis import REDIS_DOWN
+
+if TYPE_CHECKING:  # (redis is loaded where a client is made: without one, never)
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("pdgate.auth")
 
@@ -155,6 +156,9 @@ class RedisRateLimiter:
     """Limits shared by every replica on one Redis, falling back to local counts."""
 
     def __init__(self, client: aioredis.Redis, *, key_prefix: str, op_timeout_s: float) -> None:
+        from gateway.state_redis import REDIS_DOWN
+
+        self._down = REDIS_DOWN
         self._client = client
         self._p = key_prefix
         self._timeout = op_timeout_s
@@ -176,7 +180,7 @@ class RedisRateLimiter:
         ]
         try:
             admitted = await self._admit(keys=self._keys(key, window), args=args)
-        except REDIS_DOWN as exc:
+        except self._down as exc:
             self._failed(exc)
             return self._fallback.admit_now(key, prompt_tokens)
         return None if admitted else left
@@ -191,7 +195,7 @@ class RedisRateLimiter:
             pipe.incrby(tokens_key, tokens)
             pipe.expire(tokens_key, WINDOW_S + 5)
             await pipe.execute()
-        except REDIS_DOWN as exc:
+        except self._down as exc:
             self._failed(exc)
             await self._fallback.charge(key, tokens)
 
@@ -301,6 +305,8 @@ class Authenticator:
                 await self.limiter.charge(key, tokens)
 
     async def _refresh(self, redis: aioredis.Redis) -> None:
+        from gateway.state_redis import REDIS_DOWN
+
         while True:
             try:
                 for key in await load_redis_keys(redis, self._prefix):

@@ -13,9 +13,7 @@ import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Protocol
-
-import redis.asyncio as aioredis
+from typing import TYPE_CHECKING, Protocol
 
 from backends.base import Backend
 from backends.clock import Clock, LoopClock
@@ -50,7 +48,9 @@ from gateway.settings import (
     Settings,
 )
 from gateway.state import InMemoryStateStore, StateStore
-from gateway.state_redis import RedisStateStore, redis_client
+
+if TYPE_CHECKING:  # (redis is imported only for a config that uses it)
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("pdgate.service")
 
@@ -235,13 +235,19 @@ def build_gateway(
 
 def _redis(settings: Settings) -> aioredis.Redis | None:
     cfg = settings.state
-    return redis_client(cfg.redis_url, cfg.op_timeout_s) if cfg.backend == "redis" else None
+    if cfg.backend != "redis":
+        return None
+    from gateway.state_redis import redis_client
+
+    return redis_client(cfg.redis_url, cfg.op_timeout_s)
 
 
 def _store(settings: Settings, redis: aioredis.Redis | None) -> StateStore:
     cfg = settings.state
     if redis is None:
         return InMemoryStateStore()
+    from gateway.state_redis import RedisStateStore
+
     return RedisStateStore(
         redis,
         replica_id=cfg.replica_id,
