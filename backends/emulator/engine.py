@@ -113,20 +113,22 @@ class Sequence:
 
     __slots__ = (
         "_base",
+        "_blocks",
+        "_cap",
         "_co",
         "_comp",
         "_done",
         "_ev",
         "_fin",
+        "_g0",
         "_gen",
         "_last",
         "_rank",
+        "_ring",
         "_waiter",
         "arrival",
-        "blocks",
         "cached_tokens",
         "cached_units",
-        "cap",
         "finish_reason",
         "first_scheduled",
         "first_token_at",
@@ -168,8 +170,8 @@ class Sequence:
         self.unit = unit
         self.cached_units = 0  # leading hashes whose KV this sequence holds in the prefix cache
         self.cached_tokens = 0
-        self.blocks = 0  # blocks this sequence owns (beyond its cached prefix)
-        self.cap = 0  # tokens its KV can hold now: cached_tokens + blocks · block_size
+        self._blocks = 0  # blocks it owns beyond its cached prefix (see ``blocks``)
+        self._cap = 0  # tokens its KV holds: cached_tokens + blocks · block_size (see ``cap``)
         self.state = "waiting"  # waiting | running | held | finished
         self.ready_at = 0.0
         self.first_scheduled: float | None = None
@@ -183,8 +185,12 @@ class Sequence:
         self._co: Engine | None = None
         self._base = 0
         self._rank = 0  # admission order into the running batch
-        self._ev = -1  # step at which its KV must grow next (while in bulk)
+        self._ev = -1  # step at which its KV must grow next (while in bulk, off the ring)
         self._fin = -1  # step that produces its last token (while in bulk)
+        # On the engine's growth ring (see Engine._grow_bulk): its slot there, and the slot's
+        # grant count when it joined; it gains one block per grant since.
+        self._ring = -1
+        self._g0 = 0
 
     @property
     def generated(self) -> int:
@@ -221,6 +227,23 @@ class Sequence:
         if self._co is not None:
             self._co._leave(self)
         self._last = value
+
+    @property
+    def blocks(self) -> int:
+        """KV blocks it owns beyond its cached prefix."""
+        slot = self._ring
+        if slot < 0 or self._co is None:
+            return self._blocks
+        return self._blocks + self._co._grants[slot] - self._g0
+
+    @property
+    def cap(self) -> int:
+        """Tokens its KV can hold now: ``cached_tokens + blocks · block_size``."""
+        slot = self._ring
+        if slot < 0 or self._co is None:
+            return self._cap
+        co = self._co
+        return self._cap + (co._grants[slot] - self._g0) * co.block_size
 
     @property
     def missing(self) -> int:
@@ -385,6 +408,10 @@ class Engine:
         self._co_computed = 0  # their total context now
         self._co_max_rank = -1  # at least the newest one's rank
         self._grow_at: dict[int, list[Sequence]] = {}  # step → those whose KV grows in it
+        # The growth ring: slot ``k`` holds the bulk sequences whose KV grows by a block in
+        # every step numbered ``k`` modulo ``block_size``, and counts the grants made to it.
+        self._ring: list[set[Sequence]] = [set() for _ in range(block_size)]
+        self._grants = [0] * block_size
         self._finish_at: dict[int, list[Sequence]] = {}  # step → those it ends
         self._notify_q: list[Sequence] = []  # those a consumer waits on for the next token
 
@@ -415,12 +442,12 @@ class Engine:
         self._abort_all()
 
     def _abort_all(self) -> None:
+        self._dissolve()  # (first: the bulk's counts and blocks written in, then freed)
         for seq in [*self.waiting, *self.running]:
             self._finish(seq, "abort")
         self.waiting.clear()
         self.running.clear()
         self._others.clear()
-        self._dissolve()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -699,7 +726,7 @@ class Engine:
                     continue
                 c = seq._comp + step_no - seq._base
                 if self._grow(seq, c, 1):
-                    self._schedule_growth(seq, step_no + seq.cap - c)
+                    self._schedule_growth(seq, step_no + seq._cap - c)
                 continue
             if seq.state != "running" or seq.ready_at > now:
                 continue
@@ -708,7 +735,7 @@ class Engine:
             if not decodes and seq._gen:
                 continue  # a prefill-only step
             if n == 1 and not spec:  # the common case: one plain decode token
-                if c >= seq.cap and not self._grow(seq, c, 1):
+                if c >= seq._cap and not self._grow(seq, c, 1):
                     continue
                 batch.append((seq, 1))
                 budget -= 1
@@ -723,7 +750,7 @@ class Engine:
                 n += d
             elif n > budget:
                 n = budget
-            if c + n > seq.cap and not self._grow(seq, c, n):
+            if c + n > seq._cap and not self._grow(seq, c, n):
                 continue  # preempted (or ended) itself
             batch.append((seq, n))
             budget -= n
@@ -795,6 +822,7 @@ class Engine:
         step is scheduled sequence by sequence. KV growth is visited in running order too.
         """
         grow = self._grow_at.pop(step_no, None)
+        ring = self._ring[step_no % self.block_size]
         others = self._others
         bulk = len(self._co)
         demand = bulk
@@ -811,8 +839,12 @@ class Engine:
         binding = demand > self.max_batched_tokens
         if binding and (bulk > self.max_batched_tokens or 0 <= first < self._co_max_rank):
             return None
-        if grow and self._grow_bulk(grow, step_no, now, others if not binding else ()):
+        if (grow or ring) and self._grow_bulk(
+            grow or [], ring, step_no, now, others if not binding else ()
+        ):
             grow = None
+        elif ring:  # they grow one by one below, in running order, with those due off the ring
+            grow = [*(grow or ()), *self._unring(ring, step_no)]
         if not binding:
             if not grow:
                 return list(others)
@@ -822,34 +854,63 @@ class Engine:
         return [*(grow or ()), None, *others]
 
     def _grow_bulk(
-        self, grow: list[Sequence], step_no: int, now: float, before: Seq[Sequence]
+        self,
+        grow: list[Sequence],
+        ring: set[Sequence],
+        step_no: int,
+        now: float,
+        before: Seq[Sequence],
     ) -> bool:
-        """Give each bulk sequence in ``grow`` (each at its capacity) one more block at once,
-        when the free blocks cover them and whatever the sequences in ``before`` (visited
-        among them) need in this step: no allocation can then fail, so the order of the
-        allocations does not matter. False (nothing done) otherwise."""
+        """Give each bulk sequence due to grow in this step (those in ``grow`` and on the
+        ring's slot ``ring``, each at its capacity) one more block at once, when the free
+        blocks cover them and whatever the sequences in ``before`` (visited among them) need in
+        this step: no allocation can then fail, so the order of the allocations does not
+        matter. False (nothing done) otherwise.
+
+        A block lasts ``block_size`` steps, so each grows again ``block_size`` steps later,
+        and every ``block_size`` steps after that while it stays in the bulk: the ring's slot
+        for this step number keeps them, and a grant to the slot is one count, however many
+        sequences it holds (their ``blocks`` and ``cap`` are read through it)."""
         free, bs = self.free_blocks, self.block_size
-        need = len(grow)
+        need = taken = len(grow) + len(ring)
         if need > free:
             return False
         for seq in before:
             if seq.state == "running" and seq.ready_at <= now:
                 tokens = seq.prompt + seq._gen - seq.cached_tokens
-                need += max(0, -(-tokens // bs) - seq.blocks)
+                need += max(0, -(-tokens // bs) - seq._blocks)
         if need > free:  # (a sequence that has outgrown the cache leaves no block free)
             return False
-        self.free_blocks = free - len(grow)
-        due = step_no + bs  # each has just reached its capacity: one block lasts bs steps
-        for seq in grow:
-            seq.blocks += 1
-            seq.cap += bs
-            seq._ev = due
-        at = self._grow_at.get(due)
-        if at is None:
-            self._grow_at[due] = grow
-        else:
-            at.extend(grow)
+        self.free_blocks = free - taken
+        slot = step_no % bs
+        grants = self._grants
+        if ring:
+            grants[slot] += 1
+        for seq in grow:  # onto the ring, with the block it gets now
+            seq._blocks += 1
+            seq._cap += bs
+            seq._ev = -1
+            seq._ring = slot
+            seq._g0 = grants[slot]
+            ring.add(seq)
         return True
+
+    def _off_ring(self, seq: Sequence) -> None:
+        """Take a sequence off the growth ring, with the blocks granted to it written in."""
+        slot = seq._ring
+        k = self._grants[slot] - seq._g0
+        seq._blocks += k
+        seq._cap += k * self.block_size
+        seq._ring = -1
+        self._ring[slot].discard(seq)
+
+    def _unring(self, ring: set[Sequence], step_no: int) -> list[Sequence]:
+        """Every sequence of a ring slot, off the ring and due to grow in this step."""
+        out = list(ring)
+        for seq in out:
+            self._off_ring(seq)
+            seq._ev = step_no
+        return out
 
     def _schedule_growth(self, seq: Sequence, step_no: int) -> None:
         seq._ev = step_no
@@ -870,7 +931,7 @@ class Engine:
         self._co_computed += seq._comp
         if seq._rank > self._co_max_rank:
             self._co_max_rank = seq._rank
-        self._schedule_growth(seq, step_no + max(0, seq.cap - seq._comp))
+        self._schedule_growth(seq, step_no + max(0, seq._cap - seq._comp))
         seq._fin = fin = step_no + seq.max_new - seq._gen - 1
         at = self._finish_at.get(fin)
         if at is None:
@@ -885,6 +946,8 @@ class Engine:
         seq._gen += k
         seq._comp += k
         seq._last = self._prev_end  # it took part in every step since joining
+        if seq._ring >= 0:
+            self._off_ring(seq)
         seq._co = None
         self._co.discard(seq)
         self._co_computed -= seq._comp
@@ -902,6 +965,8 @@ class Engine:
             seq._gen += k
             seq._comp += k
             seq._last = self._prev_end
+            if seq._ring >= 0:
+                self._off_ring(seq)
             seq._co = None
         if self._co:
             self._others = [s for s in self.running if s.state == "running"]
@@ -1081,15 +1146,15 @@ class Engine:
             cache.acquire(seq.hashes[:hit])
             seq.cached_units = hit
             seq.cached_tokens = seq._comp = hit * seq.unit
-            seq.cap = seq.cached_tokens + seq.blocks * self.block_size
+            seq._cap = seq.cached_tokens + seq._blocks * self.block_size
             if first:
                 self.stats.prefix_hit_tokens += seq.cached_tokens
 
     def _unlookup(self, seq: Sequence) -> None:
         """Undo :meth:`_lookup` for a sequence that stays waiting."""
-        if seq.cached_units and seq.blocks == 0 and self.cache is not None:
+        if seq.cached_units and seq._blocks == 0 and self.cache is not None:
             self.cache.release(seq.hashes[: seq.cached_units])
-            seq.cached_units = seq.cached_tokens = seq._comp = seq.cap = 0
+            seq.cached_units = seq.cached_tokens = seq._comp = seq._cap = 0
 
     def _adopt(self, seq: Sequence) -> None:
         """After prefill, hand the prompt's full units to the prefix cache (deduplicated)."""
@@ -1102,11 +1167,11 @@ class Engine:
             if not cache.insert(h, per_unit):  # computed meanwhile by another sequence
                 cache.acquire((h,))
                 self.free_blocks += per_unit
-            seq.blocks -= per_unit
+            seq._blocks -= per_unit
         if full > seq.cached_units:
             seq.cached_units = full
             seq.cached_tokens = full * seq.unit
-        seq.cap = seq.cached_tokens + seq.blocks * self.block_size
+        seq._cap = seq.cached_tokens + seq._blocks * self.block_size
 
     # -- KV blocks -------------------------------------------------------------------------
 
@@ -1114,7 +1179,7 @@ class Engine:
         return -(-tokens // self.block_size)
 
     def _allocate(self, seq: Sequence, tokens: int) -> bool:
-        extra = self._blocks_for(tokens - seq.cached_tokens) - seq.blocks
+        extra = self._blocks_for(tokens - seq.cached_tokens) - seq._blocks
         if extra > self.free_blocks:
             cache = self.cache
             if cache is None or extra > self.free_blocks + cache.evictable_blocks:
@@ -1122,16 +1187,16 @@ class Engine:
             self.free_blocks += cache.evict(extra - self.free_blocks)
         if extra > 0:
             self.free_blocks -= extra
-            seq.blocks += extra
-            seq.cap = seq.cached_tokens + seq.blocks * self.block_size
+            seq._blocks += extra
+            seq._cap = seq.cached_tokens + seq._blocks * self.block_size
         return True
 
     def _free(self, seq: Sequence) -> None:
-        self.free_blocks += seq.blocks
-        seq.blocks = 0
+        self.free_blocks += seq._blocks
+        seq._blocks = 0
         if seq.cached_units and self.cache is not None:
             self.cache.release(seq.hashes[: seq.cached_units])
-        seq.cached_units = seq.cached_tokens = seq.cap = 0
+        seq.cached_units = seq.cached_tokens = seq._cap = 0
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._free(seq)

@@ -55,6 +55,7 @@ def run_scenario(seed: int, *, bulk: bool, bound: bool = False, **knobs: Any) ->
     seqs: dict[int, Sequence] = {}
     steps: list[float] = []
     loads: list[tuple[int, int, int, int, int]] = []
+    owned: list[list[tuple[int, int, int]]] = []
     in_bulk: list[int] = []
 
     async def consume(i: int, seq: Sequence, style: str, clock: LoopClock, engine: Engine) -> None:
@@ -87,6 +88,7 @@ def run_scenario(seed: int, *, bulk: bool, bound: bool = False, **knobs: Any) ->
             apply(batch, end)
             steps.append(end)
             loads.append((*engine.pending_prefill(), engine.used_blocks, len(engine.running)))
+            owned.append([(s.id, s.blocks, s.cap) for s in engine.running])  # (read lazily)
             in_bulk.append(len(engine._co))
             for i, seq in seqs.items():  # every token's time, read through the public counts
                 times = token_times[i]
@@ -128,6 +130,7 @@ def run_scenario(seed: int, *, bulk: bool, bound: bool = False, **knobs: Any) ->
             "shapes": timer.shapes,
             "steps": steps,
             "loads": loads,
+            "owned": owned,
             "in_bulk": sum(in_bulk),
             "tokens": token_times,
             "gaps": gaps.entries,
@@ -182,6 +185,7 @@ def test_bulk_decoding_matches_the_per_sequence_path(seed: int, knobs: dict[str,
     assert fast["shapes"] == slow["shapes"]
     assert fast["steps"] == slow["steps"]
     assert fast["loads"] == slow["loads"]  # what routing reads between steps
+    assert fast["owned"] == slow["owned"]  # each running sequence's blocks and capacity
     assert fast["tokens"] == slow["tokens"]
     assert fast["gaps"] == slow["gaps"]
     assert fast["wakes"] == slow["wakes"]
@@ -217,7 +221,8 @@ def test_an_engine_that_drains_keeps_no_bulk_schedule_behind() -> None:
                 await seq.wait_finished()
                 generated += seq.generated
             await clock.sleep(1.0)
-        left = (len(engine._grow_at), len(engine._finish_at), len(engine._co))
+        ring = sum(len(slot) for slot in engine._ring)
+        left = (len(engine._grow_at), len(engine._finish_at), len(engine._co) + ring)
         await engine.stop()
         return (*left, generated)
 
