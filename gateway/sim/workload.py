@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -61,9 +62,9 @@ class Length:
             return rng.randint(max(1, int(self.a)), max(1, int(self.b)))
         elif self.kind == "normal":
             x = rng.gauss(self.a, self.b)
-        else:  # lognormal with the given mean and std of the lengths
-            sigma2 = math.log1p((self.b / self.a) ** 2)
-            x = rng.lognormvariate(math.log(self.a) - sigma2 / 2, math.sqrt(sigma2))
+        else:  # lognormal with the given mean and std of the lengths (lognormvariate's draw)
+            mu, sigma = _lognormal(self.a, self.b)
+            x = math.exp(rng.normalvariate(mu, sigma))
         return max(1, round(x))
 
     @property
@@ -74,6 +75,13 @@ class Length:
 
     def __str__(self) -> str:
         return f"{self.a:g}" if self.kind == "fixed" else f"{self.kind}:{self.a:g},{self.b:g}"
+
+
+@functools.lru_cache(maxsize=64)
+def _lognormal(mean: float, std: float) -> tuple[float, float]:
+    """The underlying normal's ``(mu, sigma)`` for lengths of this mean and std."""
+    sigma2 = math.log1p((std / mean) ** 2)
+    return math.log(mean) - sigma2 / 2, math.sqrt(sigma2)
 
 
 def parse_length(spec: str | int) -> Length:
@@ -236,7 +244,10 @@ def make_workload(
     if trace is not None:
         if isl is not None or osl is not None:
             raise WorkloadError("a trace brings its own lengths: drop --isl/--osl with --trace")
-        lengths: Callable[[int], RequestSpec] = lambda i: trace[i % len(trace)]  # noqa: E731
+        # request i, sent at the given time
+        spec: Callable[[int, float | None], RequestSpec] = lambda i, at: _at(  # noqa: E731
+            trace[i % len(trace)], at
+        )
         if concurrency is None and rate is None:
             picked = [r for r in trace if duration is None or (r.arrival_s or 0.0) < duration]
             picked = picked[:requests] if requests is not None else picked
@@ -248,27 +259,27 @@ def make_workload(
         if concurrency is None and rate is None:
             raise WorkloadError("give a load: --concurrency N (closed loop) or --rate QPS")
         draws = random.Random(seed + 1)
-        lengths = lambda i: RequestSpec(isl.draw(draws), osl.draw(draws))  # noqa: E731
+        spec = lambda i, at: RequestSpec(isl.draw(draws), osl.draw(draws), at)  # noqa: E731
         default = DEFAULT_REQUESTS
     if rate is not None:
         if requests is None and duration is not None:
             times = poisson_until(rate, duration, rng)
         else:
             times = poisson_arrivals(rate, requests or default, rng)
-        specs = [_at(lengths(i), t) for i, t in enumerate(times)]
+        specs = [spec(i, t) for i, t in enumerate(times)]
         return Workload(specs, None, None, len(specs))
     if requests is None and duration is not None:
-        return Workload(_endless(lengths), concurrency, duration, None)
+        return Workload(_endless(spec), concurrency, duration, None)
     count = requests or default
-    return Workload([_at(lengths(i), None) for i in range(count)], concurrency, None, count)
+    return Workload([spec(i, None) for i in range(count)], concurrency, None, count)
 
 
 def _at(r: RequestSpec, arrival: float | None) -> RequestSpec:
     return RequestSpec(r.prompt_tokens, r.output_tokens, arrival, r.block_hashes)
 
 
-def _endless(lengths: Callable[[int], RequestSpec]) -> Iterator[RequestSpec]:
+def _endless(spec: Callable[[int, float | None], RequestSpec]) -> Iterator[RequestSpec]:
     i = 0
     while True:
-        yield _at(lengths(i), None)
+        yield spec(i, None)
         i += 1
