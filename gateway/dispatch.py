@@ -176,7 +176,9 @@ class _Legs:
                 raise failure
             raise NoHealthyWorker(f"no healthy {pool.role} worker for model '{pool.model}'")
         worker = pool.policy.choose(candidates, request)
-        self.deps.metrics.count_route(pool.model, pool.role, pool.policy_name, worker.name)
+        metrics = self.deps.metrics
+        if metrics.recording:
+            metrics.count_route(pool.model, pool.role, pool.policy_name, worker.name)
         return worker
 
     async def backoff(self, attempt: int) -> None:
@@ -599,6 +601,7 @@ class Dispatcher:
     async def _observed(self, req: DispatchRequest) -> AsyncGenerator[TokenChunk, None]:
         """The flow's chunks, with metrics, and backend errors translated to gateway errors."""
         metrics, clock = self._deps.metrics, self._deps.clock
+        recording = metrics.recording  # (a sink that keeps nothing: nothing to work out)
         model, mode = req.route.model, req.route.mode
         outcome = "cancelled"
         first: float | None = None
@@ -607,20 +610,26 @@ class Dispatcher:
         try:
             # The global slot is taken here, inside the accounting: refusals and deadlines
             # while queued are finished requests too.
-            async with self.limiter, aclosing(req.route.flow.run(req)) as stream:
-                async for chunk in stream:
-                    if chunk.tokens:  # a real upstream's prefill leg may yield no token
-                        now = clock.now()
-                        if first is None:
-                            first = now
-                            metrics.observe_ttft(model, mode, now - req.received_at)
-                        else:
-                            metrics.observe_itl(model, mode, (now - last) / chunk.tokens)
-                        last = now
-                        completion += chunk.tokens
-                    yield chunk
+            async with self.limiter:
+                stream = req.route.flow.run(req)
+                try:
+                    async for chunk in stream:
+                        tokens = chunk.tokens
+                        if tokens:  # a real upstream's prefill leg may yield no token
+                            completion += tokens
+                            if recording:
+                                now = clock.now()
+                                if first is None:
+                                    first = now
+                                    metrics.observe_ttft(model, mode, now - req.received_at)
+                                else:
+                                    metrics.observe_itl(model, mode, (now - last) / tokens)
+                                last = now
+                        yield chunk
+                finally:
+                    await stream.aclose()
             outcome = "ok"
-            if metrics.recording:
+            if recording:
                 metrics.observe_e2e(model, mode, clock.now() - req.received_at)
                 self._observe_slo(req, first, last, completion)
         except GatewayError as exc:
@@ -633,11 +642,12 @@ class Dispatcher:
             outcome = error.code or error.type
             raise error from exc
         finally:
-            if outcome == "cancelled" and clock.now() >= req.deadline:
-                outcome = DeadlineExceeded.code or "deadline"
-            metrics.count_request(model, mode, outcome)
-            prompt = req.params.prompt_tokens if first is not None else 0
-            metrics.count_tokens(model, prompt, completion)
+            if recording:
+                if outcome == "cancelled" and clock.now() >= req.deadline:
+                    outcome = DeadlineExceeded.code or "deadline"
+                metrics.count_request(model, mode, outcome)
+                prompt = req.params.prompt_tokens if first is not None else 0
+                metrics.count_tokens(model, prompt, completion)
             if req.on_complete is not None:
                 req.on_complete(completion)
 

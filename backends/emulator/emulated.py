@@ -223,7 +223,9 @@ class EmulatedBackend:
         """
         seq = submit()
         start = 0 if kv is None else 1
-        matcher = synth.StopMatcher(params.stop, "" if kv is None else kv.pending_text)
+        held = "" if kv is None else kv.pending_text
+        # Without text (and none held back by the prefill) no stop string can match.
+        matcher = synth.StopMatcher(params.stop, held) if self._text or held else None
         seen = start
         try:
             while True:
@@ -238,12 +240,15 @@ class EmulatedBackend:
                     break
                 text = synth.text(params.seed, seen, new) if self._text else ""
                 seen += new
-                text, stopped = matcher.feed(text, check=seen > params.min_tokens)
+                stopped = False
+                if matcher is not None:
+                    text, stopped = matcher.feed(text, check=seen > params.min_tokens)
                 if stopped:
                     self.engine.abort(seq)
                     chunk = TokenChunk(text, new, "stop", _stats(seq))
                 elif seq.finished:
-                    chunk = TokenChunk(text + matcher.flush(), new, "length", _stats(seq))
+                    rest = matcher.flush() if matcher is not None else ""
+                    chunk = TokenChunk(text + rest, new, "length", _stats(seq))
                 else:
                     chunk = TokenChunk(text, new)
                 if kv is not None:

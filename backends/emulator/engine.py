@@ -123,6 +123,7 @@ class Sequence:
         "_g0",
         "_gen",
         "_last",
+        "_loop",
         "_rank",
         "_ring",
         "_waiter",
@@ -180,6 +181,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # its engine's virtual loop, if any
         # Bulk decoding (see Engine): while ``_co`` is the engine, the sequence gains one token
         # per engine step and ``_gen``/``_comp`` are its counts as of step ``_base``.
         self._co: Engine | None = None
@@ -256,7 +258,7 @@ class Sequence:
     async def wait_beyond(self, seen: int) -> None:
         """Return once more than ``seen`` tokens exist or the sequence has finished."""
         while self.generated <= seen and not self.finished:
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = _future(self._loop)
             if self._co is not None:
                 self._co._notify_q.append(self)  # wake me at the next token
             try:
@@ -267,7 +269,7 @@ class Sequence:
     async def wait_finished(self) -> None:
         """Return once the sequence has finished (or is held), ignoring the tokens before."""
         while not self.finished:
-            self._done = asyncio.get_running_loop().create_future()
+            self._done = _future(self._loop)
             try:
                 await self._done
             finally:
@@ -281,6 +283,14 @@ class Sequence:
         self._notify()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
+
+
+def _future(loop: asyncio.AbstractEventLoop | None) -> asyncio.Future[None]:
+    """A future on the running loop: on ``loop`` when it is known to be it (a virtual loop,
+    which makes its futures as asyncio's base loop does), without looking the loop up."""
+    if loop is None:
+        return asyncio.get_running_loop().create_future()
+    return asyncio.Future(loop=loop)
 
 
 class EngineStats:
@@ -492,6 +502,7 @@ class Engine:
             unit=hash_block_tokens if cacheable else 0,
             last_token_at=last_token_at,
         )
+        seq._loop = self._vloop
         needed = self._blocks_for(prompt_tokens + 1)
         if needed > self.total_blocks:
             raise ValueError(
