@@ -276,7 +276,8 @@ class _VirtualEventLoop(asyncio.SelectorEventLoop):
 
     def _run_once(self) -> None:
         """One pass: drop cancelled timers, advance the clock to the next timer when nothing
-        is ready, move the timers due by then to the ready queue, run that queue."""
+        is ready, move the timers due by then to the ready queue, run that queue (and, while
+        the passes after it would only run what it scheduled, those too)."""
         timers = self._timers
         count = len(timers)
         if count > _MIN_SCHEDULED and self._timer_cancelled_count / count > _MAX_CANCELLED:
@@ -307,16 +308,25 @@ class _VirtualEventLoop(asyncio.SelectorEventLoop):
             timer._scheduled = False  # type: ignore[attr-defined]
             ready.append(timer)
         popleft = ready.popleft
-        for _ in range(len(ready)):
-            handle = popleft()
-            if handle._cancelled:
-                continue
-            try:  # Handle._run, inline
-                handle._context.run(handle._callback, *handle._args)  # type: ignore[attr-defined]
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                _report(self, handle, exc)
+        fds = virtual._fd_to_key  # type: ignore[attr-defined]
+        while True:
+            for _ in range(len(ready)):
+                handle = popleft()
+                if handle._cancelled:
+                    continue
+                try:  # Handle._run, inline
+                    handle._context.run(handle._callback, *handle._args)  # type: ignore[attr-defined]
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    _report(self, handle, exc)
+            # The next pass would find no time to advance, no timer due and no descriptor to
+            # poll, and run just the callbacks these ones scheduled: run them in this pass.
+            if not ready or self._stopping or len(fds) > 1:
+                return
+            if (timers and timers[0][0] < end) or not (virtual._passes + 1) % _POLL_EVERY:
+                return
+            virtual._passes += 1
 
     async def sleep_until(self, deadline: float) -> None:
         """Wait until virtual time reaches ``deadline`` (at once if it has)."""

@@ -177,3 +177,55 @@ def test_virtual_loop_sheds_many_cancelled_timers() -> None:
         close_loop(loop)
     assert left < 300
     assert now == pytest.approx(5.0)
+
+
+def _callback_order(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """The order in which a mix of callbacks, callback chains, timers due at once and task
+    wake-ups runs on ``loop``."""
+    out: list[str] = []
+
+    def chain(name: str, depth: int) -> None:
+        out.append(f"{name}{depth}")
+        if depth:
+            loop.call_soon(chain, name, depth - 1)
+
+    def fire(fut: asyncio.Future[None], name: str) -> None:
+        out.append(f"fire-{name}")
+        fut.set_result(None)
+        loop.call_at(loop.time(), out.append, f"due-{name}")  # due now: runs next pass
+        loop.call_soon(chain, f"after-{name}-", 1)
+
+    async def waiter(name: str, fut: asyncio.Future[None]) -> None:
+        out.append(f"wait-{name}")
+        await fut
+        out.append(f"woke-{name}")
+        loop.call_soon(chain, f"from-{name}-", 2)
+
+    async def main() -> None:
+        f1, f2 = loop.create_future(), loop.create_future()
+        tasks = [loop.create_task(waiter("a", f1)), loop.create_task(waiter("b", f2))]
+        loop.call_soon(chain, "x", 3)
+        loop.call_soon(fire, f1, "1")
+        loop.call_soon(chain, "y", 2)
+        await asyncio.sleep(0)
+        out.append("main")
+        loop.call_soon(fire, f2, "2")
+        await asyncio.gather(*tasks)
+        for _ in range(4):
+            await asyncio.sleep(0)
+        out.append("end")
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        close_loop(loop)
+    return out
+
+
+def test_a_virtual_loop_runs_callbacks_in_asyncios_order() -> None:
+    """A virtual loop runs, in one pass, the callbacks that asyncio's next passes would run
+    (no time to advance, no timer due): the order must stay asyncio's."""
+    virtual = _callback_order(virtual_event_loop())
+    real = _callback_order(asyncio.SelectorEventLoop())
+    assert len(virtual) > 20
+    assert virtual == real
