@@ -74,6 +74,7 @@ import logging
 import math
 import random
 from collections import deque
+from collections.abc import Awaitable, Generator
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -255,34 +256,52 @@ class Sequence:
     def finished(self) -> bool:
         return self.state in ("finished", "held")
 
-    async def wait_beyond(self, seen: int) -> None:
-        """Return once more than ``seen`` tokens exist or the sequence has finished."""
-        while self.generated <= seen and not self.finished:
-            self._waiter = _future(self._loop)
-            if self._co is not None:
-                self._co._notify_q.append(self)  # wake me at the next token
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+    def wait_beyond(self, seen: int) -> Awaitable[None]:
+        """Something to await until more than ``seen`` tokens exist or the sequence has
+        finished: done at once if they do, else a future that the next token or the end
+        sets (nothing else does, so it never wakes its waiter early)."""
+        if self.generated > seen or self.finished:
+            return _READY
+        waiter = self._waiter = _future(self._loop)
+        if self._co is not None:
+            self._co._notify_q.append(self)  # wake me at the next token
+        return waiter
 
-    async def wait_finished(self) -> None:
-        """Return once the sequence has finished (or is held), ignoring the tokens before."""
-        while not self.finished:
-            self._done = _future(self._loop)
-            try:
-                await self._done
-            finally:
-                self._done = None
+    def wait_finished(self) -> Awaitable[None]:
+        """Something to await until the sequence has finished (or is held), ignoring the
+        tokens before: done at once if it has, else a future that the end sets."""
+        if self.finished:
+            return _READY
+        done = self._done = _future(self._loop)
+        return done
 
     def _notify(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # (not cancelled with its waiter)
+                waiter.set_result(None)
 
     def _end(self) -> None:
         self._notify()
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+        done = self._done
+        if done is not None:
+            self._done = None
+            if not done.done():
+                done.set_result(None)
+
+
+class _Ready:
+    """An awaitable that is already done."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # (a generator that ends at once)
+
+
+_READY = _Ready()
 
 
 def _future(loop: asyncio.AbstractEventLoop | None) -> asyncio.Future[None]:
