@@ -275,58 +275,67 @@ class _VirtualEventLoop(asyncio.SelectorEventLoop):
         return None  # not tracked: see the class's docstring
 
     def _run_once(self) -> None:
-        """One pass: drop cancelled timers, advance the clock to the next timer when nothing
-        is ready, move the timers due by then to the ready queue, run that queue (and, while
-        the passes after it would only run what it scheduled, those too)."""
+        """Loop passes until the loop is told to stop (``run_forever`` calls this once per
+        pass and then checks for that: it is one call here, without a frame per pass).
+
+        A pass: drop cancelled timers, advance the clock to the next timer when nothing is
+        ready, move the timers due by then to the ready queue, run that queue (and, while the
+        passes after it would only run what it scheduled, those too)."""
         timers = self._timers
-        count = len(timers)
-        if count > _MIN_SCHEDULED and self._timer_cancelled_count / count > _MAX_CANCELLED:
-            for _, _, timer in timers:
-                if timer._cancelled:
-                    timer._scheduled = False  # type: ignore[attr-defined]
-            timers[:] = [t for t in timers if not t[2]._cancelled]
-            heapq.heapify(timers)
-            self._timer_cancelled_count = 0
-        else:
-            while timers and timers[0][2]._cancelled:
-                self._timer_cancelled_count -= 1
-                heapq.heappop(timers)[2]._scheduled = False  # type: ignore[attr-defined]
         virtual = self._virtual
         ready = self._ready
-        if not (ready or self._stopping):
-            if not timers:  # nothing scheduled and nothing ready: in virtual time a deadlock
-                raise RuntimeError("virtual event loop has nothing left to wait for")
-            timeout = min(max(0, timers[0][0] - virtual.time), _MAX_TIMEOUT)
-            if timeout > 0:
-                virtual.time += timeout
-        virtual._passes += 1  # (poll_due, inline)
-        if len(virtual._fd_to_key) > 1 or not virtual._passes % _POLL_EVERY:  # type: ignore[attr-defined]
-            self._process_events(virtual.poll())  # type: ignore[attr-defined]
-        end = virtual.time + self._clock_resolution
-        while timers and timers[0][0] < end:
-            timer = heapq.heappop(timers)[2]
-            timer._scheduled = False  # type: ignore[attr-defined]
-            ready.append(timer)
         popleft = ready.popleft
+        heappop = heapq.heappop
         fds = virtual._fd_to_key  # type: ignore[attr-defined]
+        resolution = self._clock_resolution
         while True:
-            for _ in range(len(ready)):
-                handle = popleft()
-                if handle._cancelled:
-                    continue
-                try:  # Handle._run, inline
-                    handle._context.run(handle._callback, *handle._args)  # type: ignore[attr-defined]
-                except (SystemExit, KeyboardInterrupt):
-                    raise
-                except BaseException as exc:
-                    _report(self, handle, exc)
-            # The next pass would find no time to advance, no timer due and no descriptor to
-            # poll, and run just the callbacks these ones scheduled: run them in this pass.
-            if not ready or self._stopping or len(fds) > 1:
+            count = len(timers)
+            cancelled = self._timer_cancelled_count
+            if count > _MIN_SCHEDULED and cancelled / count > _MAX_CANCELLED:
+                for _, _, timer in timers:
+                    if timer._cancelled:
+                        timer._scheduled = False  # type: ignore[attr-defined]
+                timers[:] = [t for t in timers if not t[2]._cancelled]
+                heapq.heapify(timers)
+                self._timer_cancelled_count = 0
+            elif cancelled:
+                while timers and timers[0][2]._cancelled:
+                    self._timer_cancelled_count -= 1
+                    heappop(timers)[2]._scheduled = False  # type: ignore[attr-defined]
+            if not (ready or self._stopping):
+                if not timers:  # nothing scheduled and nothing ready: in virtual time a deadlock
+                    raise RuntimeError("virtual event loop has nothing left to wait for")
+                timeout = min(max(0, timers[0][0] - virtual.time), _MAX_TIMEOUT)
+                if timeout > 0:
+                    virtual.time += timeout
+            virtual._passes += 1  # (poll_due, inline)
+            if len(fds) > 1 or not virtual._passes % _POLL_EVERY:
+                self._process_events(virtual.poll())  # type: ignore[attr-defined]
+            end = virtual.time + resolution
+            while timers and timers[0][0] < end:
+                timer = heappop(timers)[2]
+                timer._scheduled = False  # type: ignore[attr-defined]
+                ready.append(timer)
+            while True:
+                for _ in range(len(ready)):
+                    handle = popleft()
+                    if handle._cancelled:
+                        continue
+                    try:  # Handle._run, inline
+                        handle._context.run(handle._callback, *handle._args)  # type: ignore[attr-defined]
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        _report(self, handle, exc)
+                # The next pass would find no time to advance, no timer due and no descriptor
+                # to poll, and run just the callbacks these ones scheduled: run them now.
+                if not ready or self._stopping or len(fds) > 1:
+                    break
+                if (timers and timers[0][0] < end) or not (virtual._passes + 1) % _POLL_EVERY:
+                    break
+                virtual._passes += 1
+            if self._stopping:
                 return
-            if (timers and timers[0][0] < end) or not (virtual._passes + 1) % _POLL_EVERY:
-                return
-            virtual._passes += 1
 
     async def sleep_until(self, deadline: float) -> None:
         """Wait until virtual time reaches ``deadline`` (at once if it has)."""
