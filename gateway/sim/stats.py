@@ -15,6 +15,8 @@ Example::
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import operator
 from array import array
@@ -43,15 +45,22 @@ EMPTY = Summary(math.nan, math.nan, math.nan, math.nan)
 def weighted_quantiles(
     values: Sequence[float], weights: Sequence[float], qs: Iterable[float]
 ) -> list[float]:
-    """Nearest-rank quantiles of weighted samples (one pass over the sorted samples; the
-    samples are sorted by index, not as (value, weight) pairs: a simulation has hundreds of
-    thousands of them)."""
+    """Nearest-rank quantiles of weighted samples (the samples are sorted by index, not as
+    (value, weight) pairs: a simulation has hundreds of thousands of them; each quantile is
+    then a bisection of the running weight sums)."""
     if len(values) != len(weights):
         raise ValueError("values and weights differ in length")
     order = sorted(range(len(values)), key=values.__getitem__)
     total = math.fsum(weights)
     wanted = sorted((q, i) for i, q in enumerate(qs))
     out = [values[order[-1]]] * len(wanted)
+    if min(weights, default=0.0) >= 0:  # the running sums never fall: bisect them
+        running = list(itertools.accumulate(map(weights.__getitem__, order)))
+        for q, i in wanted:
+            k = bisect.bisect_left(running, q * total * (1 - 1e-12))
+            if k < len(running):
+                out[i] = values[order[k]]
+        return out
     acc = 0.0
     k = 0
     for j in order:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -34,6 +35,20 @@ def test_weighted_quantiles_equal_the_expanded_samples() -> None:
     expanded = [0.01] * 90 + [0.05] * 1 + [0.02] * 9
     assert weighted_summary(values, weights) == summary(expanded)
     assert weighted_quantiles(values, weights, [0.99, 0.5]) == [0.02, 0.01]
+
+
+def test_weighted_quantiles_of_many_samples_equal_the_expanded_samples() -> None:
+    """Random samples with integer weights (as a gap recorder keeps them), ties included:
+    each quantile is the one of the samples repeated by their weights."""
+    rng = random.Random(4)
+    for n in (1, 2, 7, 500):
+        values = [round(rng.uniform(0.0, 0.05), 3) for _ in range(n)]
+        weights = [float(rng.randint(1, 30)) for _ in range(n)]
+        expanded = [v for v, w in zip(values, weights, strict=True) for _ in range(int(w))]
+        qs = [0.99, 0.0, 0.5, 0.9, 1.0, 0.01]
+        ranked = sorted(expanded)
+        want = [ranked[max(0, math.ceil(q * len(ranked)) - 1)] for q in qs]
+        assert weighted_quantiles(values, weights, qs) == want
 
 
 def test_gap_recorder_summarises_weighted_gaps() -> None:
