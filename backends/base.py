@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from backends.emulator.timing import Link
+from backends.frozen import fast_init
 
 Api = Literal["chat", "completions"]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
     """One request as a backend sees it.
@@ -53,6 +55,7 @@ class GenerationParams:
     hash_block_tokens: int = 64
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class LegStats:
     """Where a leg's time went, in seconds, as the backend saw it."""
@@ -73,6 +76,7 @@ class ReportedUsage:
     details: dict[str, Any] | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TokenChunk:
     """Text of one or more tokens; the last chunk of a stream has ``finish_reason`` set.

@@ -20,7 +20,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from backends.frozen import fast_init
 
+
+@fast_init
 @dataclass(frozen=True, slots=True)
 class WorkerLoad:
     requests: int = 0

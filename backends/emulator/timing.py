@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from backends.frozen import fast_init
+
 DTYPE_BYTES: dict[str, float] = {
     "bf16": 2.0,
     "fp16": 2.0,
@@ -41,6 +43,7 @@ DTYPE_BYTES: dict[str, float] = {
 }
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StepShape:
     """What one engine step computes.

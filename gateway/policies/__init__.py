@@ -28,9 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from backends.frozen import fast_init
 from gateway.state import StateStore
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
     """What a policy may know of a request."""

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from backends.frozen import fast_init
+
 TRACE_BLOCK_TOKENS = 512  # the Mooncake traces hash prompts in 512-token blocks
 
 
@@ -33,6 +35,7 @@ class WorkloadError(ValueError):
     """A bad length spec or trace line; the message says which and why."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RequestSpec:
     """One simulated request."""
