@@ -305,9 +305,9 @@ class _VirtualEventLoop(asyncio.SelectorEventLoop):
             if not (ready or self._stopping):
                 if not timers:  # nothing scheduled and nothing ready: in virtual time a deadlock
                     raise RuntimeError("virtual event loop has nothing left to wait for")
-                timeout = min(max(0, timers[0][0] - virtual.time), _MAX_TIMEOUT)
+                timeout = timers[0][0] - virtual.time
                 if timeout > 0:
-                    virtual.time += timeout
+                    virtual.time += timeout if timeout < _MAX_TIMEOUT else _MAX_TIMEOUT
             virtual._passes += 1  # (poll_due, inline)
             if len(fds) > 1 or not virtual._passes % _POLL_EVERY:
                 self._process_events(virtual.poll())  # type: ignore[attr-defined]

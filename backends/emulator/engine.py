@@ -618,25 +618,40 @@ class Engine:
     # next KV transfer to land.
 
     def _tick(self) -> None:
-        """Build steps until one takes time (its end is timed) or nothing can run."""
+        """Build steps until one takes time (its end is timed) or nothing can run.
+
+        (``_step_start``, ``_schedule``, ``_step_end`` and ``_step_done`` spelled out: this
+        runs once a step.)"""
         self._timer = None
         self._idle_now = False
         loop = self._vloop
         if loop is None:  # stopped
             return
+        clock = self._clock  # bound to the loop: its time, which stands still in a callback
         try:
             while True:
-                start = self._step_start()
-                step = self._schedule(start)
+                now = clock.now()
+                busy = self._busy_until
+                start = busy if busy is not None and now - busy < self.MAX_LAG_S else now
+                if self.step_policy == "prefill_first":
+                    step = self._schedule(start)
+                else:
+                    step = self._build(start, decodes=True, admit=True)
                 if step is None:
                     self._idle_until_kicked(loop, start)
                     return
                 batch, shape, drafting = step
-                end = self._step_end(start, shape, drafting)
-                if end > loop.time():
+                seconds = self._dep.step_time(shape)
+                if drafting is not None:
+                    seconds += self._draft_time(*drafting)
+                scale = self._time_scale
+                end = start + seconds / scale if scale > 0 else start
+                if end > now:
                     self._timer = loop.call_at(end, self._timed_step_done, batch, end)
                     return
-                if self._step_done(batch, end):
+                self._busy_until = end
+                self._apply(batch, end)
+                if end <= now and self.stats.steps % 16 == 0:
                     self._timer = loop.call_soon(self._tick)
                     return
         except Exception:
@@ -645,7 +660,9 @@ class Engine:
     def _timed_step_done(self, batch: list[tuple[Sequence, int]], end: float) -> None:
         self._timer = None
         try:
-            if self._step_done(batch, end):
+            self._busy_until = end  # (_step_done)
+            self._apply(batch, end)
+            if end <= self._clock.now() and self.stats.steps % 16 == 0:
                 if self._vloop is not None:
                     self._timer = self._vloop.call_soon(self._tick)
                 return
