@@ -260,7 +260,7 @@ def steady_throughput(records: Iterable[RequestRecord]) -> float:
         if end <= first:
             tokens += rest if start <= end <= stop else 0
             continue
-        overlap = min(end, stop) - max(first, start)
+        overlap = (end if end < stop else stop) - (first if first > start else start)
         if overlap > 0:
             tokens += rest * overlap / (end - first)
     return tokens / (stop - start)
