@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import time
 from pathlib import Path
 
@@ -152,6 +154,24 @@ def test_open_loop_traffic_simulates_far_faster_than_real_time(catalog: Catalog)
     # One engine step per token at this load (about 20,000 steps), still 100x real time.
     assert wall < m["simulated_s"] / 100
     assert m["failed"] == 0
+
+
+def test_a_finished_request_is_not_kept_for_the_collector(catalog: Catalog) -> None:
+    """Each simulated request's task is let go when the request ends: none of them is left
+    behind a reference cycle for the garbage collector (which would walk them all, again
+    and again, during a long run)."""
+    settings = device_settings(catalog, device="h100-sxm", model="llama-3.1-8b", count=2)
+    w = make_workload(isl=parse_length("300"), osl=parse_length("20"), rate=20.0, requests=300)
+    spec = SimulationSpec(settings, "llama-3.1-8b", w.requests, catalog=catalog)
+    gc.collect()
+    gc.disable()
+    try:
+        result = simulate(spec)
+        left = sum(1 for o in gc.get_objects() if isinstance(o, asyncio.Task))
+    finally:
+        gc.enable()
+    assert result.metrics()["requests"] == 300
+    assert left == 0
 
 
 def test_closed_loop_for_a_duration_keeps_concurrency_clients_busy(catalog: Catalog) -> None:
