@@ -26,13 +26,18 @@ from tests.helpers import config, pool, settings
 
 
 def _spec(catalog: Catalog, case: str) -> SimulationSpec:
-    if case == "aggregated":
+    if case.startswith("aggregated"):
+        # "-kv": a KV cache of a few thousand tokens, so decodes outgrow it (KV growth that
+        # the free blocks do not cover, preemption)
+        memory = 0.215 if case == "aggregated-kv" else 0.9
         s = device_settings(
             catalog,
             device="h100-sxm",
             model="llama-3.1-8b",
             count=2,
-            engine=EngineKnobs(max_num_seqs=48, max_num_batched_tokens=1024),
+            engine=EngineKnobs(
+                max_num_seqs=48, max_num_batched_tokens=1024, gpu_memory_utilization=memory
+            ),
         )
         w = make_workload(
             isl=parse_length("lognormal:600,500"),
@@ -96,7 +101,14 @@ class _PerSequenceEngine(Engine):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "case",
-    ["aggregated", "disaggregated", "conditional", "disaggregated-timeouts", "conditional-closed"],
+    [
+        "aggregated",
+        "aggregated-kv",
+        "disaggregated",
+        "conditional",
+        "disaggregated-timeouts",
+        "conditional-closed",
+    ],
 )
 def test_fast_simulation_paths_match_the_reference(
     catalog: Catalog, case: str, monkeypatch: pytest.MonkeyPatch
@@ -112,6 +124,8 @@ def test_fast_simulation_paths_match_the_reference(
     assert slow.pop("tasks") == [True] * len(slow["engines"])
     done = [r for r in fast["records"] if r[5] is None]
     assert len(done) > 0.9 * len(fast["records"])  # the workload ran
+    if case == "aggregated-kv":
+        assert sum(e[2] for e in fast["engines"]) > 10  # preemptions: the cache ran out
     assert fast == slow
 
 
