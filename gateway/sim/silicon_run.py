@@ -15,8 +15,10 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 from backends.emulator.catalog import (
     Catalog,
@@ -39,6 +41,7 @@ from gateway.sim.silicon import (
     closed_loop,
     weights_of,
 )
+from gateway.sim.silicon_disagg import infer_pools
 from gateway.sim.workload import RequestSpec
 
 # Counted waves of a disaggregated row's closed loop (after the warm-up wave). The gateway's
@@ -183,13 +186,12 @@ def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, f
 def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
     """The gateway config an xPyD row describes: a prefill pool of ``x`` workers and a decode
     pool of ``y``, each worker with its own layout, joined by the KV link."""
-    if row.prefill is None or row.decode is None:
-        raise RowError("a disaggregated row needs prefill and decode layouts")
     model = row.model
     if model is None:
         raise RowError(f"no model profile for {row.model_path}")
+    prefill, decode = disagg_layouts(row, cat)
     pools = {}
-    for role, layout in (("prefill", row.prefill), ("decode", row.decode)):
+    for role, layout in (("prefill", prefill), ("decode", decode)):
         dep = deployment_for(row, layout, cat)  # validates that it fits
         worker = EmulatedWorker(
             device=dep.device.name,
@@ -205,6 +207,30 @@ def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
     # SGLang's PD mode and Dynamo stream the first token from the decode worker.
     served = ModelConfig(name=model, mode="disaggregated", first_token="decode", pools=pools)
     return Settings(models=[served])
+
+
+def disagg_layouts(row: SiliconRow, cat: Catalog | None = None) -> tuple[Layout, Layout]:
+    """The prefill and decode layouts of an xPyD row, worker counts and decode batch included:
+    as recorded, or inferred from the row's physics where it records no worker counts
+    (:mod:`gateway.sim.silicon_disagg`)."""
+    if row.prefill is None or row.decode is None:
+        raise RowError("a disaggregated row needs prefill and decode layouts")
+    if row.workers_given:
+        return row.prefill, row.decode
+    one = replace(row.prefill, batch=None, workers=1)
+    dec = replace(row.decode, batch=None, workers=1)
+    sizing = infer_pools(
+        concurrency=row.concurrency,
+        isl=row.isl,
+        osl=row.osl,
+        prefill=deployment_for(row, one, cat),
+        decode=deployment_for(row, dec, cat),
+    )
+    per_rank = math.ceil(sizing.decode_batch / dec.dp)
+    return (
+        replace(one, workers=sizing.prefill_workers),
+        replace(dec, workers=sizing.decode_workers, batch=per_rank),
+    )
 
 
 def _disagg(row: SiliconRow, cat: Catalog | None) -> tuple[float, float]:
