@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from backends.emulator.catalog import (
     Catalog,
@@ -44,10 +45,17 @@ from gateway.sim.silicon import (
 from gateway.sim.silicon_disagg import infer_pools
 from gateway.sim.workload import RequestSpec
 
-# Counted waves of a disaggregated row's closed loop (after the warm-up wave). The gateway's
-# closed loop has no convergence test, so a fixed number of waves is run: with fixed lengths
-# the pattern repeats after the first counted wave.
+if TYPE_CHECKING:  # the simulation is imported only when a disaggregated row runs
+    from gateway.sim.run import RequestRecord
+
+# A disaggregated row's closed loop, as aiperf measures it (gateway.sim.silicon): the warm-up
+# wave finishes before the counted phase starts, so the counted phase starts ``C`` clients at
+# once on an idle deployment, and ``AIPERF_ROUNDS × C`` requests are counted. The gateway's
+# closed loop has no convergence test, so the first (burst) wave and ``DISAGG_WAVES`` more are
+# run; with fixed lengths the pattern repeats after the first wave, so the later waves stand
+# for the remaining ``AIPERF_ROUNDS − 1``.
 DISAGG_WAVES = 4
+AIPERF_ROUNDS = 20
 
 # KV link between prefill and decode workers on separate Hopper nodes: each GPU's own
 # 400 Gb/s InfiniBand NIC (DGX H100/H200: eight ConnectX-7, one per GPU).
@@ -248,11 +256,27 @@ def _disagg(row: SiliconRow, cat: Catalog | None) -> tuple[float, float]:
         settings, row.model or "", requests(), concurrency=c, total=total, catalog=cat or catalog()
     )
     result = simulate(spec)
-    counted = [r for r in result.records[c:] if r.error is None and r.end_at is not None]
-    if not counted:
+    done = [r for r in result.records if r.error is None and r.end_at is not None]
+    if not done:
         errors = {r.error for r in result.records if r.error}
         raise RowError(f"no request completed: {', '.join(sorted(e for e in errors if e))}")
-    ttft = sum(r.ttft for r in counted) / len(counted)
-    tpots = [t for r in counted if (t := r.tpot) is not None]
-    tpot = sum(tpots) / len(tpots) if tpots else 0.0
-    return ttft, tpot
+    return wave_means(result.records[:c], result.records[c:], AIPERF_ROUNDS)
+
+
+def wave_means(
+    first: Sequence[RequestRecord], later: Sequence[RequestRecord], rounds: int
+) -> tuple[float, float]:
+    """Mean TTFT and TPOT of ``rounds`` counted waves from the first wave and a few later ones:
+    the first wave counts ``1 / rounds``, the later waves' mean the rest (they repeat). Either
+    part may be empty (failed requests are left out)."""
+    parts = []
+    for records, weight in ((first, 1.0), (later, rounds - 1.0)):
+        ok = [r for r in records if r.error is None and r.end_at is not None]
+        if ok:
+            tpots = [t for r in ok if (t := r.tpot) is not None]
+            tpot = sum(tpots) / len(tpots) if tpots else 0.0
+            parts.append((weight, sum(r.ttft for r in ok) / len(ok), tpot))
+    if not parts:
+        raise RowError("no request completed")
+    w = sum(p[0] for p in parts)
+    return sum(p[0] * p[1] for p in parts) / w, sum(p[0] * p[2] for p in parts) / w

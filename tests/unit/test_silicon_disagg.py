@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from backends.emulator.timing import StepShape
-from gateway.sim.silicon import Layout, concurrency_of, parse_row
+from gateway.sim.run import RequestRecord
+from gateway.sim.silicon import Layout, RowError, concurrency_of, parse_row
 from gateway.sim.silicon_disagg import decode_cap, decode_pool, infer_pools, prefill_workers
-from gateway.sim.silicon_run import disagg_layouts, disagg_settings
+from gateway.sim.silicon_run import disagg_layouts, disagg_settings, wave_means
 
 
 def _step(shape: StepShape) -> float:
@@ -147,3 +148,27 @@ def test_experts_without_a_recorded_split_shard_over_all_attention_ranks() -> No
     assert row.prefill == Layout(tp=1, pp=1, dp=4, moe_tp=4, moe_ep=1, batch=None, workers=1)
     assert row.prefill.gpus == 4
     assert math.isclose(row.concurrency, 576)
+
+
+def _rec(ttft: float, tpot: float, out: int = 11, error: str | None = None) -> RequestRecord:
+    return RequestRecord(
+        arrival=0.0,
+        prompt_tokens=100,
+        output_tokens=out,
+        first_at=ttft,
+        end_at=ttft + tpot * (out - 1),
+        error=error,
+    )
+
+
+def test_wave_means_weight_the_burst_wave_as_one_of_aiperfs_rounds() -> None:
+    """The counted phase starts every client at once; that wave is 1 of 20, the later
+    (repeating) waves the other 19: TTFT (2.0 + 19 × 0.2) / 20 = 0.29 s."""
+    first = [_rec(2.0, 0.010), _rec(2.0, 0.010)]
+    later = [_rec(0.2, 0.020), _rec(0.2, 0.020), _rec(9.9, 9.9, error="boom")]
+    ttft, tpot = wave_means(first, later, 20)
+    assert ttft == pytest.approx(0.29)
+    assert tpot == pytest.approx((0.010 + 19 * 0.020) / 20)
+    assert wave_means(first, [], 20) == pytest.approx((2.0, 0.010))
+    with pytest.raises(RowError, match="no request"):
+        wave_means([], [_rec(1.0, 1.0, error="x")], 20)
