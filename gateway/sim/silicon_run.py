@@ -5,7 +5,8 @@ An aggregated row runs aiperf's closed loop on one emulated engine in virtual ti
 physics, no HTTP and no event loop, so a row costs a fraction of a second. A disaggregated row
 (xPyD) runs through the gateway's P/D flow exactly as ``pdgate serve`` would route it
 (:func:`gateway.sim.simulate`): ``x`` prefill workers, ``y`` decode workers, the KV link between
-them, the same engines.
+them, the same engines; where the row records no worker counts they are inferred
+(:mod:`gateway.sim.silicon_disagg`).
 
 Example::
 
@@ -256,8 +257,7 @@ def _disagg(row: SiliconRow, cat: Catalog | None) -> tuple[float, float]:
         settings, row.model or "", requests(), concurrency=c, total=total, catalog=cat or catalog()
     )
     result = simulate(spec)
-    done = [r for r in result.records if r.error is None and r.end_at is not None]
-    if not done:
+    if not any(r.error is None and r.end_at is not None for r in result.records):
         errors = {r.error for r in result.records if r.error}
         raise RowError(f"no request completed: {', '.join(sorted(e for e in errors if e))}")
     return wave_means(result.records[:c], result.records[c:], AIPERF_ROUNDS)
