@@ -639,10 +639,19 @@ class EngineKnobs(_Data):
     # weights (vLLM, SGLang), or ``free`` memory left after the weights × utilisation
     # (TensorRT-LLM's kv_cache_free_gpu_memory_fraction).
     kv_memory_of: Literal["total", "free"] = "total"
-    # An engine profile's two fitted factors: its kernels' share of the device's MFU prior, and
-    # host time per step that overlap scheduling and CUDA graphs do not hide.
+    # Factors an engine profile may fit (two at most): its kernels' share of the device's MFU
+    # prior, host time per step that overlap scheduling and CUDA graphs do not hide, and host
+    # time per running sequence (below).
     compute_efficiency: float = Field(1.0, gt=0, le=2)
     step_overhead_s: float = Field(0.0, ge=0)
+    # Host work of a step: the engine's scheduler, sampling bookkeeping, detokenising and
+    # streaming, per running sequence (per attention data-parallel rank, each with its own
+    # scheduler). With overlap scheduling the host prepares step n+1 while the devices run
+    # step n, so a step takes the longer of the two; without it, their sum.
+    host_seq_s: float = Field(0.0, ge=0, description="host work per running sequence per step")
+    overlap_scheduling: bool = Field(
+        False, description="the host builds the next step while the devices run this one"
+    )
 
 
 class ParallelLayout(_Data):
@@ -692,7 +701,6 @@ class EngineProfile(_Data):
     knobs: EngineKnobs
     memory_fraction: dict[str, float] = Field(default_factory=dict)
     cuda_graph_max_batch: int = Field(0, ge=0, description="largest captured decode batch")
-    overlap_scheduling: bool = False
     frontend_request_s: float = Field(
         0.0, ge=0, description="front-end work per request before the engine (HTTP, parsing)"
     )
@@ -701,7 +709,7 @@ class EngineProfile(_Data):
     layouts: dict[str, ParallelLayout] = Field(
         default_factory=dict, description="published layouts by device (MLPerf submissions)"
     )
-    fitted: list[Literal["compute_efficiency", "step_overhead_s"]] = Field(
+    fitted: list[Literal["compute_efficiency", "step_overhead_s", "host_seq_s"]] = Field(
         default_factory=list, max_length=2
     )
     sources: dict[str, str] = Field(min_length=1)
@@ -756,7 +764,12 @@ class Deployment:
         """Seconds one engine step of this composition takes on this deployment."""
         c, m = self._constants, self.model_shape
         if isinstance(c, HbmConstants):
-            return hbm_step_time(m, shape, c) + self.engine.step_overhead_s
+            engine = self.engine
+            t = hbm_step_time(m, shape, c) + engine.step_overhead_s
+            if not engine.host_seq_s:
+                return t
+            host = engine.host_seq_s * shape.seqs / c.dp
+            return max(t, host) if engine.overlap_scheduling else t + host
         if isinstance(c, PipelineConstants):
             return pipeline_step_time(m, shape, c)
         if isinstance(c, DramSramConstants):

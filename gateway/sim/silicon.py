@@ -136,6 +136,9 @@ class SiliconRow:
     prefill: Layout | None = None
     decode: Layout | None = None
     source: str = ""
+    # A disaggregated row that records both pools' worker counts; without them the deployment
+    # is inferred (gateway.sim.silicon_disagg).
+    workers_given: bool = True
 
     @property
     def model(self) -> str | None:
@@ -180,12 +183,18 @@ def _layout(d: Mapping[str, str], prefix: str) -> Layout:
 
     workers = _int(d, prefix + "num_workers", 1) if prefix else 1
     batch = _int(d, prefix + "batch_size")
+    tp, dp = get("tp_size", 1), get("attention_dp_size", 1)
+    moe_tp, moe_ep = get("moe_tp_size", 1), get("moe_ep_size", 1)
+    if prefix and _int(d, prefix + "moe_tp_size") == 0 and _int(d, prefix + "moe_ep_size") == 0:
+        # A disaggregated worker with neither expert split recorded (vLLM with data-parallel
+        # attention and no --enable-expert-parallel) shards each expert over all its ranks.
+        moe_tp = tp * dp
     return Layout(
-        tp=get("tp_size", 1),
+        tp=tp,
         pp=get("pp_size", 1),
-        dp=get("attention_dp_size", 1),
-        moe_tp=get("moe_tp_size", 1),
-        moe_ep=get("moe_ep_size", 1),
+        dp=dp,
+        moe_tp=moe_tp,
+        moe_ep=moe_ep,
         batch=batch if batch and batch > 0 else None,
         workers=max(1, workers or 1),
     )
@@ -196,14 +205,19 @@ _CONCURRENCY = re.compile(r"silicon_concurrency=(\d+)")
 
 def concurrency_of(d: Mapping[str, str]) -> int:
     """Closed-loop clients: ``silicon_concurrency=C`` in the source column; rows without it
-    ran one client per batch slot (the batch size times the workers)."""
+    ran one client per batch slot: the batch size times the workers, and for a disaggregated
+    row times the decode workers' attention data-parallel ranks (its batch column is per rank:
+    every xPyD row that records ``C`` has ``C = decode batch × attention DP × decode
+    workers``)."""
     m = _CONCURRENCY.search(d.get("silicon_data_source") or "")
     if m:
         return int(m.group(1))
     mode = (d.get("mode") or "").strip()
     if mode == "disagg":
         batch = _int(d, "decode_batch_size")
-        workers = _int(d, "decode_num_workers", 1) or 1
+        workers = (_int(d, "decode_num_workers", 1) or 1) * max(
+            1, _int(d, "decode_attention_dp_size", 1) or 1
+        )
     else:
         batch = _int(d, "batch_size")
         workers = 1
@@ -243,7 +257,13 @@ def parse_row(d: Mapping[str, str]) -> SiliconRow:
     }
     if mode == "agg":
         return SiliconRow(**common, agg=_layout(d, ""))
-    return SiliconRow(**common, prefill=_layout(d, "prefill_"), decode=_layout(d, "decode_"))
+    given = all((d.get(f"{role}_num_workers") or "").strip() for role in ("prefill", "decode"))
+    return SiliconRow(
+        **common,
+        prefill=_layout(d, "prefill_"),
+        decode=_layout(d, "decode_"),
+        workers_given=given,
+    )
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

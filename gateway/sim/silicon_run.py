@@ -5,7 +5,8 @@ An aggregated row runs aiperf's closed loop on one emulated engine in virtual ti
 physics, no HTTP and no event loop, so a row costs a fraction of a second. A disaggregated row
 (xPyD) runs through the gateway's P/D flow exactly as ``pdgate serve`` would route it
 (:func:`gateway.sim.simulate`): ``x`` prefill workers, ``y`` decode workers, the KV link between
-them, the same engines.
+them, the same engines; where the row records no worker counts they are inferred
+(:mod:`gateway.sim.silicon_disagg`).
 
 Example::
 
@@ -15,8 +16,11 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from backends.emulator.catalog import (
     Catalog,
@@ -39,12 +43,20 @@ from gateway.sim.silicon import (
     closed_loop,
     weights_of,
 )
+from gateway.sim.silicon_disagg import infer_pools
 from gateway.sim.workload import RequestSpec
 
-# Counted waves of a disaggregated row's closed loop (after the warm-up wave). The gateway's
-# closed loop has no convergence test, so a fixed number of waves is run: with fixed lengths
-# the pattern repeats after the first counted wave.
+if TYPE_CHECKING:  # the simulation is imported only when a disaggregated row runs
+    from gateway.sim.run import RequestRecord
+
+# A disaggregated row's closed loop, as aiperf measures it (gateway.sim.silicon): the warm-up
+# wave finishes before the counted phase starts, so the counted phase starts ``C`` clients at
+# once on an idle deployment, and ``AIPERF_ROUNDS × C`` requests are counted. The gateway's
+# closed loop has no convergence test, so the first (burst) wave and ``DISAGG_WAVES`` more are
+# run; with fixed lengths the pattern repeats after the first wave, so the later waves stand
+# for the remaining ``AIPERF_ROUNDS − 1``.
 DISAGG_WAVES = 4
+AIPERF_ROUNDS = 20
 
 # KV link between prefill and decode workers on separate Hopper nodes: each GPU's own
 # 400 Gb/s InfiniBand NIC (DGX H100/H200: eight ConnectX-7, one per GPU).
@@ -183,13 +195,12 @@ def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, f
 def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
     """The gateway config an xPyD row describes: a prefill pool of ``x`` workers and a decode
     pool of ``y``, each worker with its own layout, joined by the KV link."""
-    if row.prefill is None or row.decode is None:
-        raise RowError("a disaggregated row needs prefill and decode layouts")
     model = row.model
     if model is None:
         raise RowError(f"no model profile for {row.model_path}")
+    prefill, decode = disagg_layouts(row, cat)
     pools = {}
-    for role, layout in (("prefill", row.prefill), ("decode", row.decode)):
+    for role, layout in (("prefill", prefill), ("decode", decode)):
         dep = deployment_for(row, layout, cat)  # validates that it fits
         worker = EmulatedWorker(
             device=dep.device.name,
@@ -207,6 +218,30 @@ def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
     return Settings(models=[served])
 
 
+def disagg_layouts(row: SiliconRow, cat: Catalog | None = None) -> tuple[Layout, Layout]:
+    """The prefill and decode layouts of an xPyD row, worker counts and decode batch included:
+    as recorded, or inferred from the row's physics where it records no worker counts
+    (:mod:`gateway.sim.silicon_disagg`)."""
+    if row.prefill is None or row.decode is None:
+        raise RowError("a disaggregated row needs prefill and decode layouts")
+    if row.workers_given:
+        return row.prefill, row.decode
+    one = replace(row.prefill, batch=None, workers=1)
+    dec = replace(row.decode, batch=None, workers=1)
+    sizing = infer_pools(
+        concurrency=row.concurrency,
+        isl=row.isl,
+        osl=row.osl,
+        prefill=deployment_for(row, one, cat),
+        decode=deployment_for(row, dec, cat),
+    )
+    per_rank = math.ceil(sizing.decode_batch / dec.dp)
+    return (
+        replace(one, workers=sizing.prefill_workers),
+        replace(dec, workers=sizing.decode_workers, batch=per_rank),
+    )
+
+
 def _disagg(row: SiliconRow, cat: Catalog | None) -> tuple[float, float]:
     from gateway.sim.run import SimulationSpec, simulate
 
@@ -222,11 +257,26 @@ def _disagg(row: SiliconRow, cat: Catalog | None) -> tuple[float, float]:
         settings, row.model or "", requests(), concurrency=c, total=total, catalog=cat or catalog()
     )
     result = simulate(spec)
-    counted = [r for r in result.records[c:] if r.error is None and r.end_at is not None]
-    if not counted:
+    if not any(r.error is None and r.end_at is not None for r in result.records):
         errors = {r.error for r in result.records if r.error}
         raise RowError(f"no request completed: {', '.join(sorted(e for e in errors if e))}")
-    ttft = sum(r.ttft for r in counted) / len(counted)
-    tpots = [t for r in counted if (t := r.tpot) is not None]
-    tpot = sum(tpots) / len(tpots) if tpots else 0.0
-    return ttft, tpot
+    return wave_means(result.records[:c], result.records[c:], AIPERF_ROUNDS)
+
+
+def wave_means(
+    first: Sequence[RequestRecord], later: Sequence[RequestRecord], rounds: int
+) -> tuple[float, float]:
+    """Mean TTFT and TPOT of ``rounds`` counted waves from the first wave and a few later ones:
+    the first wave counts ``1 / rounds``, the later waves' mean the rest (they repeat). Either
+    part may be empty (failed requests are left out)."""
+    parts = []
+    for records, weight in ((first, 1.0), (later, rounds - 1.0)):
+        ok = [r for r in records if r.error is None and r.end_at is not None]
+        if ok:
+            tpots = [t for r in ok if (t := r.tpot) is not None]
+            tpot = sum(tpots) / len(tpots) if tpots else 0.0
+            parts.append((weight, sum(r.ttft for r in ok) / len(ok), tpot))
+    if not parts:
+        raise RowError("no request completed")
+    w = sum(p[0] for p in parts)
+    return sum(p[0] * p[1] for p in parts) / w, sum(p[0] * p[2] for p in parts) / w

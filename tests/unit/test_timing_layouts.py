@@ -364,3 +364,24 @@ def test_routed_experts_take_at_least_their_kernel_chain() -> None:
     big = StepShape.of([(1, 100)] * 4096)
     assert expert_time(m, big, free) > 1e-3
     assert hbm_step_time(m, big, floored) == pytest.approx(hbm_step_time(m, big, free))
+
+
+def test_host_work_per_sequence_hides_behind_the_gpu_only_with_overlap(catalog: Catalog) -> None:
+    # Llama-3.1-8B on one H200, 400 decoding sequences: 100 us of host work each is 40 ms a
+    # step. Overlapped with the GPU's step (a few ms here) the step takes the host's 40 ms;
+    # without overlap scheduling the two add up.
+    shape = StepShape.of([(1, 1000)] * 400)
+    gpu = catalog.deployment("h200-sxm", "llama-3.1-8b").step_time(shape)
+    assert gpu < 0.04
+
+    def step(**knobs: object) -> float:
+        engine = EngineKnobs(max_num_seqs=512, host_seq_s=1e-4, **knobs)  # type: ignore[arg-type]
+        return catalog.deployment("h200-sxm", "llama-3.1-8b", engine=engine).step_time(shape)
+
+    assert step(overlap_scheduling=True) == pytest.approx(0.04)
+    assert step(overlap_scheduling=False) == pytest.approx(gpu + 0.04)
+    # A small batch's host work (10 sequences: 1 ms) stays hidden behind the GPU's step.
+    few = StepShape.of([(1, 1000)] * 10)
+    engine = EngineKnobs(host_seq_s=1e-4, overlap_scheduling=True)
+    hidden = catalog.deployment("h200-sxm", "llama-3.1-8b", engine=engine).step_time(few)
+    assert hidden == pytest.approx(catalog.deployment("h200-sxm", "llama-3.1-8b").step_time(few))

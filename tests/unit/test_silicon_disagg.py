@@ -1,0 +1,174 @@
+"""Disaggregated rows without worker counts: the inferred xPyD deployment (hand-worked), and
+the parsing of the disaggregated columns it relies on."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from backends.emulator.timing import StepShape
+from gateway.sim.run import RequestRecord
+from gateway.sim.silicon import Layout, RowError, concurrency_of, parse_row
+from gateway.sim.silicon_disagg import decode_cap, decode_pool, infer_pools, prefill_workers
+from gateway.sim.silicon_run import disagg_layouts, disagg_settings, wave_means
+
+
+def _step(shape: StepShape) -> float:
+    # 10 ms per step, 0.2 ms per sequence, 10 µs per new token.
+    return 0.010 + 2e-4 * shape.seqs + 1e-5 * shape.new_tokens
+
+
+def fake_dep(max_num_seqs: int = 64, kv_tokens: int = 80_000) -> Any:
+    engine = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096)
+    return SimpleNamespace(engine=engine, kv_capacity_tokens=kv_tokens, step_time=_step)
+
+
+def test_decode_cap_is_the_batch_cap_or_the_kv_capacity_at_full_length() -> None:
+    # 80,000 KV tokens / (1,000 + 101) tokens a sequence = 72 sequences; the cap 64 binds.
+    assert decode_cap(fake_dep(), 1000, 101) == 64
+    # 20,000 / 1,101 = 18.2: 18 sequences fit.
+    assert decode_cap(fake_dep(kv_tokens=20_000), 1000, 101) == 18
+
+
+def test_decode_pool_is_the_fewest_workers_that_hold_every_client() -> None:
+    assert decode_pool(400, 64) == (7, 58)  # ⌈400/64⌉ = 7 workers, ⌈400/7⌉ = 58 each
+    assert decode_pool(64, 64) == (1, 64)
+    assert decode_pool(1, 64) == (1, 1)
+    with pytest.raises(ValueError, match="at least one"):
+        decode_pool(10, 0)
+
+
+def test_prefill_workers_match_the_rate() -> None:
+    assert prefill_workers(178.7, 78.74, 1.0) == 3  # 2.27 workers' worth → 3
+    assert prefill_workers(157.48, 78.74, 1.0) == 2  # exactly two workers' worth
+    assert prefill_workers(157.48, 78.74, 0.8) == 3  # at most 80 % busy
+    assert prefill_workers(0.1, 78.74, 1.0) == 1
+    with pytest.raises(ValueError, match="positive"):
+        prefill_workers(1.0, 0.0, 1.0)
+
+
+def test_infer_pools_hand_worked() -> None:
+    """C = 400 clients, ISL 1,000, OSL 101.
+
+    Decode: 64 sequences a worker → 7 workers of 58. TPOT at batch 58: 10 + 11.6 + 0.58 ms
+    = 22.18 ms. Prefill alone: 10 + 0.2 + 10 ms = 20.2 ms; batched, 4 prompts (4,096-token
+    budget) a step of 10 + 0.8 + 40 = 50.8 ms → 78.74 prompts/s. Closed loop without queueing:
+    400 / (0.0202 + 100 · 0.02218) = 178.7 requests/s → ⌈178.7 / 78.74⌉ = 3 prefill workers.
+    """
+    s = infer_pools(concurrency=400, isl=1000, osl=101, prefill=fake_dep(), decode=fake_dep())
+    assert (s.prefill_workers, s.decode_workers, s.decode_batch, s.decode_cap) == (3, 7, 58, 64)
+    assert s.tpot_s == pytest.approx(0.02218)
+    assert s.prefill_rate == pytest.approx(4 / 0.0508)
+    assert s.rate == pytest.approx(400 / (0.0202 + 100 * 0.02218))
+
+
+# -- rows -------------------------------------------------------------------------------------
+
+ROW = {
+    "id": "r1",
+    "silicon_data_source": "source_file=x.csv; silicon_concurrency=576",
+    "backend": "trtllm",
+    "backend_version": "0.8.1.post1",
+    "model_path": "deepseek-ai/DeepSeek-R1",
+    "system": "h200_sxm",
+    "precision": "fp8",
+    "gemm_quant_mode": "fp8",
+    "moe_quant_mode": "fp8",
+    "mode": "disagg",
+    "isl": "1024",
+    "osl": "1024",
+    "prefill_tp_size": "8",
+    "prefill_pp_size": "1",
+    "prefill_attention_dp_size": "1",
+    "prefill_moe_tp_size": "1",
+    "prefill_moe_ep_size": "8",
+    "decode_tp_size": "8",
+    "decode_pp_size": "1",
+    "decode_attention_dp_size": "1",
+    "decode_moe_tp_size": "1",
+    "decode_moe_ep_size": "8",
+    "silicon_ttft_ms": "1659",
+    "silicon_tpot_ms": "31.0",
+}
+
+
+def test_a_row_without_worker_counts_gets_a_deployment_that_holds_every_client() -> None:
+    row = parse_row(ROW)
+    assert not row.workers_given
+    prefill, decode = disagg_layouts(row)
+    assert (prefill.tp, prefill.moe_ep, decode.tp, decode.moe_ep) == (8, 8, 8, 8)
+    assert decode.batch is not None
+    assert decode.workers > 1  # one 8-GPU decode worker holds ~350 sequences of 2k, not 576
+    assert decode.batch * decode.workers >= row.concurrency
+    assert decode.batch * (decode.workers - 1) < row.concurrency  # no idle decode worker
+    settings = disagg_settings(row)
+    pools = settings.models[0].pools
+    assert pools["decode"].workers[0].replicas == decode.workers
+    assert pools["prefill"].workers[0].replicas == prefill.workers
+
+
+def test_a_row_with_worker_counts_keeps_them() -> None:
+    given = {
+        **ROW,
+        "prefill_num_workers": "1",
+        "prefill_batch_size": "1",
+        "decode_num_workers": "9",
+        "decode_batch_size": "64",
+    }
+    row = parse_row(given)
+    assert row.workers_given
+    prefill, decode = disagg_layouts(row)
+    assert (prefill.workers, decode.workers, decode.batch) == (1, 9, 64)
+
+
+def test_concurrency_of_a_disagg_row_counts_decode_dp_ranks() -> None:
+    d = {
+        **ROW,
+        "silicon_data_source": "db-dump",
+        "decode_batch_size": "16",
+        "decode_num_workers": "9",
+        "decode_attention_dp_size": "8",
+    }
+    assert concurrency_of(d) == 16 * 8 * 9
+
+
+def test_experts_without_a_recorded_split_shard_over_all_attention_ranks() -> None:
+    d = {
+        **ROW,
+        "model_path": "Qwen/Qwen3-235B-A22B-FP8",
+        "prefill_tp_size": "1",
+        "prefill_attention_dp_size": "4",
+        "prefill_moe_tp_size": "0",
+        "prefill_moe_ep_size": "0",
+    }
+    row = parse_row(d)
+    assert row.prefill == Layout(tp=1, pp=1, dp=4, moe_tp=4, moe_ep=1, batch=None, workers=1)
+    assert row.prefill.gpus == 4
+    assert math.isclose(row.concurrency, 576)
+
+
+def _rec(ttft: float, tpot: float, out: int = 11, error: str | None = None) -> RequestRecord:
+    return RequestRecord(
+        arrival=0.0,
+        prompt_tokens=100,
+        output_tokens=out,
+        first_at=ttft,
+        end_at=ttft + tpot * (out - 1),
+        error=error,
+    )
+
+
+def test_wave_means_weight_the_burst_wave_as_one_of_aiperfs_rounds() -> None:
+    """The counted phase starts every client at once; that wave is 1 of 20, the later
+    (repeating) waves the other 19: TTFT (2.0 + 19 × 0.2) / 20 = 0.29 s."""
+    first = [_rec(2.0, 0.010), _rec(2.0, 0.010)]
+    later = [_rec(0.2, 0.020), _rec(0.2, 0.020), _rec(9.9, 9.9, error="boom")]
+    ttft, tpot = wave_means(first, later, 20)
+    assert ttft == pytest.approx(0.29)
+    assert tpot == pytest.approx((0.010 + 19 * 0.020) / 20)
+    assert wave_means(first, [], 20) == pytest.approx((2.0, 0.010))
+    with pytest.raises(RowError, match="no request"):
+        wave_means([], [_rec(1.0, 1.0, error="x")], 20)
