@@ -322,7 +322,21 @@ class HbmDevice(_DeviceBase):
             seq_overhead_s=e.seq_overhead_s,
             gemm_half_tokens=e.gemm_half_tokens,
             moe_layer_floor_s=e.moe_layer_floor_s,
+            attention_flops_s=self.attention_flops_s(dep),
         )
+
+    def attention_flops_s(self, dep: Deployment) -> float:
+        """Achieved FLOP/s of one device in attention. Attention kernels (FlashAttention,
+        FlashInfer, FlashMLA, TensorRT-LLM's FMHA) compute in the KV cache's dtype: an FP8
+        checkpoint served with a 16-bit KV cache runs its GEMMs at the FP8 peak and its
+        attention at the 16-bit one. Other KV formats (and devices without that dtype) keep
+        the serving dtype's throughput."""
+        kv = dep.engine.kv_dtype or dep.dtype
+        if kv == dep.dtype or kv not in self.peak_tflops:
+            return 0.0
+        e = self.efficiency
+        mfu = min(1.0, e.mfu_by_dtype.get(kv, e.mfu) * dep.engine.compute_efficiency)
+        return mfu * self.peak_flops(kv)
 
 
 class PipelineDevice(_DeviceBase):

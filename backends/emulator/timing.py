@@ -204,6 +204,7 @@ class HbmConstants:
     scale_out: float = 0.0  # bytes/s per device per direction beyond the domain
     scale_out_latency_s: float = 0.0  # per collective step across the scale-out network
     moe_layer_floor_s: float = 0.0  # shortest routed-expert layer (its chain of small kernels)
+    attention_flops_s: float = 0.0  # achieved FLOP/s of one device in attention (0: mfu · peak)
 
 
 def gemm_efficiency(mfu: float, rows: float, half: float) -> float:
@@ -472,7 +473,8 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
         weights = weight_bytes_read(m, r.new_tokens)
         compute = linear_time(m, r, c.peak_flops * c.tp, c.mfu, c.gemm_half_tokens, c.tp)
         t_linear = max(compute, weights / (c.bandwidth_efficiency * bandwidth))
-    t_attention = max(f_attention / peak, kv / (eta_kv * c.bandwidth * kv_ways))
+    attention_peak = c.attention_flops_s * c.tp if c.attention_flops_s else peak
+    t_attention = max(f_attention / attention_peak, kv / (eta_kv * c.bandwidth * kv_ways))
     overhead = c.step_overhead_s + m.layers * c.layer_overhead_s + r.seqs * c.seq_overhead_s
     return t_linear + t_attention + overhead + allreduce_time(m, s, c)
 

@@ -385,3 +385,30 @@ def test_host_work_per_sequence_hides_behind_the_gpu_only_with_overlap(catalog: 
     engine = EngineKnobs(host_seq_s=1e-4, overlap_scheduling=True)
     hidden = catalog.deployment("h200-sxm", "llama-3.1-8b", engine=engine).step_time(few)
     assert hidden == pytest.approx(catalog.deployment("h200-sxm", "llama-3.1-8b").step_time(few))
+
+
+def test_attention_runs_at_the_kv_dtype_throughput(catalog: Catalog) -> None:
+    # An FP8 Llama-3.1-70B with a BF16 KV cache (the engines' default for FP8 checkpoints):
+    # its GEMMs run at 0.6 of the 1,979 TFLOP/s FP8 peak, its attention at 0.48 of the
+    # 989 TFLOP/s BF16 peak = 474.7 TFLOP/s per GPU. With an FP8 KV cache attention runs at
+    # the serving dtype's throughput, as before.
+    bf16_kv = catalog.deployment(
+        "h100-sxm", "llama-3.1-70b", dtype="fp8", engine=EngineKnobs(kv_dtype="bf16")
+    )
+    c = bf16_kv._constants
+    assert c.attention_flops_s == pytest.approx(0.48 * 989e12)  # type: ignore[union-attr]
+    fp8_kv = catalog.deployment(
+        "h100-sxm", "llama-3.1-70b", dtype="fp8", engine=EngineKnobs(kv_dtype="fp8")
+    )
+    assert fp8_kv._constants.attention_flops_s == 0.0  # type: ignore[union-attr]
+
+    # The step time prices attention FLOPs at that throughput: one 8,192-token prompt on a
+    # model whose attention is compute-bound (KV bytes tiny), 1e14 FLOP/s for attention
+    # against mfu · peak = 5e14 for everything else.
+    m = shape(kv_bytes_per_token=1.0)
+    s = StepShape.of([(8192, 0)])
+    f = attention_flops(m, s)
+    slow = consts(attention_flops_s=1e14)
+    assert hbm_step_time(m, s, slow) - hbm_step_time(m, s, consts()) == pytest.approx(
+        f / 1e14 - f / 5e14
+    )
