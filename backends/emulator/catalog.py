@@ -107,6 +107,11 @@ class ModelProfile(_Data):
     unquantised_params_b: float = Field(
         0.0, ge=0, description="parameters quantised checkpoints keep in 16 bits (embeddings)"
     )
+    fp8_block_scaled: bool = Field(
+        False,
+        description="the model's FP8 checkpoint scales its weights per block (128x128: "
+        "`quantization_config.weight_block_size`), not per tensor or channel",
+    )
     vocab: int = Field(gt=0)
     max_context: int = Field(gt=0)
     sources: dict[str, str] = Field(min_length=1)
@@ -280,6 +285,13 @@ class HbmEfficiency(_Data):
         description="shortest time of one routed-expert layer's kernels per step, however few "
         "rows they get (the launch-bound chain of router, permute, GEMM and combine kernels)",
     )
+    block_fp8_expert_mfu: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="ceiling on the share of FP8 peak that grouped expert GEMMs over "
+        "block-scaled FP8 weights reach, however many rows they get (0: none)",
+    )
 
 
 class HbmDevice(_DeviceBase):
@@ -323,6 +335,7 @@ class HbmDevice(_DeviceBase):
             gemm_half_tokens=e.gemm_half_tokens,
             moe_layer_floor_s=e.moe_layer_floor_s,
             attention_flops_s=self.attention_flops_s(dep),
+            expert_mfu_cap=e.block_fp8_expert_mfu if _block_fp8_experts(dep) else 0.0,
         )
 
     def attention_flops_s(self, dep: Deployment) -> float:
@@ -337,6 +350,13 @@ class HbmDevice(_DeviceBase):
         e = self.efficiency
         mfu = min(1.0, e.mfu_by_dtype.get(kv, e.mfu) * dep.engine.compute_efficiency)
         return mfu * self.peak_flops(kv)
+
+
+def _block_fp8_experts(dep: Deployment) -> bool:
+    """Whether the deployment's routed experts are block-scaled FP8 GEMMs: served at FP8, FP8
+    expert weights, from a checkpoint that scales them per block."""
+    experts = dep.weights.experts if dep.weights is not None else dep.dtype
+    return dep.model.fp8_block_scaled and dep.dtype == "fp8" and experts == "fp8"
 
 
 class PipelineDevice(_DeviceBase):

@@ -205,6 +205,7 @@ class HbmConstants:
     scale_out_latency_s: float = 0.0  # per collective step across the scale-out network
     moe_layer_floor_s: float = 0.0  # shortest routed-expert layer (its chain of small kernels)
     attention_flops_s: float = 0.0  # achieved FLOP/s of one device in attention (0: mfu · peak)
+    expert_mfu_cap: float = 0.0  # ceiling on the routed experts' GEMM efficiency (0: none)
 
 
 def gemm_efficiency(mfu: float, rows: float, half: float) -> float:
@@ -404,7 +405,10 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     a *= expert_imbalance(a, ep)
     f = m.expert_ffn / moe_tp
     rows = a / (m.experts / ep * touched_fraction(m, tokens))
-    pi = c.peak_flops * gemm_efficiency(c.mfu, rows, c.gemm_half_tokens)
+    eff = gemm_efficiency(c.mfu, rows, c.gemm_half_tokens)
+    if c.expert_mfu_cap:
+        eff = min(eff, c.expert_mfu_cap)
+    pi = c.peak_flops * eff
     per_layer = (
         dispatch / beta
         + max(2.0 * a * m.hidden * 2.0 * f / pi, gate_up / beta)

@@ -412,3 +412,47 @@ def test_attention_runs_at_the_kv_dtype_throughput(catalog: Catalog) -> None:
     assert hbm_step_time(m, s, slow) - hbm_step_time(m, s, consts()) == pytest.approx(
         f / 1e14 - f / 5e14
     )
+
+
+def test_block_fp8_experts_have_a_ceiling_on_their_gemm_efficiency() -> None:
+    # 4,096 tokens, top-2 of 8 experts: 1,024 rows per expert, so the GEMM efficiency curve
+    # gives 0.5 · 1024 / (1024 + 32) = 0.485 of peak. Bandwidth made ample: compute-bound.
+    # Per layer F = 2 · 8192 · 1000 · 3000 = 4.9152e10 FLOPs; ten layers at 0.485 · 1e15
+    # FLOP/s take 1.0138 ms; under a 0.2 ceiling, 2.4576 ms.
+    m = shape(
+        experts=8,
+        top_k=2,
+        expert_ffn=1000,
+        moe_layers=10,
+        expert_weight_bytes=10 * 8 * 3e6,
+        gemm_input_bytes=1.0,
+    )
+    big = StepShape.of([(1, 100)] * 4096)
+    free = consts(bandwidth=1e18, gemm_half_tokens=32.0)
+    capped = consts(bandwidth=1e18, gemm_half_tokens=32.0, expert_mfu_cap=0.2)
+    eff = 0.5 * 1024 / (1024 + 32)
+    assert expert_time(m, big, free) == pytest.approx(10 * 4.9152e10 / (eff * 1e15), rel=1e-3)
+    assert expert_time(m, big, capped) == pytest.approx(10 * 4.9152e10 / (0.2 * 1e15), rel=1e-3)
+    # Four tokens: 1 row per expert, efficiency 0.5 / 33 = 0.015, under the ceiling; and the
+    # weight reads bound the kernels anyway (real bandwidth): the ceiling changes nothing.
+    few = StepShape.of([(1, 100)] * 4)
+    assert expert_time(m, few, consts(expert_mfu_cap=0.2, gemm_half_tokens=32.0)) == (
+        pytest.approx(expert_time(m, few, consts(gemm_half_tokens=32.0)))
+    )
+
+
+def test_the_ceiling_applies_to_block_scaled_fp8_experts_on_hopper_only(catalog: Catalog) -> None:
+    fp8 = WeightFormats(dense="fp8", experts="fp8")
+    eight = ParallelLayout(tp=8)
+
+    def cap(device: str, model: str, dtype: str, weights: WeightFormats | None) -> float:
+        dep = catalog.deployment(device, model, dtype=dtype, weights=weights, layout=eight)
+        return dep._constants.expert_mfu_cap  # type: ignore[union-attr]
+
+    assert cap("h200-sxm", "deepseek-v3", "fp8", fp8) == 0.3
+    assert cap("h100-sxm", "qwen3-235b-a22b", "fp8", fp8) == 0.3
+    # BF16 experts, an FP8 checkpoint scaled per tensor (Mixtral), Blackwell (block scales in
+    # its tensor cores): no ceiling.
+    assert cap("h200-sxm", "qwen3-235b-a22b", "bf16", None) == 0.0
+    assert cap("h200-sxm", "mixtral-8x7b", "fp8", None) == 0.0
+    assert cap("b200", "deepseek-v3", "fp8", fp8) == 0.0
