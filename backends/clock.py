@@ -101,6 +101,7 @@ class LoopClock:
 
 _Ts = TypeVarTuple("_Ts")
 _T = TypeVar("_T")
+_H = TypeVar("_H", bound=asyncio.Handle)
 
 _POLL_EVERY = 256  # loop passes between polls of a selector that holds only the wake-up pipe
 # asyncio's own limits (base_events): rebuild the timer heap when more than half of more than
@@ -156,6 +157,21 @@ class _TimerHandle(asyncio.TimerHandle):
 
 
 _new_handle = object.__new__
+
+
+def _bare_handle(
+    cls: type[_H], loop: asyncio.AbstractEventLoop, callback: Any, args: Any, context: Any
+) -> _H:
+    """``cls.__init__`` (a handle or timer handle) without its debug check."""
+    handle = _new_handle(cls)
+    handle._context = copy_context() if context is None else context  # type: ignore[attr-defined]
+    handle._loop = loop  # type: ignore[attr-defined]
+    handle._callback = callback  # type: ignore[attr-defined]
+    handle._args = args
+    handle._cancelled = False
+    handle._repr = None  # type: ignore[attr-defined]
+    handle._source_traceback = None  # type: ignore[attr-defined]
+    return handle
 
 
 def _report(loop: asyncio.AbstractEventLoop, handle: asyncio.Handle, exc: BaseException) -> None:
@@ -218,15 +234,8 @@ class _VirtualEventLoop(asyncio.SelectorEventLoop):
             raise RuntimeError("Event loop is closed")
         if self._debug:
             handle = asyncio.Handle(callback, args, self, context)
-        else:  # Handle.__init__ without its debug check
-            handle = _new_handle(_Handle)
-            handle._context = copy_context() if context is None else context  # type: ignore[attr-defined]
-            handle._loop = self  # type: ignore[attr-defined]
-            handle._callback = callback  # type: ignore[attr-defined]
-            handle._args = args
-            handle._cancelled = False
-            handle._repr = None  # type: ignore[attr-defined]
-            handle._source_traceback = None  # type: ignore[attr-defined]
+        else:
+            handle = _bare_handle(_Handle, self, callback, args, context)
         self._ready.append(handle)
         return handle
 
@@ -243,15 +252,8 @@ class _VirtualEventLoop(asyncio.SelectorEventLoop):
             raise TypeError("when cannot be None")
         if self._debug:
             timer = asyncio.TimerHandle(when, callback, args, self, context)
-        else:  # TimerHandle.__init__ without its debug check
-            timer = _new_handle(_TimerHandle)
-            timer._context = copy_context() if context is None else context  # type: ignore[attr-defined]
-            timer._loop = self  # type: ignore[attr-defined]
-            timer._callback = callback  # type: ignore[attr-defined]
-            timer._args = args
-            timer._cancelled = False
-            timer._repr = None  # type: ignore[attr-defined]
-            timer._source_traceback = None  # type: ignore[attr-defined]
+        else:
+            timer = _bare_handle(_TimerHandle, self, callback, args, context)
             timer._when = when  # type: ignore[attr-defined]
         heapq.heappush(self._timers, (when, next(self._order), timer))
         timer._scheduled = True  # type: ignore[attr-defined]  # (counted when cancelled)
