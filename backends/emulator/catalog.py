@@ -335,8 +335,18 @@ class HbmDevice(_DeviceBase):
             gemm_half_tokens=e.gemm_half_tokens,
             moe_layer_floor_s=e.moe_layer_floor_s,
             attention_flops_s=self.attention_flops_s(dep),
-            expert_mfu_cap=e.block_fp8_expert_mfu if _block_fp8_experts(dep) else 0.0,
+            **self._block_fp8_experts(dep),
         )
+
+    def _block_fp8_experts(self, dep: Deployment) -> dict[str, float]:
+        """The ceiling on block-scaled FP8 expert GEMMs (this device's) and the share of the
+        bandwidth the engine's fused-MoE kernels reach on them; nothing for other experts."""
+        if not _block_fp8_experts(dep):
+            return {}
+        return {
+            "expert_mfu_cap": self.efficiency.block_fp8_expert_mfu,
+            "expert_bandwidth_share": dep.engine.moe_fp8_block_bandwidth,
+        }
 
     def attention_flops_s(self, dep: Deployment) -> float:
         """Achieved FLOP/s of one device in attention. Attention kernels (FlashAttention,
@@ -683,6 +693,13 @@ class EngineKnobs(_Data):
     # scheduler). With overlap scheduling the host prepares step n+1 while the devices run
     # step n, so a step takes the longer of the two; without it, their sum.
     host_seq_s: float = Field(0.0, ge=0, description="host work per running sequence per step")
+    moe_fp8_block_bandwidth: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of the device's achieved bandwidth the engine's fused-MoE kernels "
+        "reach on block-scaled FP8 experts",
+    )
     overlap_scheduling: bool = Field(
         False, description="the host builds the next step while the devices run this one"
     )
@@ -743,9 +760,9 @@ class EngineProfile(_Data):
     layouts: dict[str, ParallelLayout] = Field(
         default_factory=dict, description="published layouts by device (MLPerf submissions)"
     )
-    fitted: list[Literal["compute_efficiency", "step_overhead_s", "host_seq_s"]] = Field(
-        default_factory=list, max_length=2
-    )
+    fitted: list[
+        Literal["compute_efficiency", "step_overhead_s", "host_seq_s", "moe_fp8_block_bandwidth"]
+    ] = Field(default_factory=list, max_length=2)
     sources: dict[str, str] = Field(min_length=1)
 
     def covers(self, version: str) -> bool:

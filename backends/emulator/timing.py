@@ -206,6 +206,7 @@ class HbmConstants:
     moe_layer_floor_s: float = 0.0  # shortest routed-expert layer (its chain of small kernels)
     attention_flops_s: float = 0.0  # achieved FLOP/s of one device in attention (0: mfu · peak)
     expert_mfu_cap: float = 0.0  # ceiling on the routed experts' GEMM efficiency (0: none)
+    expert_bandwidth_share: float = 1.0  # of the achieved bandwidth, in the expert kernels
 
 
 def gemm_efficiency(mfu: float, rows: float, half: float) -> float:
@@ -389,7 +390,10 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     :func:`expert_rows`; the narrow
     ``F / tp`` width is charged as bytes, not as fewer rows). Large expert GEMMs (Mixtral,
     TP1) are compute-bound and this is the plain FLOP count; narrow ones (Qwen3 at TP8) are
-    bound by the routed rows' traffic, which a FLOP roofline alone does not see.
+    bound by the routed rows' traffic, which a FLOP roofline alone does not see. Block-scaled
+    FP8 experts carry two more terms: a ceiling on the GEMM efficiency (``expert_mfu_cap``, a
+    device without per-block scales in its tensor cores) and the share of ``β`` the engine's
+    fused-MoE kernels reach on them (``expert_bandwidth_share``).
     """
     tokens = s.new_tokens
     if tokens <= 0:
@@ -400,7 +404,7 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     dispatch, gate_up, down, combine = expert_layer_bytes(
         m, tokens, moe_tp, ep=ep, local_tokens=local
     )
-    beta = c.bandwidth_efficiency * c.bandwidth
+    beta = c.bandwidth_efficiency * c.bandwidth * c.expert_bandwidth_share
     a = float(tokens * m.top_k) / ep
     a *= expert_imbalance(a, ep)
     f = m.expert_ffn / moe_tp

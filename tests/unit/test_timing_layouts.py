@@ -456,3 +456,30 @@ def test_the_ceiling_applies_to_block_scaled_fp8_experts_on_hopper_only(catalog:
     assert cap("h200-sxm", "qwen3-235b-a22b", "bf16", None) == 0.0
     assert cap("h200-sxm", "mixtral-8x7b", "fp8", None) == 0.0
     assert cap("b200", "deepseek-v3", "fp8", fp8) == 0.0
+
+
+def test_fused_moe_kernels_read_block_fp8_experts_at_their_share_of_the_bandwidth(
+    catalog: Catalog,
+) -> None:
+    # One token through top-2 of 8 experts, bytes-bound: half the bandwidth, twice the time.
+    m = shape(
+        experts=8,
+        top_k=2,
+        expert_ffn=1000,
+        moe_layers=10,
+        expert_weight_bytes=10 * 8 * 3e6,
+        gemm_input_bytes=1.0,
+    )
+    one = StepShape.of([(1, 100)])
+    full = expert_time(m, one, consts())
+    assert expert_time(m, one, consts(expert_bandwidth_share=0.5)) == pytest.approx(2 * full)
+    # vLLM's profiles carry their fused-MoE kernels' share to block-scaled FP8 experts only.
+    vllm = catalog.engine("vllm-0.14").knobs_for("h200-sxm")
+    fp8 = WeightFormats(dense="fp8", experts="fp8")
+    layout = ParallelLayout(tp=8)
+    qwen = catalog.deployment(
+        "h200-sxm", "qwen3-235b-a22b", dtype="fp8", weights=fp8, engine=vllm, layout=layout
+    )
+    assert qwen._constants.expert_bandwidth_share == 0.6  # type: ignore[union-attr]
+    mixtral = catalog.deployment("h200-sxm", "mixtral-8x7b", dtype="fp8", engine=vllm)
+    assert mixtral._constants.expert_bandwidth_share == 1.0  # type: ignore[union-attr]
