@@ -54,6 +54,18 @@ def shape(**kw: float) -> ModelShape:
     return ModelShape(**base)  # type: ignore[arg-type]
 
 
+def eight_experts() -> ModelShape:
+    """Ten MoE layers of eight 1,000-wide experts, top-2, 3 MB of FP8 weights each."""
+    return shape(
+        experts=8,
+        top_k=2,
+        expert_ffn=1000,
+        moe_layers=10,
+        expert_weight_bytes=10 * 8 * 3e6,
+        gemm_input_bytes=1.0,
+    )
+
+
 def consts(**kw: float) -> HbmConstants:
     base = {
         "peak_flops": 1e15,
@@ -419,14 +431,7 @@ def test_block_fp8_experts_have_a_ceiling_on_their_gemm_efficiency() -> None:
     # gives 0.5 · 1024 / (1024 + 32) = 0.485 of peak. Bandwidth made ample: compute-bound.
     # Per layer F = 2 · 8192 · 1000 · 3000 = 4.9152e10 FLOPs; ten layers at 0.485 · 1e15
     # FLOP/s take 1.0138 ms; under a 0.2 ceiling, 2.4576 ms.
-    m = shape(
-        experts=8,
-        top_k=2,
-        expert_ffn=1000,
-        moe_layers=10,
-        expert_weight_bytes=10 * 8 * 3e6,
-        gemm_input_bytes=1.0,
-    )
+    m = eight_experts()
     big = StepShape.of([(1, 100)] * 4096)
     free = consts(bandwidth=1e18, gemm_half_tokens=32.0)
     capped = consts(bandwidth=1e18, gemm_half_tokens=32.0, expert_mfu_cap=0.2)
@@ -462,14 +467,7 @@ def test_fused_moe_kernels_read_block_fp8_experts_at_their_share_of_the_bandwidt
     catalog: Catalog,
 ) -> None:
     # One token through top-2 of 8 experts, bytes-bound: half the bandwidth, twice the time.
-    m = shape(
-        experts=8,
-        top_k=2,
-        expert_ffn=1000,
-        moe_layers=10,
-        expert_weight_bytes=10 * 8 * 3e6,
-        gemm_input_bytes=1.0,
-    )
+    m = eight_experts()
     one = StepShape.of([(1, 100)])
     full = expert_time(m, one, consts())
     assert expert_time(m, one, consts(expert_bandwidth_share=0.5)) == pytest.approx(2 * full)
