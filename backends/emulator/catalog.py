@@ -335,10 +335,10 @@ class HbmDevice(_DeviceBase):
             gemm_half_tokens=e.gemm_half_tokens,
             moe_layer_floor_s=e.moe_layer_floor_s,
             attention_flops_s=self.attention_flops_s(dep),
-            **self._block_fp8_experts(dep),
+            **self._block_fp8_expert_terms(dep),
         )
 
-    def _block_fp8_experts(self, dep: Deployment) -> dict[str, float]:
+    def _block_fp8_expert_terms(self, dep: Deployment) -> dict[str, float]:
         """The ceiling on block-scaled FP8 expert GEMMs (this device's) and the share of the
         bandwidth the engine's fused-MoE kernels reach on them; nothing for other experts."""
         if not _block_fp8_experts(dep):
