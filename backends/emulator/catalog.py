@@ -374,7 +374,9 @@ class PipelineDevice(_DeviceBase):
 
     Per-token latency: ``tau0_s + layers · tau_layer_s + hops · tau_hop_s`` where ``hops`` is
     the number of device-to-device crossings of the pipeline (``count − 1`` for wafers, ``0`` for
-    LPUs whose chip-to-chip latency is folded into ``tau_layer_s``).
+    LPUs whose chip-to-chip latency is folded into ``tau_layer_s``). Each of the ``hops`` links
+    carries every token's activations at ``hop_bandwidth_gb_s`` (wafers; see
+    :func:`~backends.emulator.timing.pipeline_step_time`).
     """
 
     family: Literal["sram_pipeline", "wafer_scale"]
@@ -383,6 +385,11 @@ class PipelineDevice(_DeviceBase):
     tau0_s: float = Field(ge=0)
     tau_layer_s: float = Field(gt=0)
     tau_hop_s: float = Field(0.0, ge=0)
+    hop_bandwidth_gb_s: float | None = Field(
+        None,
+        gt=0,
+        description="wafer-to-wafer link carrying every token's activations (wafer_scale)",
+    )
     slots_per_device: float = Field(gt=0, description="sequences in flight per device")
     mfu: float = Field(gt=0, le=1)
     kv_reserve_fraction: float = Field(
@@ -395,10 +402,12 @@ class PipelineDevice(_DeviceBase):
 
     def constants(self, dep: Deployment) -> PipelineConstants:
         hops = dep.count - 1 if self.family == "wafer_scale" else 0
+        link = self.hop_bandwidth_gb_s * GB if hops and self.hop_bandwidth_gb_s else 0.0
         return PipelineConstants(
             latency_s=self.tau0_s + dep.model.layers * self.tau_layer_s + hops * self.tau_hop_s,
             slots=max(1, int(dep.count * self.slots_per_device)),
             compute_flops=self.mfu * self.peak_flops(dep.dtype) * dep.count,
+            hop_bandwidth=link,
         )
 
 

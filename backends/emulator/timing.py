@@ -494,25 +494,40 @@ class PipelineConstants:
     ``latency_s`` is the time one token takes through the whole pipeline:
     ``τ0 + layers · τ_layer`` for an LPU, ``layers · τ_layer + hops · τ_hop`` for wafer-scale.
     ``slots`` is how many sequences the pipeline holds at once before it has to run a second
-    wave. ``compute_flops`` is the achieved FLOP/s of all chips together.
+    wave. ``compute_flops`` is the achieved FLOP/s of all chips together. ``hop_bandwidth``
+    is the bandwidth of one device-to-device crossing that carries every token's activations
+    (bytes/s; 0 when there is no such crossing, or its cost is folded into the latency).
     """
 
     latency_s: float
     slots: int
     compute_flops: float
+    hop_bandwidth: float = 0.0
 
 
 def pipeline_step_time(m: ModelShape, s: StepShape, c: PipelineConstants) -> float:
     """Step time of an SRAM-resident pipeline::
 
-        t = ceil(seqs / slots) · latency + FLOPs / compute_flops
+        t = ceil(seqs / slots) · latency + max(FLOPs / compute_flops, hop_transfer)
+        hop_transfer = new_tokens · hidden · act_bytes / hop_bandwidth
 
     Flat in batch until the pipeline's slots are full, then one more pass per wave; prefill
     streams its tokens through the pipeline, so long prompts add compute time on top of one
-    pipeline latency.
+    pipeline latency. Where the pipeline crosses between devices over a link of its own (wafer
+    to wafer), every token's activations cross each link while the devices compute; the links
+    run side by side, so the stream's body is the slower of all devices' compute and one link.
     """
     waves = max(1, math.ceil(s.seqs / c.slots))
-    return waves * c.latency_s + forward_flops(m, s) / c.compute_flops
+    body = forward_flops(m, s) / c.compute_flops
+    if c.hop_bandwidth > 0:
+        body = max(body, pipeline_hop_transfer_time(m, s.new_tokens, c.hop_bandwidth))
+    return waves * c.latency_s + body
+
+
+def pipeline_hop_transfer_time(m: ModelShape, tokens: int, bandwidth: float) -> float:
+    """Time one device-to-device link of a layer pipeline takes to carry ``tokens`` tokens'
+    activations: ``tokens · hidden · act_bytes / bandwidth``."""
+    return tokens * m.hidden * m.act_bytes / bandwidth
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,14 @@ LATENCY_METRICS = ("ttft_mean_s", "tpot_mean_s", "itl_mean_s")
 BRACKET = 1.5
 RATE_PRECISION = 0.02
 MAX_PROBES = 14
+# What a row reports beside its figure where that figure is not the device's alone.
+DETAIL = (
+    "device_ttft_mean_s",
+    "service_network_rtt_s",
+    "service_frontend_s",
+    "service_rebatch_wait_s",
+    "max_rate_req_s",
+)
 TOLERANCE = {
     "output_tokens_per_s": 0.15,
     "steady_output_tokens_per_s": 0.15,
@@ -175,6 +183,14 @@ class ServiceProfile(_Strict):
         return service_ttft(
             device_ttft_s, device_itl_s, self.network_rtt_s, self.frontend_s, self.rebatch_tokens
         )
+
+    def parts(self, device_itl_s: float) -> dict[str, float]:
+        """What the service adds, term by term (they sum to ``ttft_s − device_ttft``)."""
+        return {
+            "service_network_rtt_s": self.network_rtt_s,
+            "service_frontend_s": self.frontend_s,
+            "service_rebatch_wait_s": self.rebatch_tokens / 2 * device_itl_s,
+        }
 
 
 class CalibrationSet(_Strict):
@@ -356,7 +372,8 @@ def run_point(
     """Simulate one point; one row per expected metric.
 
     A point with a ``service`` adds that service's time to its TTFT (the device's own TTFT is
-    reported beside it as ``device_ttft_mean_s``); a server point with ``limits`` is graded at
+    reported beside it as ``device_ttft_mean_s``, and what the service adds term by term as
+    ``service_*``, :meth:`ServiceProfile.parts`); a server point with ``limits`` is graded at
     the highest rate meeting them (:func:`max_rate_under_limits`).
     """
     sc = point.scenario
@@ -375,9 +392,8 @@ def run_point(
             measured["ttft_mean_s"] = service.ttft_s(
                 measured["device_ttft_mean_s"], measured["itl_mean_s"]
             )
-    detail = tuple(
-        (k, measured[k]) for k in ("device_ttft_mean_s", "max_rate_req_s") if k in measured
-    )
+            measured.update(service.parts(measured["itl_mean_s"]))
+    detail = tuple((k, measured[k]) for k in DETAIL if k in measured)
     return [Row(point, k, v, measured.get(k), detail) for k, v in point.expect.items()]
 
 

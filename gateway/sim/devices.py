@@ -32,7 +32,8 @@ MECHANISM: dict[str, str] = {
     "sram_pipeline": "SRAM-resident pipeline over chips sized by SRAM: per-token latency "
     "τ0 + layers·τ_layer, flat in batch until the slots fill; prompt tokens stream through",
     "wafer_scale": "wafers sized by on-wafer SRAM, layers pipelined across them: "
-    "layers·τ_layer + (wafers−1)·τ_hop per token",
+    "layers·τ_layer + (wafers−1)·τ_hop per token; prompt tokens stream through, their "
+    "activations over each wafer-to-wafer link",
     "lpddr_sram": "LPDDR roofline, SRAM speed when the weights fit on chip",
     "in_memory": "in-memory compute: weights computed on in SRAM (cards sized by SRAM), "
     "LPDDR when they spill; card-chain latency per token",

@@ -3,6 +3,7 @@ the dataflow, wafer and SRAM-pipeline profiles) and the cross-vendor KV handoff 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from backends.emulator.accelerators import (
     wafers_for,
 )
 from backends.emulator.catalog import Catalog
-from backends.emulator.timing import StepShape
+from backends.emulator.timing import StepShape, pipeline_hop_transfer_time
 from backends.errors import CatalogError
 
 DECODE_1 = StepShape.of([(1, 1000)])
@@ -117,6 +118,38 @@ def test_wafer_counts_and_per_token_latency_by_hand(catalog: Catalog) -> None:
     assert wafer_token_latency(80, 17.4e-6, 4, 280e-6) == pytest.approx(2.232e-3)
 
 
+PROMPT_100 = StepShape.of([(100, 0)])
+
+
+def test_a_wafer_prompt_streams_through_the_pipeline_by_hand(catalog: Catalog) -> None:
+    # 70B on four wafers, a 100-token prompt: the fill is one token's trip, 80 x 17.4 us +
+    # 3 x 280 us = 2.232 ms; the body is all four wafers' compute, (2 x 70.55e9 x 100 +
+    # 4 x 80 x 8192 x 5,050 pairs = 1.4124e13 FLOPs) / (0.25 x 125e15 x 4) = 0.113 ms
+    dep = catalog.deployment("cerebras-wse-3", "llama-3.1-70b")
+    assert dep.step_time(PROMPT_100) == pytest.approx(2.232e-3 + 0.113e-3, rel=2e-3)
+    # each wafer-to-wafer link carries the 100 tokens' activations, 100 x 8192 x 2 bytes, in
+    # 10.9 us at 150 GB/s: ten times faster than the wafers compute them, so it does not bind
+    m = dep.model_shape
+    assert pipeline_hop_transfer_time(m, 100, 150e9) == pytest.approx(10.92e-6, rel=1e-3)
+
+
+def test_a_slow_wafer_link_bounds_the_prompt_stream(catalog: Catalog) -> None:
+    dep = catalog.deployment("cerebras-wse-3", "llama-3.1-70b")
+    slow = dataclasses.replace(
+        dep, device=dep.device.model_copy(update={"hop_bandwidth_gb_s": 1.5})
+    )
+    # at 1.5 GB/s a link needs 100 x 16,384 B / 1.5e9 = 1.092 ms for the prompt, more than the
+    # wafers' 0.113 ms of compute: the stream's body is the link's, 2.232 + 1.092 = 3.324 ms
+    assert slow.step_time(PROMPT_100) == pytest.approx(3.324e-3, rel=2e-3)
+    # one wafer has no link to cross, whatever its bandwidth
+    one = catalog.deployment("cerebras-wse-3", "llama-3.1-8b")
+    assert one.count == 1
+    slow_one = dataclasses.replace(
+        one, device=one.device.model_copy(update={"hop_bandwidth_gb_s": 1e-3})
+    )
+    assert slow_one.step_time(PROMPT_100) == one.step_time(PROMPT_100)
+
+
 # -- Groq: chips from SRAM, per-token latency --------------------------------------------------
 
 
@@ -157,6 +190,24 @@ def test_the_service_profiles_reproduce_the_published_ranges_without_touching_th
         (bare,) = run_point(device, catalog, cal.services)
         assert bare.predicted is not None
         assert bare.predicted < 0.01
+
+
+def test_a_service_row_says_what_its_ttft_is_made_of(catalog: Catalog) -> None:
+    from gateway.sim.calibrate import load_set, run_point
+
+    cal = load_set()
+    point = next(p for p in cal.points if p.id == "C4-70b")
+    (row,) = run_point(point, catalog, cal.services)
+    parts = dict(row.detail)
+    # Cerebras 70B: device 2.232 ms fill + 0.113 ms prompt, then 30 ms + 10 ms, and half a
+    # 40-step round at the device's 2.233 ms per token (80 x 17.4 us + 3 x 280 us + 1 us of
+    # FLOPs): 44.66 ms; 87.0 ms in all
+    assert parts["device_ttft_mean_s"] == pytest.approx(2.345e-3, rel=2e-3)
+    assert parts["service_network_rtt_s"] == 0.030
+    assert parts["service_frontend_s"] == 0.010
+    assert parts["service_rebatch_wait_s"] == pytest.approx(20 * 2.233e-3, rel=2e-3)
+    assert row.predicted == pytest.approx(sum(parts.values()))
+    assert row.predicted == pytest.approx(0.0870, rel=2e-3)
 
 
 # -- cross-vendor KV handoff ----------------------------------------------------------------
