@@ -291,7 +291,12 @@ class TorusGroup:
     def reduce_scatter_time(self, volume: float, hop_latency_s: float) -> float:
         """Seconds of the bandwidth and hop terms of one reduce-scatter (or all-gather) of
         ``volume`` bytes (the full buffer per chip)."""
-        return min(h * hop_latency_s + coef * volume for h, coef in self.algorithms)
+        best = math.inf if self.algorithms else 0.0
+        for hops, coef in self.algorithms:  # a loop: this runs every engine step
+            t = hops * hop_latency_s + coef * volume
+            if t < best:
+                best = t
+        return best
 
 
 def _closed(t: Torus, shape: tuple[int, ...]) -> tuple[bool, ...]:
