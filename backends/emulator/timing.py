@@ -441,10 +441,10 @@ def torus_all_to_all_time(t: Torus, n: int, payload: float, latency_s: float) ->
     The first term is a chip's injection over its links; the second the bisection: cutting an
     axis of length ``d`` into halves of ``a`` and ``b`` chips, ``a · b / (n − 1)`` payloads
     cross each way over the ``n / d`` rings of that axis (each two links across the cut when
-    the axis closes, one when it is a line); the narrowest cut (``d_max``, largest over the
-    axes) binds. On a torus the bisection binds: an
-    all-to-all over 16 chips of a 4 × 4 takes as long as over eight links, not sixteen.
-    ``diameter`` is the farthest chip's hop count.
+    the axis closes, one when it is a line). Every axis's cut is a bound; the tightest binds,
+    usually the longest axis's (``d_max``). On a torus the bisection, not the chip, is the
+    limit: a whole Trn2 4 × 4 takes ``64/15 · P / 8B``, 2.1 times what its chips' four links
+    could inject. ``diameter`` is the farthest chip's hop count.
     """
     if n <= 1 or payload <= 0:
         return 0.0
