@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal, TypeAlias, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from backends.emulator.accelerators import TierPlacement, dataflow_placement
 from backends.emulator.timing import (
@@ -47,6 +47,7 @@ from backends.emulator.timing import (
     ModelShape,
     PipelineConstants,
     StepShape,
+    Torus,
     dataflow_step_time,
     dram_sram_step_time,
     hardwired_step_time,
@@ -54,6 +55,7 @@ from backends.emulator.timing import (
     in_memory_step_time,
     model_switch_time,
     pipeline_step_time,
+    torus_group,
 )
 from backends.errors import CatalogError
 
@@ -260,6 +262,9 @@ class _DeviceBase(_Data):
         """Seconds to bring another model into the deployment; None where it is not modelled."""
         return None
 
+    def check_layout(self, layout: ParallelLayout) -> None:
+        """Raise :class:`CatalogError` if the device's fabric cannot carry ``layout``."""
+
 
 class HbmEfficiency(_Data):
     mfu: float = Field(gt=0, le=1)
@@ -294,6 +299,51 @@ class HbmEfficiency(_Data):
     )
 
 
+class TorusTopology(_Data):
+    """Chips joined directly to their neighbours in a torus (TPU ICI, Trainium2 NeuronLink)
+    rather than through a switch.
+
+    ``dims`` are the axes of the largest torus the fabric closes with wraparound links (a TPU
+    v6e pod 16 × 16, an Ironwood cube 4 × 4 × 4, a Trn2 instance 4 × 4); a collective's chips
+    are laid out on a box inside it (:func:`~backends.emulator.timing.torus_group`). The
+    device's ``interconnect_gb_s`` (per direction) is split evenly over its ``links``; a
+    torus uses two per axis, so ``links`` is at least ``2 · len(dims)``.
+    """
+
+    kind: Literal["torus"]
+    dims: list[int] = Field(min_length=1, max_length=3)
+    links: int = Field(gt=0, description="chip-to-chip links per chip")
+    wraparound: bool = Field(True, description="whether each full axis closes into a ring")
+    hop_latency_s: float = Field(ge=0, description="per hop of a collective's chain")
+
+    @model_validator(mode="after")
+    def _enough_links(self) -> TorusTopology:
+        if any(d < 1 for d in self.dims):
+            raise ValueError(f"torus dims must be positive: {self.dims}")
+        if self.links < 2 * len(self.dims):
+            raise ValueError(
+                f"a {len(self.dims)}-axis torus needs {2 * len(self.dims)} links per chip, "
+                f"not {self.links}"
+            )
+        return self
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.dims)
+
+    def describe(self) -> str:
+        """``4×4 torus, 4 links per chip`` (the catalog table's wording)."""
+        return f"{'×'.join(map(str, self.dims))} torus, {self.links} links per chip"
+
+    def fabric(self, interconnect_gb_s: float) -> Torus:
+        return Torus(
+            dims=tuple(self.dims),
+            link=interconnect_gb_s * GB / self.links,
+            hop_latency_s=self.hop_latency_s,
+            wraparound=self.wraparound,
+        )
+
+
 class HbmDevice(_DeviceBase):
     """GPU or other accelerator serving weights from HBM (roofline physics)."""
 
@@ -307,7 +357,25 @@ class HbmDevice(_DeviceBase):
         0.0, ge=0, description="scale-out network bandwidth per device per direction"
     )
     scale_out_latency_s: float = Field(0.0, ge=0, description="per collective across domains")
+    topology: TorusTopology | None = Field(
+        None, description="a torus fabric; unset: a switched scale-up link (NVLink-like)"
+    )
     efficiency: HbmEfficiency
+
+    def check_layout(self, layout: ParallelLayout) -> None:
+        """Raise :class:`CatalogError` when a collective group of ``layout`` (the ``tp`` devices
+        of an attention rank, the ``moe_tp · ep`` devices of the experts) fits no box of the
+        device's torus."""
+        if self.topology is None:
+            return
+        fabric = self.topology.fabric(self.interconnect_gb_s)
+        groups = {layout.tp, (layout.moe_tp or layout.tp) * layout.ep}
+        for n in sorted(groups):
+            if n > 1 and torus_group(fabric, n) is None:
+                raise CatalogError(
+                    f"{self.name}: a collective over {n} chips fits no box of its "
+                    f"{self.topology.describe()}"
+                )
 
     def constants(self, dep: Deployment) -> HbmConstants:
         e = self.efficiency
@@ -335,6 +403,7 @@ class HbmDevice(_DeviceBase):
             gemm_half_tokens=e.gemm_half_tokens,
             moe_layer_floor_s=e.moe_layer_floor_s,
             attention_flops_s=self.attention_flops_s(dep),
+            torus=self.topology.fabric(self.interconnect_gb_s) if self.topology else None,
             **self._block_fp8_expert_terms(dep),
         )
 
@@ -884,6 +953,7 @@ def plan_deployment(
     if layout is not None:
         tp = layout.tp
         count = count if count is not None else layout.devices
+    device.check_layout(layout or ParallelLayout(tp=tp))
     formats = weights
     if formats is not None and isinstance(device, HbmDevice):
         weights_b = sum(model.weight_bytes(formats.dense, formats.experts))

@@ -10,7 +10,9 @@ tokens' KV must be read, and how many sequences take part.
 
 Each device family is modelled by one function:
 
-* :func:`hbm_step_time` — GPUs and other HBM accelerators (roofline),
+* :func:`hbm_step_time` — GPUs and other HBM accelerators (roofline), their collectives over a
+  switched scale-up link or, for TPUs and Trainium2, a torus (:func:`torus_allreduce_time`,
+  :func:`torus_all_to_all_time`),
 * :func:`pipeline_step_time` — SRAM-resident pipelines (Groq LPU, Graphcore IPU) and wafer-scale
   engines (Cerebras WSE), whose per-token latency is a sum of per-layer and per-hop latencies,
 * :func:`dram_sram_step_time` — LPDDR roofline chips with a large SRAM (MTIA v2): SRAM speed when
@@ -24,7 +26,10 @@ Each device family is modelled by one function:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from backends.frozen import fast_init
@@ -207,6 +212,7 @@ class HbmConstants:
     attention_flops_s: float = 0.0  # achieved FLOP/s of one device in attention (0: mfu · peak)
     expert_mfu_cap: float = 0.0  # ceiling on the routed experts' GEMM efficiency (0: none)
     expert_bandwidth_share: float = 1.0  # of the achieved bandwidth, in the expert kernels
+    torus: Torus | None = None  # the chips' torus fabric (None: a switched scale-up link)
 
 
 def gemm_efficiency(mfu: float, rows: float, half: float) -> float:
@@ -245,6 +251,214 @@ def linear_time(
     return t
 
 
+@dataclass(frozen=True, slots=True)
+class Torus:
+    """A torus fabric (TPU ICI, Trainium NeuronLink): every chip has direct links to its
+    neighbours along each axis, no switch between them.
+
+    ``dims`` are the lengths of the axes the fabric closes into rings (its wraparound links):
+    a TPU v5e/v6e pod is 16 × 16, an Ironwood cube 4 × 4 × 4, a Trn2 instance 4 × 4. ``link``
+    is one link's bandwidth per direction (the chip's per-direction figure over its links).
+    ``hop_latency_s`` is what one hop of a collective's chain costs (link, router and the step's
+    synchronisation). ``wraparound`` False makes it a mesh (no ring closes).
+    """
+
+    dims: tuple[int, ...]
+    link: float  # bytes/s per link per direction
+    hop_latency_s: float
+    wraparound: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TorusGroup:
+    """``n`` chips of a collective laid out on a sub-torus of a :class:`Torus`.
+
+    ``shape`` has one length per fabric axis (1 where the group does not extend along it);
+    ``axis_bw`` is the bandwidth per chip per direction a ring along each axis gets: ``2 · link``
+    when the axis is a closed ring (it spans the whole fabric axis, which closes it, and has
+    three chips or more), else ``link`` (a line: its end chips have one neighbour on that
+    axis, so a ring embedded in it runs at one link). The reduce-scatter (equally all-gather)
+    of ``V`` bytes costs ``hops · hop_latency + coefficient · V`` by each algorithm in
+    ``algorithms``; the library runs whichever is faster at the size.
+    """
+
+    n: int
+    shape: tuple[int, ...]
+    closed: tuple[bool, ...]  # whether the group's extent along each axis is a closed ring
+    axis_bw: tuple[float, ...]
+    algorithms: tuple[tuple[int, float], ...]  # (hops, seconds per byte) per algorithm
+
+    def reduce_scatter_time(self, volume: float, hop_latency_s: float) -> float:
+        """Seconds of the bandwidth and hop terms of one reduce-scatter (or all-gather) of
+        ``volume`` bytes (the full buffer per chip)."""
+        best = math.inf if self.algorithms else 0.0
+        for hops, coef in self.algorithms:  # a loop: this runs every engine step
+            t = hops * hop_latency_s + coef * volume
+            if t < best:
+                best = t
+        return best
+
+
+def _closed(t: Torus, shape: tuple[int, ...]) -> tuple[bool, ...]:
+    """Whether each axis of a box is a ring: it spans the whole fabric axis (whose wraparound
+    link closes it) and has three chips or more (two chips are one link apart either way)."""
+    return tuple(
+        t.wraparound and d == full and d >= 3 for d, full in zip(shape, t.dims, strict=True)
+    )
+
+
+def _sequential(dims: list[tuple[int, float]]) -> tuple[int, float]:
+    """Reduce-scatter one axis after another, each over the links along it: the buffer shrinks
+    by each axis's length before the next. Every order is tried; the cheapest is kept."""
+    hops = sum(d - 1 for d, _ in dims)
+    best = math.inf
+    for order in itertools.permutations(dims):
+        coef, share = 0.0, 1.0
+        for d, bw in order:
+            coef += (d - 1) / d * share / bw
+            share /= d
+        best = min(best, coef)
+    return hops, best
+
+
+def _rotated(dims: list[tuple[int, float]]) -> tuple[int, float]:
+    """Reduce-scatter with every axis busy at once: the buffer is cut into ``k`` parts (one per
+    axis); part ``j`` runs the axes in the order rotated by ``j``, so at each of the ``k``
+    phases each axis's links carry one part. A phase lasts as long as its slowest part, in
+    time and in hops."""
+    k = len(dims)
+    hops_best, best = 0, math.inf
+    for base in itertools.permutations(dims):
+        coef, hops = 0.0, 0
+        shares = [1.0 / k] * k
+        for p in range(k):
+            phase, phase_hops = 0.0, 0
+            for j in range(k):
+                d, bw = base[(j + p) % k]
+                phase = max(phase, (d - 1) / d * shares[j] / bw)
+                phase_hops = max(phase_hops, d - 1)
+                shares[j] /= d
+            coef += phase
+            hops += phase_hops
+        if coef < best:
+            hops_best, best = hops, coef
+    return hops_best, best
+
+
+def _shapes(dims: tuple[int, ...], n: int) -> Iterator[tuple[int, ...]]:
+    """Every way of laying ``n`` chips out as a box inside ``dims`` (one length per axis)."""
+    if not dims:
+        if n == 1:
+            yield ()
+        return
+    for d in range(1, min(dims[0], n) + 1):
+        if n % d == 0:
+            for rest in _shapes(dims[1:], n // d):
+                yield (d, *rest)
+
+
+@functools.lru_cache(maxsize=256)
+def torus_group(t: Torus, n: int) -> TorusGroup | None:
+    """The sub-torus a collective over ``n`` chips runs on, or None when no box of ``n``
+    chips fits in the fabric.
+
+    The shape is the best one, not a framework's table: the smallest bandwidth coefficient of
+    the better of the two reduce-scatter algorithms (compared to nine digits, so that equal
+    shapes tie), then the fewest hops, then the lexicographically smallest shape (``(2, 4)``
+    before ``(4, 2)``). For 4, 8 and 16 chips that is the most compact box, as Google cuts TPU
+    slices (v5e/v6e: 2 × 2, 2 × 4, 4 × 4; Ironwood 8 chips 2 × 2 × 2) and as a Trn2 instance's
+    16 chips form its 4 × 4 torus. Where a full axis closes its ring it can beat the compact
+    box: 32 chips of a 16 × 16 pod run 2 × 16 (Google's v6e-32 slice is 4 × 8).
+    """
+    best: tuple[float, int, tuple[int, ...]] | None = None
+    found: TorusGroup | None = None
+    for shape in _shapes(t.dims, n):
+        group = _group(t, n, shape)
+        hops, coef = min(group.algorithms, key=lambda a: (a[1], a[0]), default=(0, 0.0))
+        key = (round(coef * t.link, 9), hops, shape)
+        if best is None or key < best:
+            best, found = key, group
+    return found
+
+
+def _group(t: Torus, n: int, shape: tuple[int, ...]) -> TorusGroup:
+    closed = _closed(t, shape)
+    bws = tuple(2.0 * t.link if c else t.link for c in closed)
+    active = [(d, bw) for d, bw in zip(shape, bws, strict=True) if d > 1]
+    algorithms = [_sequential(active)] if active else []
+    if len(active) > 1:
+        algorithms.append(_rotated(active))
+    return TorusGroup(n, shape, closed, bws, tuple(algorithms))
+
+
+def _fitted_group(t: Torus, n: int) -> TorusGroup:
+    group = torus_group(t, n)
+    if group is None:
+        raise ValueError(f"no box of {n} chips fits a {'x'.join(map(str, t.dims))} torus")
+    return group
+
+
+def torus_reduce_scatter_time(t: Torus, n: int, volume: float, latency_s: float) -> float:
+    """One reduce-scatter (or all-gather) of a ``volume``-byte buffer over ``n`` chips of the
+    torus ``t``, laid out by :func:`torus_group`::
+
+        latency + hops · τ_hop + Σ_axes (d − 1)/d · V_axis / BW_axis
+
+    per-axis rings, each over the links along its axis only, ``V_axis`` the share of the buffer
+    still to scatter when the ring runs. Two algorithms are priced and the faster kept: one axis
+    after another (fewest hops: latency-bound decode), and the buffer split over the axes so
+    that all of them run at once (the bandwidth of every axis: prefill). ``latency`` is the
+    collective's fixed cost (launch and synchronisation).
+    """
+    if n <= 1:
+        return 0.0
+    return latency_s + _fitted_group(t, n).reduce_scatter_time(volume, t.hop_latency_s)
+
+
+def torus_allreduce_time(t: Torus, n: int, volume: float, latency_s: float) -> float:
+    """One all-reduce of ``volume`` bytes over ``n`` chips: a reduce-scatter and the mirroring
+    all-gather (:func:`torus_reduce_scatter_time`), two hop chains, one fixed latency::
+
+        latency + 2 · (hops · τ_hop + Σ_axes (d − 1)/d · V_axis / BW_axis)
+
+    On a closed ring of ``n`` chips at ``2 · link`` per chip this is the switched ring's
+    ``2 · (n − 1)/n · V / BW`` with ``BW`` the chip's two links; a group that uses fewer of
+    the chip's links than it has (a 2 × 2 box of a 16 × 16 pod uses two of four) is that much
+    slower than a switch giving each chip all of its bandwidth.
+    """
+    if n <= 1:
+        return 0.0
+    return latency_s + 2.0 * (torus_reduce_scatter_time(t, n, volume, 0.0))
+
+
+def torus_all_to_all_time(t: Torus, n: int, payload: float, latency_s: float) -> float:
+    """One all-to-all over ``n`` chips of the torus, each sending ``payload`` bytes spread evenly
+    over the other ``n − 1``::
+
+        latency + diameter · τ_hop + max(payload / Σ_axes BW_axis,
+                                         a · b · payload / ((n − 1) · (n / d_max) · BW_max))
+
+    The first term is a chip's injection over its links; the second the bisection: cutting an
+    axis of length ``d`` into halves of ``a`` and ``b`` chips, ``a · b / (n − 1)`` payloads
+    cross each way over the ``n / d`` rings of that axis (each two links across the cut when
+    the axis closes, one when it is a line). Every axis's cut is a bound; the tightest binds,
+    usually the longest axis's (``d_max``). On a torus the bisection, not the chip, is the
+    limit: a whole Trn2 4 × 4 takes ``64/15 · P / 8B``, 2.1 times what its chips' four links
+    could inject. ``diameter`` is the farthest chip's hop count.
+    """
+    if n <= 1 or payload <= 0:
+        return 0.0
+    g = _fitted_group(t, n)
+    axes = [(d, bw, c) for d, bw, c in zip(g.shape, g.axis_bw, g.closed, strict=True) if d > 1]
+    injection = payload / sum(bw for _, bw, _ in axes)
+    bisection = max(
+        (n * (d // 2) // d) * (n - n * (d // 2) // d) * payload / ((n - 1) * (n / d) * bw)
+        for d, bw, _ in axes
+    )
+    diameter = sum(d // 2 if c else d - 1 for d, _, c in axes)
+    return latency_s + diameter * t.hop_latency_s + max(injection, bisection)
+
+
 def collective_link(c: HbmConstants, devices: int) -> tuple[float, float]:
     """``(bandwidth, latency)`` of a ring collective over ``devices``: the scale-up fabric
     inside one domain (NVLink), the scale-out network (per device) once it spans domains, where
@@ -258,13 +472,17 @@ def allreduce_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     """Tensor-parallel communication: two ring all-reduces per layer.
 
     Each moves ``2 · (tp − 1) / tp · new_tokens · hidden · act_bytes`` bytes per device, over
-    :func:`collective_link`. With attention data parallelism and pipeline stages the traffic
-    is :func:`layout_comm_time`'s instead.
+    :func:`collective_link`; on a torus fabric, per-axis rings over the links along each axis
+    (:func:`torus_allreduce_time`). With attention data parallelism and pipeline stages the
+    traffic is :func:`layout_comm_time`'s instead.
     """
     if c.dp > 1 or c.pp > 1:
         return layout_comm_time(m, s, c)
     if c.tp <= 1:
         return 0.0
+    if c.torus is not None:
+        volume = s.new_tokens * m.hidden * m.act_bytes
+        return 2 * m.layers * torus_allreduce_time(c.torus, c.tp, volume, c.allreduce_latency_s)
     bw, lat = collective_link(c, c.tp)
     payload = 2.0 * (c.tp - 1) / c.tp * s.new_tokens * m.hidden * m.act_bytes
     return 2 * m.layers * (lat + payload / bw)
@@ -277,10 +495,13 @@ def all_to_all_time(c: HbmConstants, payload: float, devices: int) -> float:
 
         latency + max(payload · (d − 1)/(n − 1) / BW_up, payload · (n − d)/(n − 1) / BW_out)
 
-    with ``d`` = devices per domain (``n`` when the collective fits in one domain).
+    with ``d`` = devices per domain (``n`` when the collective fits in one domain). On a torus
+    fabric it is bisection-bound instead (:func:`torus_all_to_all_time`).
     """
     if devices <= 1 or payload <= 0:
         return 0.0
+    if c.torus is not None:
+        return torus_all_to_all_time(c.torus, devices, payload, c.allreduce_latency_s)
     domain = min(devices, c.nvlink_domain or devices)
     inside = payload * (domain - 1) / (devices - 1)
     outside = payload - inside
@@ -302,22 +523,31 @@ def layout_comm_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
       ``G = moe_tp · ep`` devices: each device sends its ``N / dp`` tokens to ``min(k, G)``
       devices, ``(G − 1)/G`` of them elsewhere: ``N/dp · min(k, G) · (G − 1)/G · H · (q + b)``.
       (Dense layers of a MoE model are taken to run data-parallel, like attention.)
-    * Pipeline stages: ``pp − 1`` point-to-point sends of the ``N`` activations.
+    * Pipeline stages: ``pp − 1`` point-to-point sends of the ``N`` activations (on a torus,
+      over one link to the neighbouring stage's chip, one hop).
     """
     n_r = s.new_tokens / max(1, c.dp)
     h, b = float(m.hidden), m.act_bytes
     t = 0.0
     if c.tp > 1:
-        bw, lat = collective_link(c, c.tp)
-        payload = 2.0 * (c.tp - 1) / c.tp * n_r * h * b
-        t += (1 if c.dp > 1 else 2) * m.layers * (lat + payload / bw)
+        per_layer = 1 if c.dp > 1 else 2
+        if c.torus is not None:
+            ar = torus_allreduce_time(c.torus, c.tp, n_r * h * b, c.allreduce_latency_s)
+            t += per_layer * m.layers * ar
+        else:
+            bw, lat = collective_link(c, c.tp)
+            payload = 2.0 * (c.tp - 1) / c.tp * n_r * h * b
+            t += per_layer * m.layers * (lat + payload / bw)
     g = (c.moe_tp or c.tp) * max(1, c.ep)
     if c.dp > 1 and m.moe_layers and g > 1:
         copies = min(m.top_k, g) * (g - 1) / g
         dispatch = n_r * copies * h * m.gemm_input_bytes
         combine = n_r * copies * h * b
         t += m.moe_layers * (all_to_all_time(c, dispatch, g) + all_to_all_time(c, combine, g))
-    if c.pp > 1:
+    if c.pp > 1 and c.torus is not None:
+        send = c.allreduce_latency_s + c.torus.hop_latency_s + s.new_tokens * h * b / c.torus.link
+        t += (c.pp - 1) * send
+    elif c.pp > 1:
         t += (c.pp - 1) * (c.allreduce_latency_s + s.new_tokens * h * b / c.interconnect)
     return t
 

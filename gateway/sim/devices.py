@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from backends.emulator.catalog import AnyDevice, Catalog
+from backends.emulator.catalog import AnyDevice, Catalog, HbmDevice
 from backends.errors import CatalogError
 from gateway.sim.calibrate import CalibrationSet, Point, Row, run_point
 
@@ -41,6 +41,12 @@ MECHANISM: dict[str, str] = {
     "and KV, DDR the model library and any weights beyond HBM (streamed every step)",
     "hardwired": "the model is the chip: fixed per-token latency, KV in on-die SRAM",
 }
+
+# HBM devices whose chips sit on a torus (TPU ICI, Trainium2 NeuronLink) instead of a switch.
+TORUS_MECHANISM = (
+    "HBM roofline: max(FLOPs / (MFU·peak), bytes / (η·BW)) per kernel + overheads + "
+    "collectives as per-axis rings over a {fabric} (all-to-all bound by its bisection)"
+)
 
 Runner = Callable[[Point], list[Row]]
 
@@ -87,9 +93,16 @@ def basis(device: AnyDevice) -> str:
         else:
             spec += 1
     return (
-        f"{MECHANISM[device.family]}; constants: {spec} published or derived, {prior} priors "
+        f"{mechanism(device)}; constants: {spec} published or derived, {prior} priors "
         f"from other devices, {assumed} assumed"
     )
+
+
+def mechanism(device: AnyDevice) -> str:
+    """The family's mechanism, with the fabric where a device's chips form a torus."""
+    if isinstance(device, HbmDevice) and device.topology is not None:
+        return TORUS_MECHANISM.format(fabric=device.topology.describe())
+    return MECHANISM[device.family]
 
 
 def device_lines(

@@ -1,0 +1,340 @@
+"""Collectives on a torus fabric (TPU ICI, Trainium2 NeuronLink): hand-worked numbers.
+
+Notation: ``V`` the buffer per chip (bytes), ``B`` one link's bandwidth per direction, ``α``
+the collective's fixed latency (``efficiency.allreduce_latency_s``, 13 µs), ``τ`` one hop
+(``topology.hop_latency_s``, 1 µs). A ring along an axis of ``d`` chips gets ``2B`` per chip
+when the axis closes (it spans the whole fabric axis, ``d ≥ 3``), else ``B`` (a line).
+Reduce-scatter along one axis costs ``(d − 1)/d · V_axis / BW_axis`` and ``d − 1`` hops; an
+all-reduce is a reduce-scatter plus the mirroring all-gather, ``α + 2 · RS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from backends.emulator.catalog import Catalog, HbmDevice, ParallelLayout, TorusTopology
+from backends.emulator.timing import (
+    HbmConstants,
+    ModelShape,
+    StepShape,
+    Torus,
+    all_to_all_time,
+    allreduce_time,
+    layout_comm_time,
+    torus_all_to_all_time,
+    torus_allreduce_time,
+    torus_group,
+    torus_reduce_scatter_time,
+)
+from backends.errors import CatalogError
+
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+MIB64 = 64 * 2**20  # 67,108,864 bytes
+ALPHA = 13e-6
+TAU = 1e-6
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return Catalog.load()
+
+
+def _fabric(catalog: Catalog, device: str, tp: int) -> HbmConstants:
+    dep = catalog.deployment(device, "llama-3.1-8b", dtype="bf16", tp=tp)
+    c = dep._constants
+    assert isinstance(c, HbmConstants)
+    return c
+
+
+def _torus(c: HbmConstants) -> Torus:
+    assert c.torus is not None
+    return c.torus
+
+
+# --- the profiles' fabrics ---------------------------------------------------------------
+
+
+def test_profiles_split_the_chip_bandwidth_over_their_links(catalog: Catalog) -> None:
+    """Per-direction chip bandwidth / links = one link: v5e 200/4 = 50 GB/s, v6e 400/4 = 100,
+    Ironwood 600/6 = 100, Trn2 640/4 = 160."""
+    expected = {
+        "tpu-v5e": ((16, 16), 50e9),
+        "tpu-v6e": ((16, 16), 100e9),
+        "tpu-v7": ((4, 4, 4), 100e9),
+        "trainium2": ((4, 4), 160e9),
+    }
+    for name, (dims, link) in expected.items():
+        t = _torus(_fabric(catalog, name, 2))
+        assert t.dims == dims, name
+        assert t.link == pytest.approx(link, rel=1e-12), name
+        assert t.hop_latency_s == TAU
+        device = catalog.device(name)
+        assert isinstance(device, HbmDevice)
+        assert "topology" in device.sources
+        assert "topology.hop_latency_s" in device.sources
+
+
+def test_switched_devices_have_no_torus(catalog: Catalog) -> None:
+    """NVIDIA, AMD, Gaudi, Trainium3 (NeuronSwitch) and the rest keep the switched link."""
+    torus = {"tpu-v5e", "tpu-v6e", "tpu-v7", "trainium2"}
+    for name, device in catalog.devices.items():
+        if isinstance(device, HbmDevice):
+            assert (device.topology is not None) == (name in torus), name
+
+
+# --- the sub-torus a group runs on -------------------------------------------------------
+
+
+def test_groups_take_the_compact_box() -> None:
+    """v6e: 4 chips 2 × 2, 8 chips 2 × 4, 16 chips 4 × 4 (Google's slices); Trn2: 16 = the
+    whole 4 × 4; Ironwood: 8 chips 2 × 2 × 2. 16 chips of a 16 × 16 pod tie on bandwidth
+    between 4 × 4 (lines: rotated RS 3/4·1/2/B + 3/4·1/8/B = 0.46875 V/B) and a closed 1 × 16
+    ring (15/16 · V / 2B = 0.46875 V/B); the box wins on hops (6 against 15)."""
+    v6e = Torus((16, 16), 100e9, TAU)
+    assert [_shape(v6e, n) for n in (2, 4, 8, 16)] == [(1, 2), (2, 2), (2, 4), (4, 4)]
+    assert _shape(Torus((4, 4), 160e9, TAU), 16) == (4, 4)
+    assert _shape(Torus((4, 4, 4), 100e9, TAU), 8) == (2, 2, 2)
+    assert torus_group(Torus((4, 4), 160e9, TAU), 32) is None
+    assert torus_group(Torus((4, 4), 160e9, TAU), 5) is None  # prime, longer than any axis
+
+
+def _shape(t: Torus, n: int) -> tuple[int, ...]:
+    group = torus_group(t, n)
+    assert group is not None
+    return group.shape
+
+
+# --- 64 MiB all-reduces, by hand ---------------------------------------------------------
+
+
+def test_64mib_allreduce_on_a_v6e_2x2(catalog: Catalog) -> None:
+    """2 × 2 box of a 16 × 16 pod: both axes are lines (no wraparound), B = 100 GB/s.
+    Axes run at once on halves of V: phase 1 each half (V/2) over its axis: 1/2 · V/2 / B;
+    phase 2 the quarter left: 1/2 · V/4 / B. RS = 2τ + 0.375 · V/B
+    = 2 µs + 0.375 · 67,108,864 / 1e11 = 2 µs + 251.658 µs; AR = α + 2 · RS = 520.316 µs."""
+    c = _fabric(catalog, "tpu-v6e", 4)
+    t = _torus(c)
+    rs = 2 * TAU + 0.375 * MIB64 / 100e9
+    assert torus_reduce_scatter_time(t, 4, MIB64, 0.0) == pytest.approx(rs, rel=1e-12)
+    got = torus_allreduce_time(t, 4, MIB64, c.allreduce_latency_s)
+    assert got == pytest.approx(ALPHA + 2 * rs, rel=1e-12)
+    assert got == pytest.approx(520.316e-6, abs=1e-9)
+    # a switch giving each chip all four links (400 GB/s) would take 2 · 3/4 · V / 4e11:
+    # the box uses two of each chip's four links, so its bandwidth term is twice that.
+    switched = ALPHA + 2 * 3 / 4 * MIB64 / 400e9
+    assert got - ALPHA - 4 * TAU == pytest.approx(2 * (switched - ALPHA), rel=1e-12)
+
+
+def test_64mib_allreduce_on_a_v6e_4x4(catalog: Catalog) -> None:
+    """4 × 4 box: lines again (4 < 16). Rotated: phase 1 3/4 · V/2 / B, phase 2 3/4 · V/8 / B,
+    RS = 0.46875 · V/B and 2 · 3 hops. AR = 13 µs + 2 · (6 µs + 314.573 µs) = 654.146 µs."""
+    c = _fabric(catalog, "tpu-v6e", 16)
+    rs = 6 * TAU + 0.46875 * MIB64 / 100e9
+    got = torus_allreduce_time(_torus(c), 16, MIB64, c.allreduce_latency_s)
+    assert got == pytest.approx(ALPHA + 2 * rs, rel=1e-12)
+    assert got == pytest.approx(654.146e-6, abs=1e-9)
+
+
+def test_64mib_allreduce_on_a_trn2_4x4(catalog: Catalog) -> None:
+    """The whole Trn2 instance: both axes close (wraparound), 2B = 320 GB/s per axis.
+    Rotated: 3/4 · V/2 / 2B + 3/4 · V/8 / 2B = 0.234375 · V/B = 0.234375 · 67,108,864 / 1.6e11
+    = 98.304 µs; RS = 6 µs + 98.304 µs; AR = 13 + 2 · 104.304 = 221.608 µs. Its bandwidth term
+    equals a switch's at 640 GB/s (2 · 15/16 · V / 6.4e11 = 196.608 µs): every link is busy."""
+    c = _fabric(catalog, "trainium2", 16)
+    got = torus_allreduce_time(_torus(c), 16, MIB64, c.allreduce_latency_s)
+    assert got == pytest.approx(221.608e-6, abs=1e-9)
+    switched_bw = 2 * 15 / 16 * MIB64 / 640e9
+    assert got - ALPHA - 12 * TAU == pytest.approx(switched_bw, rel=1e-12)
+
+
+def test_64mib_allreduce_on_a_v7_2x2x2(catalog: Catalog) -> None:
+    """2 × 2 × 2 box of a 4 × 4 × 4 cube: three lines, B = 100 GB/s. Thirds of V, one per axis:
+    1/2 · V/3 / B + 1/2 · V/6 / B + 1/2 · V/12 / B = 7/24 · V/B = 195.734 µs; 3 hops.
+    AR = 13 µs + 2 · (3 µs + 195.734 µs) = 410.468 µs."""
+    c = _fabric(catalog, "tpu-v7", 8)
+    got = torus_allreduce_time(_torus(c), 8, MIB64, c.allreduce_latency_s)
+    assert got == pytest.approx(ALPHA + 2 * (3 * TAU + 7 / 24 * MIB64 / 100e9), rel=1e-12)
+    assert got == pytest.approx(410.468e-6, abs=1e-9)
+
+
+def test_small_buffers_take_the_fewest_hops() -> None:
+    """A decode step's all-reduce (one token of an 8,192-wide model at 16 bits: 16 KiB) on a
+    v6e 2 × 4: one axis after the other costs 1 + 3 = 4 hops and (1/2 + 3/4 · 1/2) · V/B;
+    all axes at once costs 3 + 3 = 6 hops. The library runs the first:
+    4 µs + 0.875 · 16,384 / 1e11 = 4.143 µs."""
+    t = Torus((16, 16), 100e9, TAU)
+    v = 16384.0
+    assert torus_reduce_scatter_time(t, 8, v, 0.0) == pytest.approx(4e-6 + 0.875 * v / 100e9)
+
+
+def test_an_axis_that_closes_runs_at_two_links() -> None:
+    """A closed ring of 16 (the full axis of a 16 × 16 pod) against the same 16 chips as a line
+    (a 32-long axis cut to 16): (15/16) · V / 2B against (15/16) · V / B."""
+    closed = Torus((16,), 100e9, 0.0)
+    line = Torus((32,), 100e9, 0.0)
+    v = 1e6
+    assert torus_reduce_scatter_time(closed, 16, v, 0.0) == pytest.approx(15 / 16 * v / 200e9)
+    assert torus_reduce_scatter_time(line, 16, v, 0.0) == pytest.approx(15 / 16 * v / 100e9)
+    mesh = Torus((16,), 100e9, 0.0, wraparound=False)
+    assert torus_reduce_scatter_time(mesh, 16, v, 0.0) == pytest.approx(15 / 16 * v / 100e9)
+
+
+# --- all-to-all ----------------------------------------------------------------------------
+
+
+def test_all_to_all_on_a_v6e_2x4_is_bisection_bound() -> None:
+    """8 chips, 2 × 4 lines, each sending P over the other 7. Cutting the 4-axis in halves of
+    4 chips: 4 · 4/7 · P cross each way over 2 rows of one link: 16/7 · P / 2B = 1.1429 P/B;
+    the 2-axis cut has 4 rows: 0.5714 P/B; injection over two links P / 2B. Diameter 1 + 3.
+    A switch at 400 GB/s per chip would take P / 4B: the torus is 4.57 × slower."""
+    t = Torus((16, 16), 100e9, TAU)
+    p = 1e6
+    got = torus_all_to_all_time(t, 8, p, ALPHA)
+    assert got == pytest.approx(ALPHA + 4 * TAU + 16 / 7 * p / 200e9, rel=1e-12)
+
+
+def test_all_to_all_on_a_trn2_4x4() -> None:
+    """16 chips, both axes closed (2B each): cut halves 8 | 8, 8 · 8/15 · P each way over
+    4 rows × 2 links: 64/15 · P / (8B) = 0.5333 P/B; injection P / 4B. Diameter 2 + 2."""
+    t = Torus((4, 4), 160e9, TAU)
+    p = 1e6
+    got = torus_all_to_all_time(t, 16, p, ALPHA)
+    assert got == pytest.approx(ALPHA + 4 * TAU + 64 / 15 * p / (8 * 160e9), rel=1e-12)
+
+
+# --- never faster than a switch ------------------------------------------------------------
+
+FABRICS = st.lists(st.integers(1, 16), min_size=1, max_size=3).map(tuple)
+
+
+@settings(max_examples=300, deadline=None)
+@given(FABRICS, st.integers(2, 64), st.floats(1.0, 1e9), st.booleans())
+def test_a_torus_is_never_faster_than_a_switch(
+    dims: tuple[int, ...], n: int, volume: float, wrap: bool
+) -> None:
+    """With ``2 · axes`` links per chip at ``B``, a switch gives each chip ``2 · axes · B`` per
+    direction: all-reduce ``2 · (n − 1)/n · V / BW``, all-to-all ``P / BW``. No algorithm on the
+    torus can beat that (each chip must move as many bytes over fewer or equal links)."""
+    t = Torus(dims, 50e9, 1e-6, wrap)
+    if torus_group(t, n) is None:
+        return
+    bw = 2 * len(dims) * t.link
+    assert torus_allreduce_time(t, n, volume, ALPHA) >= ALPHA + 2 * (n - 1) / n * volume / bw
+    assert torus_all_to_all_time(t, n, volume, ALPHA) >= ALPHA + volume / bw
+
+
+# --- the step physics: torus devices use it, switched devices are unchanged ----------------
+
+MODEL = ModelShape(
+    layers=10,
+    hidden=1000,
+    attn_width=1000,
+    active_params=1e9,
+    dense_weight_bytes=2e9,
+    expert_weight_bytes=0.0,
+    experts=0,
+    top_k=0,
+    kv_bytes_per_token=1e4,
+    act_bytes=2.0,
+)
+
+
+def _consts(**kw: object) -> HbmConstants:
+    base: dict[str, object] = {
+        "peak_flops": 1e15,
+        "bandwidth": 1e12,
+        "mfu": 0.5,
+        "bandwidth_efficiency": 0.7,
+        "step_overhead_s": 0.0,
+        "layer_overhead_s": 0.0,
+        "tp": 4,
+        "interconnect": 400e9,
+        "allreduce_latency_s": ALPHA,
+    }
+    base.update(kw)
+    return HbmConstants(**base)  # type: ignore[arg-type]
+
+
+def test_step_allreduce_goes_over_the_torus() -> None:
+    """Two all-reduces per layer of ``N · hidden · 2`` bytes: 100 tokens → V = 200,000 B."""
+    t = Torus((16, 16), 100e9, TAU)
+    s = StepShape.of([(100, 0)])
+    got = allreduce_time(MODEL, s, _consts(torus=t))
+    assert got == pytest.approx(2 * 10 * torus_allreduce_time(t, 4, 200_000.0, ALPHA))
+    flat = allreduce_time(MODEL, s, _consts())
+    assert flat == 2 * 10 * (ALPHA + 2 * 3 / 4 * 200_000.0 / 400e9)  # switched: as before
+    assert got > flat
+
+
+def test_layouts_on_a_torus() -> None:
+    """Attention DP 2 × TP 4: one all-reduce per layer of N/dp tokens over the TP box (a dense
+    model has no expert all-to-all); the all-to-all over 8 expert chips is the torus's;
+    pipeline stages hand over through one link (B) and one hop."""
+    t = Torus((16, 16), 100e9, TAU)
+    s = StepShape.of([(100, 0)] * 2)
+    c = _consts(torus=t, dp=2, ep=2)
+    ar = torus_allreduce_time(t, 4, 100 * 1000 * 2.0, ALPHA)
+    assert layout_comm_time(MODEL, s, c) == pytest.approx(10 * ar)  # dense model: no experts
+    assert all_to_all_time(c, 1e6, 8) == torus_all_to_all_time(t, 8, 1e6, ALPHA)
+    pp = _consts(torus=t, tp=1, pp=3)
+    send = ALPHA + TAU + 200 * 1000 * 2.0 / 100e9
+    assert layout_comm_time(MODEL, s, pp) == pytest.approx(2 * send)
+
+
+def test_switched_gpu_timing_is_unchanged(catalog: Catalog) -> None:
+    """H100 TP 8, a decode and a prefill step: the all-reduce term is still the flat ring
+    ``2 · layers · (α + 2 · 7/8 · N · hidden · 2 / 450 GB/s)``, to the last bit."""
+    dev = yaml.safe_load((CONFIG / "devices" / "h100-sxm.yaml").read_text())
+    mod = yaml.safe_load((CONFIG / "models" / "llama-3.1-70b.yaml").read_text())
+    dep = catalog.deployment("h100-sxm", "llama-3.1-70b", dtype="fp8", tp=8)
+    c = dep._constants
+    assert isinstance(c, HbmConstants)
+    assert c.torus is None
+    lat = dev["efficiency"]["allreduce_latency_s"]
+    bw = dev["interconnect_gb_s"] * 1e9
+    for shape in (StepShape.of([(1, 1000)] * 4), StepShape.of([(2048, 0)])):
+        payload = 2.0 * 7 / 8 * shape.new_tokens * mod["hidden"] * 2.0
+        expected = 2 * mod["layers"] * (lat + payload / bw)
+        assert allreduce_time(dep.model_shape, shape, c) == expected
+
+
+def test_a_tpu_step_pays_more_than_the_flat_ring(catalog: Catalog) -> None:
+    """TPU v6e TP 8 on Llama 3.1 70B: the torus's hops and its unused links make each step's
+    communication costlier than the old flat ring at the same per-chip bandwidth."""
+    dep = catalog.deployment("tpu-v6e", "llama-3.1-70b", dtype="bf16", tp=8)
+    c = dep._constants
+    assert isinstance(c, HbmConstants)
+    assert c.torus is not None
+    flat = dataclasses.replace(c, torus=None)
+    for shape in (StepShape.of([(1, 1000)]), StepShape.of([(4096, 0)])):
+        assert allreduce_time(dep.model_shape, shape, c) > allreduce_time(
+            dep.model_shape, shape, flat
+        )
+
+
+# --- the catalog ----------------------------------------------------------------------------
+
+
+def test_a_group_that_fits_no_box_is_refused(catalog: Catalog) -> None:
+    with pytest.raises(CatalogError, match="32 chips fits no box"):
+        catalog.deployment("trainium2", "llama-3.1-8b", dtype="bf16", tp=32)
+    device = catalog.device("trainium2")
+    with pytest.raises(CatalogError, match="5 chips"):
+        device.check_layout(ParallelLayout(tp=1, moe_tp=1, ep=5))
+    catalog.device("h100-sxm").check_layout(ParallelLayout(tp=5))  # switched: anything goes
+
+
+def test_a_torus_needs_two_links_per_axis() -> None:
+    with pytest.raises(ValidationError, match="needs 6 links"):
+        TorusTopology(kind="torus", dims=[4, 4, 4], links=4, hop_latency_s=1e-6)
+    topo = TorusTopology(kind="torus", dims=[4, 4], links=6, hop_latency_s=1e-6)
+    assert topo.fabric(600.0).link == pytest.approx(100e9)  # spare links share the bandwidth
+    assert topo.chips == math.prod([4, 4])
