@@ -300,14 +300,21 @@ class HbmEfficiency(_Data):
 
 
 class TorusTopology(_Data):
-    """Chips joined directly to their neighbours in a torus (TPU ICI, Trainium2 NeuronLink)
-    rather than through a switch.
+    """Chips joined directly to their neighbours in a torus (TPU ICI, Trainium2 and
+    Inferentia2 NeuronLink) rather than through a switch.
 
     ``dims`` are the axes of the largest torus the fabric closes with wraparound links (a TPU
-    v6e pod 16 × 16, an Ironwood cube 4 × 4 × 4, a Trn2 instance 4 × 4); a collective's chips
-    are laid out on a box inside it (:func:`~backends.emulator.timing.torus_group`). The
-    device's ``interconnect_gb_s`` (per direction) is split evenly over its ``links``; a
-    torus uses two per axis, so ``links`` is at least ``2 · len(dims)``.
+    v6e pod 16 × 16, an Ironwood cube 4 × 4 × 4, a Trn2 UltraServer 4 × 4 × 4, an inf2.48xlarge
+    a ring of 12); a collective's chips are laid out on a box inside it
+    (:func:`~backends.emulator.timing.torus_group`). The device's ``interconnect_gb_s`` (per
+    direction) is split evenly over its ``links`` unless ``axis_link_gb_s`` gives one link's
+    rate per axis; a torus uses two links per axis, so ``links`` is at least ``2 · len(dims)``.
+    ``instance_axes`` marks the leading axes as one machine (a trn2.48xlarge: 4 × 4) and the
+    rest as joining machines (the UltraServer's four instances): groups that fit one machine
+    stay in it.
+
+    >>> TorusTopology(kind="torus", dims=[12], links=2, hop_latency_s=1e-6).describe()
+    '12-chip ring, 2 links per chip'
     """
 
     kind: Literal["torus"]
@@ -315,6 +322,12 @@ class TorusTopology(_Data):
     links: int = Field(gt=0, description="chip-to-chip links per chip")
     wraparound: bool = Field(True, description="whether each full axis closes into a ring")
     hop_latency_s: float = Field(ge=0, description="per hop of a collective's chain")
+    axis_link_gb_s: list[float] | None = Field(
+        None, description="one link's GB/s per direction along each axis; unset: an even split"
+    )
+    instance_axes: int = Field(
+        0, ge=0, description="leading axes one machine closes; 0: the fabric is one machine"
+    )
 
     @model_validator(mode="after")
     def _enough_links(self) -> TorusTopology:
@@ -325,6 +338,18 @@ class TorusTopology(_Data):
                 f"a {len(self.dims)}-axis torus needs {2 * len(self.dims)} links per chip, "
                 f"not {self.links}"
             )
+        if self.axis_link_gb_s is not None and (
+            len(self.axis_link_gb_s) != len(self.dims) or min(self.axis_link_gb_s) <= 0
+        ):
+            raise ValueError(
+                f"axis_link_gb_s needs one positive rate per axis of {self.dims}, "
+                f"not {self.axis_link_gb_s}"
+            )
+        if self.instance_axes >= len(self.dims):
+            raise ValueError(
+                f"instance_axes must leave an axis joining machines: {self.instance_axes} "
+                f"of {len(self.dims)}"
+            )
         return self
 
     @property
@@ -333,14 +358,24 @@ class TorusTopology(_Data):
 
     def describe(self) -> str:
         """``4×4 torus, 4 links per chip`` (the catalog table's wording)."""
-        return f"{'×'.join(map(str, self.dims))} torus, {self.links} links per chip"
+        if len(self.dims) == 1:
+            shape = f"{self.dims[0]}-chip {'ring' if self.wraparound else 'line'}"
+        else:
+            shape = f"{'×'.join(map(str, self.dims))} {'torus' if self.wraparound else 'mesh'}"
+        if self.instance_axes:
+            inner = "×".join(map(str, self.dims[: self.instance_axes]))
+            shape += f" ({inner} per instance)"
+        return f"{shape}, {self.links} links per chip"
 
     def fabric(self, interconnect_gb_s: float) -> Torus:
+        axis = tuple(b * GB for b in self.axis_link_gb_s or ())
         return Torus(
             dims=tuple(self.dims),
-            link=interconnect_gb_s * GB / self.links,
+            link=axis[0] if axis else interconnect_gb_s * GB / self.links,
             hop_latency_s=self.hop_latency_s,
             wraparound=self.wraparound,
+            axis_link=axis,
+            instance_axes=self.instance_axes,
         )
 
 

@@ -257,16 +257,30 @@ class Torus:
     neighbours along each axis, no switch between them.
 
     ``dims`` are the lengths of the axes the fabric closes into rings (its wraparound links):
-    a TPU v5e/v6e pod is 16 × 16, an Ironwood cube 4 × 4 × 4, a Trn2 instance 4 × 4. ``link``
-    is one link's bandwidth per direction (the chip's per-direction figure over its links).
+    a TPU v5e/v6e pod is 16 × 16, an Ironwood cube 4 × 4 × 4, a Trn2 UltraServer 4 × 4 × 4, an
+    inf2.48xlarge a ring of 12. ``link`` is one link's bandwidth per direction (the chip's
+    per-direction figure over its links); ``axis_link``, when set, gives it per axis instead (a
+    Trn2 UltraServer's links across instances need not run at its in-plane links' rate).
     ``hop_latency_s`` is what one hop of a collective's chain costs (link, router and the step's
-    synchronisation). ``wraparound`` False makes it a mesh (no ring closes).
+    synchronisation). ``wraparound`` False makes it a mesh (no ring closes). ``instance_axes``
+    > 0 says the leading axes are one machine and the later ones join machines (a Trn2
+    UltraServer: four 4 × 4 instances along its third axis): a group that fits one machine is
+    laid out inside it, as a deployment on that machine alone would be.
+
+    >>> Torus((4, 4, 4), 160e9, 1e-6, instance_axes=2).axis_bandwidth(2)
+    160000000000.0
     """
 
     dims: tuple[int, ...]
     link: float  # bytes/s per link per direction
     hop_latency_s: float
     wraparound: bool = True
+    axis_link: tuple[float, ...] = ()  # bytes/s per link per direction, per axis (() = link)
+    instance_axes: int = 0  # leading axes one machine closes (0: the fabric is one machine)
+
+    def axis_bandwidth(self, axis: int) -> float:
+        """One link's bandwidth per direction along ``axis``."""
+        return self.axis_link[axis] if self.axis_link else self.link
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,22 +382,36 @@ def torus_group(t: Torus, n: int) -> TorusGroup | None:
     before ``(4, 2)``). For 4, 8 and 16 chips that is the most compact box, as Google cuts TPU
     slices (v5e/v6e: 2 × 2, 2 × 4, 4 × 4; Ironwood 8 chips 2 × 2 × 2) and as a Trn2 instance's
     16 chips form its 4 × 4 torus. Where a full axis closes its ring it can beat the compact
-    box: 32 chips of a 16 × 16 pod run 2 × 16 (Google's v6e-32 slice is 4 × 8).
+    box: 32 chips of a 16 × 16 pod run 2 × 16 (Google's v6e-32 slice is 4 × 8). With
+    ``instance_axes`` set, a group that fits one machine only takes boxes inside it (a Trn2
+    UltraServer's 8 chips run 2 × 4 in one instance, not 2 × 2 × 2 across two), and between
+    equal boxes the one over fewer machines wins (its 32 chips: two whole instances, 4 × 4 × 2).
     """
-    best: tuple[float, int, tuple[int, ...]] | None = None
+    best: tuple[float, int, int, tuple[int, ...]] | None = None
     found: TorusGroup | None = None
-    for shape in _shapes(t.dims, n):
+    for shape in _placements(t, n):
         group = _group(t, n, shape)
         hops, coef = min(group.algorithms, key=lambda a: (a[1], a[0]), default=(0, 0.0))
-        key = (round(coef * t.link, 9), hops, shape)
+        machines = math.prod(shape[t.instance_axes :]) if t.instance_axes else 1
+        key = (round(coef * t.link, 9), hops, machines, shape)
         if best is None or key < best:
             best, found = key, group
     return found
 
 
+def _placements(t: Torus, n: int) -> list[tuple[int, ...]]:
+    """The boxes :func:`torus_group` chooses among: those inside one machine when any fits."""
+    shapes = list(_shapes(t.dims, n))
+    if t.instance_axes:
+        inside = [s for s in shapes if all(d == 1 for d in s[t.instance_axes :])]
+        return inside or shapes
+    return shapes
+
+
 def _group(t: Torus, n: int, shape: tuple[int, ...]) -> TorusGroup:
     closed = _closed(t, shape)
-    bws = tuple(2.0 * t.link if c else t.link for c in closed)
+    links = [t.axis_bandwidth(i) for i in range(len(shape))]
+    bws = tuple(2.0 * b if c else b for b, c in zip(links, closed, strict=True))
     active = [(d, bw) for d, bw in zip(shape, bws, strict=True) if d > 1]
     algorithms = [_sequential(active)] if active else []
     if len(active) > 1:

@@ -1,4 +1,5 @@
-"""Collectives on a torus fabric (TPU ICI, Trainium2 NeuronLink): hand-worked numbers.
+"""Collectives on a torus fabric (TPU ICI, Trainium2 and Inferentia2 NeuronLink): hand-worked
+numbers.
 
 Notation: ``V`` the buffer per chip (bytes), ``B`` one link's bandwidth per direction, ``α``
 the collective's fixed latency (``efficiency.allreduce_latency_s``, 13 µs), ``τ`` one hop
@@ -64,12 +65,14 @@ def _torus(c: HbmConstants) -> Torus:
 
 def test_profiles_split_the_chip_bandwidth_over_their_links(catalog: Catalog) -> None:
     """Per-direction chip bandwidth / links = one link: v5e 200/4 = 50 GB/s, v6e 400/4 = 100,
-    Ironwood 600/6 = 100, Trn2 640/4 = 160."""
+    Ironwood 600/6 = 100, Inferentia2 103/2 = 51.5; Trn2 gives its links per axis: 160 in the
+    instance's plane (640/4) and 160 across the UltraServer's instances (assumed the same)."""
     expected = {
         "tpu-v5e": ((16, 16), 50e9),
         "tpu-v6e": ((16, 16), 100e9),
         "tpu-v7": ((4, 4, 4), 100e9),
-        "trainium2": ((4, 4), 160e9),
+        "trainium2": ((4, 4, 4), 160e9),
+        "inferentia2": ((12,), 51.5e9),
     }
     for name, (dims, link) in expected.items():
         t = _torus(_fabric(catalog, name, 2))
@@ -84,7 +87,7 @@ def test_profiles_split_the_chip_bandwidth_over_their_links(catalog: Catalog) ->
 
 def test_switched_devices_have_no_torus(catalog: Catalog) -> None:
     """NVIDIA, AMD, Gaudi, Trainium3 (NeuronSwitch) and the rest keep the switched link."""
-    torus = {"tpu-v5e", "tpu-v6e", "tpu-v7", "trainium2"}
+    torus = {"tpu-v5e", "tpu-v6e", "tpu-v7", "trainium2", "inferentia2"}
     for name, device in catalog.devices.items():
         if isinstance(device, HbmDevice):
             assert (device.topology is not None) == (name in torus), name
@@ -103,6 +106,8 @@ def test_groups_take_the_compact_box() -> None:
     assert _shape(Torus((4, 4), 160e9, TAU), 16) == (4, 4)
     assert _shape(Torus((4, 4, 4), 100e9, TAU), 8) == (2, 2, 2)
     assert torus_group(Torus((4, 4), 160e9, TAU), 32) is None
+    assert torus_group(Torus((4, 4, 4), 160e9, TAU, instance_axes=2), 128) is None
+    assert torus_group(Torus((12,), 51.5e9, TAU), 13) is None
     assert torus_group(Torus((4, 4), 160e9, TAU), 5) is None  # prime, longer than any axis
 
 
@@ -185,6 +190,127 @@ def test_an_axis_that_closes_runs_at_two_links() -> None:
     assert torus_reduce_scatter_time(line, 16, v, 0.0) == pytest.approx(15 / 16 * v / 100e9)
     mesh = Torus((16,), 100e9, 0.0, wraparound=False)
     assert torus_reduce_scatter_time(mesh, 16, v, 0.0) == pytest.approx(15 / 16 * v / 100e9)
+
+
+# --- Trainium2: an instance's 4 × 4, an UltraServer's 4 × 4 × 4 -----------------------------
+
+
+def test_trn2_groups_that_fit_an_instance_are_unchanged(catalog: Catalog) -> None:
+    """The UltraServer profile (4 × 4 × 4, instances on the first two axes) prices every group
+    of up to 16 chips as the 4 × 4 instance did, to the last bit: the box stays in one
+    instance. 8 chips would run faster as 2 × 2 × 2 over two instances (7/24 · V/B against
+    2 × 4's 11/32 · V/B), but a deployment on one trn2.48xlarge has no third axis."""
+    instance = Torus((4, 4), 160e9, TAU)
+    ultra = _torus(_fabric(catalog, "trainium2", 16))
+    for n in (2, 4, 8, 12, 16):
+        assert _shape(ultra, n)[2] == 1, n
+        for v in (16384.0, float(MIB64)):
+            assert torus_allreduce_time(ultra, n, v, ALPHA) == torus_allreduce_time(
+                instance, n, v, ALPHA
+            )
+            assert torus_all_to_all_time(ultra, n, v, ALPHA) == torus_all_to_all_time(
+                instance, n, v, ALPHA
+            )
+    free = dataclasses.replace(ultra, instance_axes=0)
+    assert _shape(free, 8) == (2, 2, 2)
+    assert torus_reduce_scatter_time(free, 8, MIB64, 0.0) < torus_reduce_scatter_time(
+        ultra, 8, MIB64, 0.0
+    )
+
+
+def test_64mib_allreduce_on_a_trn2_ultraserver(catalog: Catalog) -> None:
+    """64 chips, the whole 4 × 4 × 4, every axis closed (2B = 320 GB/s). Thirds of V, one per
+    axis: 3/4 · V/3 / 2B + 3/4 · V/12 / 2B + 3/4 · V/48 / 2B = 0.1640625 · V/B
+    = 0.1640625 · 419.4304 µs = 68.8128 µs; 3 + 3 + 3 hops. AR = 13 + 2 · (9 + 68.8128)
+    = 168.6256 µs. The bandwidth term is a switch's at six links (960 GB/s):
+    2 · 63/64 · V / 9.6e11 = 137.6256 µs."""
+    c = _fabric(catalog, "trainium2", 64)
+    t = _torus(c)
+    assert _shape(t, 64) == (4, 4, 4)
+    got = torus_allreduce_time(t, 64, MIB64, c.allreduce_latency_s)
+    assert got == pytest.approx(168.6256e-6, abs=1e-9)
+    assert got - ALPHA - 18 * TAU == pytest.approx(2 * 63 / 64 * MIB64 / 960e9, rel=1e-12)
+
+
+def test_64mib_allreduce_on_half_a_trn2_ultraserver(catalog: Catalog) -> None:
+    """32 chips: two whole instances, 4 × 4 × 2 (of the equal boxes, 2 × 4 × 4 over four
+    instances costs the same; the one over fewer machines is taken). The third axis is a line
+    of two (B). Thirds of V; phase 1: the line's third 1/2 · V/3 / B = 32/192 · V/B (the
+    in-plane thirds take 3/4 · V/3 / 2B = 24/192); phase 2: the line's part on a closed axis
+    3/4 · V/6 / 2B = 12/192; phase 3: 3/4 · V/24 / 2B = 3/192. RS = 9τ + 47/192 · V/B
+    = 9 µs + 102.6731 µs; AR = 13 + 2 · 111.6731 = 236.3462 µs: slower than one instance's
+    16 chips (221.608 µs) because the half-server's third axis does not close."""
+    c = _fabric(catalog, "trainium2", 32)
+    t = _torus(c)
+    assert _shape(t, 32) == (4, 4, 2)
+    rs = 9 * TAU + 47 / 192 * MIB64 / 160e9
+    got = torus_allreduce_time(t, 32, MIB64, c.allreduce_latency_s)
+    assert got == pytest.approx(ALPHA + 2 * rs, rel=1e-12)
+    assert got == pytest.approx(236.3462e-6, abs=1e-9)
+
+
+def test_llama_405b_at_16_bits_deploys_on_32_and_64_trn2_chips(catalog: Catalog) -> None:
+    """405B parameters at 2 bytes = 810 GB: 25.3 GB a chip over 32, 12.7 over 64 (103.1 GB
+    each); the step's all-reduces run on the UltraServer's boxes."""
+    for tp, shape in ((32, (4, 4, 2)), (64, (4, 4, 4))):
+        dep = catalog.deployment("trainium2", "llama-3.1-405b", dtype="bf16", tp=tp)
+        c = dep._constants
+        assert isinstance(c, HbmConstants)
+        assert c.tp == tp
+        assert _shape(_torus(c), tp) == shape
+        assert dep.kv_capacity_tokens > 0
+
+
+# --- Inferentia2: the inf2.48xlarge's ring of 12 -------------------------------------------
+
+
+def test_64mib_allreduce_on_the_inf2_ring(catalog: Catalog) -> None:
+    """All 12 chips close the ring: 2B = 103 GB/s per chip, the switched figure. RS = 11τ +
+    11/12 · V / 103e9 = 11 µs + 597.2472 µs; AR = 13 + 2 · 608.2472 = 1,229.494 µs, the switched
+    all-reduce (1,207.494 µs) plus 22 hops."""
+    c = _fabric(catalog, "inferentia2", 12)
+    t = _torus(c)
+    got = torus_allreduce_time(t, 12, MIB64, c.allreduce_latency_s)
+    assert got == pytest.approx(1229.494e-6, abs=1e-9)
+    switched = ALPHA + 2 * 11 / 12 * MIB64 / 103e9
+    assert got - 22 * TAU == pytest.approx(switched, rel=1e-12)
+
+
+def test_64mib_allreduce_on_an_arc_of_the_inf2_ring(catalog: Catalog) -> None:
+    """4 chips are an arc of the ring, a line: one link, B = 51.5 GB/s. RS = 3τ + 3/4 · V/B
+    = 3 µs + 977.3136 µs; AR = 13 + 2 · 980.3136 = 1,973.627 µs: the bandwidth term is twice
+    the switched model's (which gave each chip both links' 103 GB/s)."""
+    c = _fabric(catalog, "inferentia2", 4)
+    t = _torus(c)
+    assert _shape(t, 4) == (4,)
+    got = torus_allreduce_time(t, 4, MIB64, c.allreduce_latency_s)
+    assert got == pytest.approx(1973.627e-6, abs=1e-9)
+    switched_bw = 2 * 3 / 4 * MIB64 / 103e9
+    assert got - ALPHA - 6 * TAU == pytest.approx(2 * switched_bw, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("device", "model", "tp"),
+    [
+        ("trainium2", "llama-3.1-405b", 32),
+        ("trainium2", "llama-3.1-405b", 64),
+        ("inferentia2", "llama-3.1-70b", 12),
+        ("inferentia2", "llama-3.1-8b", 2),
+    ],
+)
+def test_pdgate_simulate_runs_on_the_neuronlink_fabrics(
+    device: str, model: str, tp: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from gateway.cli import main
+
+    argv = ["simulate", "--device", device, "--model", model, "--dtype", "bf16"]
+    argv += ["--tp", str(tp), "--isl", "128", "--osl", "8", "--concurrency", "2"]
+    assert main([*argv, "--requests", "2", "--json", "--no-progress"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["requests"] == 2, m["errors"]
+    assert m["itl_s"]["mean"] > 0
 
 
 # --- all-to-all ----------------------------------------------------------------------------
@@ -324,12 +450,38 @@ def test_a_tpu_step_pays_more_than_the_flat_ring(catalog: Catalog) -> None:
 
 
 def test_a_group_that_fits_no_box_is_refused(catalog: Catalog) -> None:
-    with pytest.raises(CatalogError, match="32 chips fits no box"):
-        catalog.deployment("trainium2", "llama-3.1-8b", dtype="bf16", tp=32)
+    with pytest.raises(CatalogError, match="128 chips fits no box"):
+        catalog.deployment("trainium2", "llama-3.1-8b", dtype="bf16", tp=128)
+    with pytest.raises(CatalogError, match="16 chips fits no box of its 12-chip ring"):
+        catalog.deployment("inferentia2", "llama-3.1-8b", dtype="bf16", tp=16)
     device = catalog.device("trainium2")
     with pytest.raises(CatalogError, match="5 chips"):
         device.check_layout(ParallelLayout(tp=1, moe_tp=1, ep=5))
     catalog.device("h100-sxm").check_layout(ParallelLayout(tp=5))  # switched: anything goes
+
+
+def test_per_axis_links_and_instances_are_checked() -> None:
+    with pytest.raises(ValidationError, match="one positive rate per axis"):
+        TorusTopology(
+            kind="torus", dims=[4, 4, 4], links=6, hop_latency_s=1e-6, axis_link_gb_s=[160, 160]
+        )
+    with pytest.raises(ValidationError, match="instance_axes must leave an axis"):
+        TorusTopology(kind="torus", dims=[4, 4], links=4, hop_latency_s=1e-6, instance_axes=2)
+    topo = TorusTopology(
+        kind="torus",
+        dims=[4, 4, 4],
+        links=6,
+        hop_latency_s=1e-6,
+        axis_link_gb_s=[160, 160, 80],
+        instance_axes=2,
+    )
+    t = topo.fabric(640.0)
+    assert (t.link, t.axis_bandwidth(2)) == (160e9, 80e9)  # not 640/6 per link
+    assert topo.describe() == "4×4×4 torus (4×4 per instance), 6 links per chip"
+    # a slower third axis: the 64 chips' ring across the instances runs at 2 · 80 GB/s
+    whole = torus_group(t, 64)
+    assert whole is not None
+    assert whole.axis_bw == (320e9, 320e9, 160e9)
 
 
 def test_a_torus_needs_two_links_per_axis() -> None:
