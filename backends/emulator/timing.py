@@ -11,8 +11,8 @@ tokens' KV must be read, and how many sequences take part.
 Each device family is modelled by one function:
 
 * :func:`hbm_step_time` — GPUs and other HBM accelerators (roofline), their collectives over a
-  switched scale-up link or, for TPUs and Trainium2, a torus (:func:`torus_allreduce_time`,
-  :func:`torus_all_to_all_time`),
+  switched scale-up link or, for TPUs, Trainium2 and Inferentia2, a torus
+  (:func:`torus_allreduce_time`, :func:`torus_all_to_all_time`),
 * :func:`pipeline_step_time` — SRAM-resident pipelines (Groq LPU, Graphcore IPU) and wafer-scale
   engines (Cerebras WSE), whose per-token latency is a sum of per-layer and per-hop latencies,
 * :func:`dram_sram_step_time` — LPDDR roofline chips with a large SRAM (MTIA v2): SRAM speed when

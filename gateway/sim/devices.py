@@ -42,7 +42,8 @@ MECHANISM: dict[str, str] = {
     "hardwired": "the model is the chip: fixed per-token latency, KV in on-die SRAM",
 }
 
-# HBM devices whose chips sit on a torus (TPU ICI, Trainium2 NeuronLink) instead of a switch.
+# HBM devices whose chips sit on a torus (TPU ICI, Trainium2 and Inferentia2 NeuronLink) instead of
+# a switch.
 TORUS_MECHANISM = (
     "HBM roofline: max(FLOPs / (MFU·peak), bytes / (η·BW)) per kernel + overheads + "
     "collectives as per-axis rings over a {fabric} (all-to-all bound by its bisection)"

@@ -357,6 +357,28 @@ def test_a_torus_is_never_faster_than_a_switch(
     assert torus_all_to_all_time(t, n, volume, ALPHA) >= ALPHA + volume / bw
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    FABRICS.filter(lambda d: len(d) > 1),
+    st.lists(st.floats(10e9, 400e9), min_size=3, max_size=3),
+    st.integers(2, 64),
+    st.floats(1.0, 1e9),
+    st.integers(0, 2),
+)
+def test_per_axis_links_and_instances_never_beat_a_switch(
+    dims: tuple[int, ...], rates: list[float], n: int, volume: float, instance_axes: int
+) -> None:
+    """The same bound with a link rate per axis (a switch at ``2 · Σ_axes B_axis`` per chip),
+    and with groups kept inside one machine of the leading ``instance_axes`` axes."""
+    axis_link = tuple(rates[: len(dims)])
+    t = Torus(dims, axis_link[0], 1e-6, True, axis_link, min(instance_axes, len(dims) - 1))
+    if torus_group(t, n) is None:
+        return
+    bw = 2 * sum(axis_link)
+    assert torus_allreduce_time(t, n, volume, ALPHA) >= ALPHA + 2 * (n - 1) / n * volume / bw
+    assert torus_all_to_all_time(t, n, volume, ALPHA) >= ALPHA + volume / bw
+
+
 # --- the step physics: torus devices use it, switched devices are unchanged ----------------
 
 MODEL = ModelShape(
