@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -862,6 +863,9 @@ class EngineProfile(_Data):
         default_factory=list, description="version prefixes this family covers"
     )
     default: bool = Field(False, description="the family for rows that give no version")
+    released: datetime.date | None = Field(
+        None, description="first upload of the family's earliest version to PyPI (rc included)"
+    )
     knobs: EngineKnobs
     memory_fraction: dict[str, float] = Field(default_factory=dict)
     cuda_graph_max_batch: int = Field(0, ge=0, description="largest captured decode batch")
@@ -1070,15 +1074,25 @@ class Catalog:
             return base
         return base.model_copy(update=explicit.model_dump(exclude_unset=True))
 
-    def engine_for(self, engine: str, version: str = "") -> EngineProfile:
-        """The profile of ``engine`` whose version family covers ``version`` (the family
-        marked default when the version is unknown or newer than every family)."""
+    def engine_for(
+        self, engine: str, version: str = "", measured: datetime.date | None = None
+    ) -> EngineProfile:
+        """The profile of ``engine`` whose version family covers ``version``.
+
+        Without a version, a run's ``measured`` date picks the newest family already released
+        on that day (a run uses a release that existed; which one is an assumption: the newest).
+        Otherwise — no date, a date before every family, or a version newer than every family —
+        the family marked default."""
         family = [e for e in self.engines.values() if e.engine == engine]
         if not family:
             raise CatalogError(f"no engine profile for {engine!r}")
         for e in family:
             if version and e.covers(version):
                 return e
+        if not version and measured is not None:
+            out = [e for e in family if e.released is not None and e.released <= measured]
+            if out:
+                return max(out, key=lambda e: e.released or datetime.date.min)
         for e in family:
             if e.default:
                 return e

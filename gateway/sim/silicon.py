@@ -24,6 +24,7 @@ two consecutive waves agree within ``tolerance`` (or after the 20 waves).
 from __future__ import annotations
 
 import csv
+import datetime
 import math
 import re
 import zlib
@@ -151,6 +152,20 @@ class SiliconRow:
     @property
     def device(self) -> str | None:
         return DEVICES.get(self.system)
+
+    @property
+    def measured(self) -> datetime.date | None:
+        """The day the run was measured (``measured=YYYY-MM-DD…`` in its source), if recorded."""
+        m = _MEASURED.search(self.source)
+        if m is None:
+            return None
+        try:
+            return datetime.date.fromisoformat(m.group(1))
+        except ValueError:
+            return None
+
+
+_MEASURED = re.compile(r"measured=(\d{4}-\d{2}-\d{2})")
 
 
 def _int(d: Mapping[str, str], key: str, default: int | None = None) -> int | None:

@@ -83,8 +83,9 @@ def catalog() -> Catalog:
 
 
 def engine_profile(row: SiliconRow, cat: Catalog | None = None) -> EngineProfile:
-    """The engine profile of the row's engine and version family."""
-    return (cat or catalog()).engine_for(row.backend, row.version)
+    """The engine profile of the row's engine and version family (by the day it was measured
+    when the row records no version)."""
+    return (cat or catalog()).engine_for(row.backend, row.version, row.measured)
 
 
 # Knob overrides by engine profile name, for fitting a profile's factors (:func:`fit_profile`).

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 
 import pytest
@@ -90,6 +91,19 @@ def test_parse_disagg_row_reads_both_layouts_and_worker_counts() -> None:
     assert row.decode == Layout(tp=4, pp=1, dp=1, moe_tp=1, moe_ep=1, batch=32, workers=1)
     assert row.prefill.gpus == 2
     assert row.agg is None
+
+
+def test_a_row_without_a_version_gets_the_engine_family_of_the_day_it_was_measured() -> None:
+    from gateway.sim.silicon_run import engine_profile
+
+    dated = {**AGG, "backend": "vllm", "backend_version": ""}
+    dated["silicon_data_source"] = "silicon_concurrency=4; measured=2025-10-29T00:00:00.000Z"
+    row = parse_row(dated)
+    assert row.measured == datetime.date(2025, 10, 29)
+    assert engine_profile(row).name == "vllm-0.11"  # 0.13.0, the next family, is 2025-12-19
+    undated = parse_row({**dated, "silicon_data_source": "silicon_concurrency=4; measured=x"})
+    assert undated.measured is None
+    assert engine_profile(undated).name == "vllm-0.14"  # the default family
 
 
 def test_concurrency_falls_back_to_batch_times_workers() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import replace
 
@@ -254,6 +255,17 @@ def test_engine_profiles_cover_versions_and_cap_fitted_factors(catalog: Catalog)
     assert catalog.engine_for("vllm", "").name == "vllm-0.14"
     assert catalog.engine_for("trtllm", "1.0.0rc3").name == "trtllm-1.0"
     assert catalog.engine_for("sglang", "glm5-hopper").name == "sglang-0.5"
+    # No version: the newest family released by the day the run was measured. vLLM 0.11.0
+    # reached PyPI on 2025-10-04 and 0.13.0 (the first of the 0.14 family) on 2025-12-19.
+    assert catalog.engine_for("vllm", "", datetime.date(2025, 10, 29)).name == "vllm-0.11"
+    assert catalog.engine_for("vllm", "", datetime.date(2025, 12, 18)).name == "vllm-0.11"
+    assert catalog.engine_for("vllm", "", datetime.date(2025, 12, 19)).name == "vllm-0.14"
+    # Before every family, or no date: the default; a recorded version beats the date.
+    assert catalog.engine_for("vllm", "", datetime.date(2025, 9, 1)).name == "vllm-0.14"
+    assert catalog.engine_for("vllm", "0.18.0", datetime.date(2025, 10, 29)).name == "vllm-0.14"
+    # TensorRT-LLM counts release candidates: 1.1.0rc0 reached PyPI on 2025-08-15.
+    assert catalog.engine_for("trtllm", "", datetime.date(2025, 8, 1)).name == "trtllm-1.0"
+    assert catalog.engine_for("trtllm", "", datetime.date(2025, 10, 29)).name == "trtllm-1.1"
     sg = catalog.engine("sglang-0.5")
     assert sg.knobs.step_policy == "prefill_first"
     assert sg.knobs_for("h200-sxm", max_num_seqs=7).gpu_memory_utilization == 0.90
