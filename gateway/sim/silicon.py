@@ -542,7 +542,8 @@ class Accuracy:
     """Coverage and error of predictions over a set of rows.
 
     ``tpot_within``/``ttft_within`` are shares of the *covered* rows inside the tolerance;
-    medians are of |relative error| over the covered rows (NaN when none is covered).
+    medians are of |relative error| over the covered rows (NaN when none is covered). The
+    biases are the median *signed* errors: which way a group is off (+: emulated too long).
     """
 
     rows: int
@@ -551,6 +552,8 @@ class Accuracy:
     ttft_within: float
     tpot_median: float
     ttft_median: float
+    tpot_bias: float = math.nan
+    ttft_bias: float = math.nan
 
     @property
     def coverage(self) -> float:
@@ -584,16 +587,20 @@ def accuracy(
         e_tpot = rel_error(pred.tpot_ms, row.tpot_ms)
         e_ttft = rel_error(pred.ttft_ms, row.ttft_ms)
         if e_tpot is not None:
-            tpot_err.append(abs(e_tpot))
+            tpot_err.append(e_tpot)
         if e_ttft is not None:
-            ttft_err.append(abs(e_ttft))
+            ttft_err.append(e_ttft)
+    tpot_abs = [abs(e) for e in tpot_err]
+    ttft_abs = [abs(e) for e in ttft_err]
     return Accuracy(
         rows=rows,
         covered=covered,
-        tpot_within=_share(tpot_err, tpot_tol),
-        ttft_within=_share(ttft_err, ttft_tol),
-        tpot_median=median(tpot_err) if tpot_err else math.nan,
-        ttft_median=median(ttft_err) if ttft_err else math.nan,
+        tpot_within=_share(tpot_abs, tpot_tol),
+        ttft_within=_share(ttft_abs, ttft_tol),
+        tpot_median=median(tpot_abs) if tpot_abs else math.nan,
+        ttft_median=median(ttft_abs) if ttft_abs else math.nan,
+        tpot_bias=median(tpot_err) if tpot_err else math.nan,
+        ttft_bias=median(ttft_err) if ttft_err else math.nan,
     )
 
 
@@ -603,11 +610,34 @@ def _share(errors: Sequence[float], tol: float) -> float:
     return sum(1 for e in errors if e <= tol + 1e-12) / len(errors)
 
 
+def _bucket(value: int, edges: Sequence[int]) -> str:
+    """``value``'s bucket among ascending upper ``edges``: ``"≤e"`` for the first edge it does
+    not exceed, ``">last"`` above them all."""
+    for e in edges:
+        if value <= e:
+            return f"≤{e}"
+    return f">{edges[-1]}"
+
+
+_BUCKET = re.compile(r"([≤>])(\d+)")
+
+
+def _group_order(name: str) -> tuple[int, int, str]:
+    """Buckets in numeric order (``≤8`` before ``≤32`` before ``>128``), other names by name."""
+    m = _BUCKET.fullmatch(name)
+    if m is None:
+        return (0, 0, name)
+    return (1, 2 * int(m.group(2)) + (m.group(1) == ">"), name)
+
+
 BREAKDOWNS: dict[str, Callable[[SiliconRow], str]] = {
     "mode": lambda r: r.mode,
     "engine": lambda r: r.backend,
     "family": lambda r: r.family,
     "device": lambda r: r.system,
+    # How synchronised a closed loop's waves stay depends on the prompt and the client count.
+    "isl": lambda r: _bucket(r.isl, (1500, 5000)),
+    "clients": lambda r: _bucket(r.concurrency, (8, 32, 128)),
 }
 
 
@@ -618,7 +648,7 @@ def breakdown(
     groups: dict[str, list[tuple[SiliconRow, Prediction]]] = {}
     for row, pred in pairs:
         groups.setdefault(key(row), []).append((row, pred))
-    return {k: accuracy(v) for k, v in sorted(groups.items())}
+    return {k: accuracy(groups[k]) for k in sorted(groups, key=_group_order)}
 
 
 @dataclass
@@ -629,13 +659,14 @@ class Table:
 
     HEADER = (
         f"{'group':<24} {'rows':>5} {'cov':>6} {'TPOT±15%':>9} {'TPOT med':>9} "
-        f"{'TTFT±25%':>9} {'TTFT med':>9}"
+        f"{'TPOT bias':>9} {'TTFT±25%':>9} {'TTFT med':>9} {'TTFT bias':>9}"
     )
 
     def add(self, name: str, a: Accuracy) -> None:
         self.lines.append(
             f"{name:<24} {a.rows:>5} {_pct(a.coverage):>6} {_pct(a.tpot_within):>9} "
-            f"{_pct(a.tpot_median):>9} {_pct(a.ttft_within):>9} {_pct(a.ttft_median):>9}"
+            f"{_pct(a.tpot_median):>9} {_signed(a.tpot_bias):>9} {_pct(a.ttft_within):>9} "
+            f"{_pct(a.ttft_median):>9} {_signed(a.ttft_bias):>9}"
         )
 
     def text(self) -> str:
@@ -646,8 +677,12 @@ def _pct(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.0f}%"
 
 
+def _signed(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:+.0f}%"
+
+
 def summary_table(pairs: Sequence[tuple[SiliconRow, Prediction]]) -> str:
-    """All rows, then by mode, engine, model family and device."""
+    """All rows, then by mode, engine, model family, device, prompt length and client count."""
     t = Table()
     t.add("all", accuracy(pairs))
     for name, key in BREAKDOWNS.items():

@@ -11,6 +11,7 @@ import pytest
 from backends.emulator.engine import Engine
 from backends.emulator.timing import StepShape
 from gateway.sim.silicon import (
+    BREAKDOWNS,
     Layout,
     ManualClock,
     Prediction,
@@ -188,10 +189,42 @@ def test_accuracy_maths_hand_worked() -> None:
     assert acc.ttft_within == pytest.approx(2 / 3)
     assert acc.tpot_median == pytest.approx(0.12)
     assert acc.ttft_median == pytest.approx(0.20)
+    # Signed: TPOT 0, +12 %, -20 % has median 0; TTFT 0, +20 %, -50 % has median 0 too.
+    assert acc.tpot_bias == pytest.approx(0.0)
+    assert acc.ttft_bias == pytest.approx(0.0)
     assert not acc.meets_targets()
     groups = breakdown(list(zip(rows, preds, strict=True)), lambda r: r.backend)
     assert list(groups) == ["trtllm"]
-    assert "engine=trtllm" in summary_table(list(zip(rows, preds, strict=True)))
+    table = summary_table(list(zip(rows, preds, strict=True)))
+    assert "engine=trtllm" in table
+    # AGG is a 1,024-token prompt at 16 clients.
+    assert "isl=≤1500 " in table
+    assert "clients=≤32 " in table
+    line = next(x for x in table.splitlines() if x.startswith("all "))
+    assert line.split()[-1] == "+0%"  # TTFT bias
+    assert line.split()[-4] == "+0%"  # TPOT bias
+
+
+def test_buckets_of_prompt_length_and_clients_list_in_numeric_order() -> None:
+    rows = [
+        parse_row({**AGG, "id": f"r{c}", "silicon_data_source": f"silicon_concurrency={c}"})
+        for c in (300, 4, 64, 16)
+    ]
+    preds = [Prediction(r.id, 250.0, 12.5) for r in rows]
+    groups = breakdown(list(zip(rows, preds, strict=True)), BREAKDOWNS["clients"])
+    assert list(groups) == ["≤8", "≤32", "≤128", ">128"]
+    assert [g.rows for g in groups.values()] == [1, 1, 1, 1]
+
+
+def test_bias_says_which_way_a_group_is_off() -> None:
+    rows = [parse_row({**AGG, "id": f"r{i}"}) for i in range(3)]
+    preds = [
+        Prediction(f"r{i}", 250.0 * (1 + d), 12.5 * (1 - d)) for i, d in enumerate((0.1, 0.3, 0.5))
+    ]
+    acc = accuracy(list(zip(rows, preds, strict=True)))
+    assert acc.ttft_bias == pytest.approx(0.3)  # TTFT too long
+    assert acc.tpot_bias == pytest.approx(-0.3)  # TPOT too short
+    assert acc.ttft_median == pytest.approx(0.3)
 
 
 def test_rel_error_and_empty_accuracy() -> None:
