@@ -26,9 +26,9 @@ Status = Literal["calibrated", "spec-only"]
 
 # What each family's physics is, in one phrase (backends/emulator/timing.py and
 # backends/emulator/accelerators.py).
+_HBM_ROOFLINE = "HBM roofline: max(FLOPs / (MFU·peak), bytes / (η·BW)) per kernel + overheads + "
 MECHANISM: dict[str, str] = {
-    "hbm": "HBM roofline: max(FLOPs / (MFU·peak), bytes / (η·BW)) per kernel + overheads + "
-    "collectives over the scale-up link",
+    "hbm": f"{_HBM_ROOFLINE}collectives over the scale-up link",
     "sram_pipeline": "SRAM-resident pipeline over chips sized by SRAM: per-token latency "
     "τ0 + layers·τ_layer, flat in batch until the slots fill; prompt tokens stream through",
     "wafer_scale": "wafers sized by on-wafer SRAM, layers pipelined across them: "
@@ -45,8 +45,8 @@ MECHANISM: dict[str, str] = {
 # HBM devices whose chips sit on a torus (TPU ICI, Trainium2 and Inferentia2 NeuronLink) instead of
 # a switch.
 TORUS_MECHANISM = (
-    "HBM roofline: max(FLOPs / (MFU·peak), bytes / (η·BW)) per kernel + overheads + "
-    "collectives as per-axis rings over a {fabric} (all-to-all bound by its bisection)"
+    _HBM_ROOFLINE
+    + "collectives as per-axis rings over a {fabric} (all-to-all bound by its bisection)"
 )
 
 Runner = Callable[[Point], list[Row]]
