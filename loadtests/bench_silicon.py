@@ -11,7 +11,8 @@ gives rows covered, the share of TPOT within ±15 % and TTFT within ±25 %, and 
 |error| and median signed error (bias) of each, for all rows and by mode, engine, model family,
 device, prompt length and client count. ``--out`` writes
 ``id,pred_ttft_ms,pred_tpot_ms,reason`` (blank predictions and a reason where a row is not
-supported). Rows are spread over ``--jobs`` processes.
+supported). Rows are spread over ``--jobs`` processes. ``--explain ID`` shows how one aggregated
+row is simulated and where its TTFT goes (:func:`gateway.sim.silicon_run.explain`).
 
 ``--peer aiconfigurator`` also asks NVIDIA's AIConfigurator (optional extra
 ``pip install 'pdgate[aiconfigurator]'``) for the same rows, offline, and prints its accuracy
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-only", action="store_true", help="only the peer (fills --peer-cache)")
     p.add_argument("--quiet", action="store_true", help="no per-row lines")
     p.add_argument(
+        "--explain",
+        action="append",
+        metavar="ID",
+        help="how this aggregated row is simulated and where its TTFT goes (repeatable)",
+    )
+    p.add_argument(
         "--split", choices=["train", "check"], help="only the train or the check half of the fit"
     )
     p.add_argument(
@@ -97,6 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in rows if is_train(r.id) == (args.split == "train")]
     if args.fit:
         return _fit(args.fit, rows, args)
+    if args.explain:
+        from backends.errors import CatalogError
+        from gateway.sim.silicon import Stalled
+        from gateway.sim.silicon_run import explain
+
+        by_id = {r.id: r for r in rows}
+        for rid in args.explain:
+            row = by_id.get(rid)
+            try:
+                if row is None:
+                    raise RowError(f"no row {rid!r} in {args.rows}")
+                print(explain(row))
+            except (RowError, CatalogError, Stalled) as exc:
+                print(f"{rid}: {exc}", file=sys.stderr)
+                return 1
+        return 0
     if args.sample:
         rows = random.Random(args.seed).sample(rows, min(args.sample, len(rows)))
     if args.limit:

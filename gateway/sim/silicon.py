@@ -364,7 +364,14 @@ class ManualClock:
 
 @dataclass
 class LoopResult:
-    """Means over the counted requests (seconds), and how much was run."""
+    """Means over the counted requests (seconds), and how much was run.
+
+    ``wait_s`` is the part of TTFT a request spends before the engine admits it (the front end,
+    then the step already running when it arrives); ``ttft_s − wait_s`` is TTFT as the engine
+    sees it. ``admitted_together`` is how many requests the engine admitted at the same step
+    boundary, averaged over the counted requests: 1 when the clients are desynchronised, up to
+    the client count when they arrive as one wave.
+    """
 
     ttft_s: float
     tpot_s: float
@@ -372,6 +379,8 @@ class LoopResult:
     waves: int
     steps: int
     converged: bool
+    wait_s: float = 0.0
+    admitted_together: float = 1.0
 
 
 class Stalled(RuntimeError):
@@ -409,6 +418,7 @@ def closed_loop(
         raise ValueError("closed_loop needs an engine built with bulk_decode=False")
     c = max(1, concurrency)
     arrival: dict[int, float] = {}
+    admitted: dict[int, tuple[float, int]] = {}  # admission time, requests admitted with it
     pending: deque[tuple[float, float]] = deque()  # (reaches the engine, sent by the client)
     free_at = 0.0
 
@@ -418,12 +428,16 @@ def closed_loop(
         pending.append((free_at, now))
 
     def admit(now: float) -> None:
+        group = []
         while pending and pending[0][0] <= now:
             _, sent_at = pending.popleft()
             seq = engine.submit(isl, osl)
             arrival[id(seq)] = sent_at
+            group.append(id(seq))
+        for key in group:
+            admitted[key] = (now, len(group))
 
-    ttft_sum = tpot_sum = 0.0
+    ttft_sum = tpot_sum = wait_sum = together_sum = 0.0
     counted = steps = sent = waves = 0
     for _ in range(c):
         send(clock.t)
@@ -457,11 +471,14 @@ def closed_loop(
         now = clock.t
         for s in done:
             start = arrival.pop(id(s))
+            admitted_at, together = admitted.pop(id(s))
             if not counted_phase:
                 warm_left -= 1
                 continue
             first = s.first_token_at if s.first_token_at is not None else now
             ttft_sum += first - start
+            wait_sum += admitted_at - start
+            together_sum += together
             if s.generated > 1:
                 tpot_sum += (now - first) / (s.generated - 1)
             counted += 1
@@ -481,7 +498,16 @@ def closed_loop(
             sent = c
         if counted_phase and (converged or counted >= total):
             break
-    return LoopResult(ttft_sum / counted, tpot_sum / counted, counted, waves, steps, converged)
+    return LoopResult(
+        ttft_sum / counted,
+        tpot_sum / counted,
+        counted,
+        waves,
+        steps,
+        converged,
+        wait_s=wait_sum / counted,
+        admitted_together=together_sum / counted,
+    )
 
 
 def _close(a: tuple[float, float], b: tuple[float, float], tolerance: float) -> bool:

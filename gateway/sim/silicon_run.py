@@ -31,10 +31,12 @@ from backends.emulator.catalog import (
     WeightFormats,
 )
 from backends.emulator.engine import Engine
+from backends.emulator.timing import StepShape
 from backends.errors import CatalogError
 from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings
 from gateway.sim.silicon import (
     Layout,
+    LoopResult,
     ManualClock,
     Prediction,
     RowError,
@@ -175,13 +177,19 @@ def predict(row: SiliconRow, cat: Catalog | None = None) -> Prediction:
 
 
 def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, float]:
+    r = agg_loop(row, layout, cat)
+    return r.ttft_s, r.tpot_s
+
+
+def agg_loop(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> LoopResult:
+    """The closed loop of an aggregated row on its deployment and engine profile."""
     dep = deployment_for(row, layout, cat)
     clock = ManualClock()
     # The closed loop reads each step's batch, so sequences are stepped one by one.
     engine = Engine.from_knobs(dep, clock, dep.engine, bulk_decode=False)  # type: ignore[arg-type]
     profile = engine_profile(row, cat)
     frontend = profile.frontend_request_s + profile.frontend_token_s * row.isl
-    r = closed_loop(
+    return closed_loop(
         engine,
         clock,
         dep.step_time,
@@ -190,7 +198,33 @@ def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, f
         osl=row.osl,
         frontend_s=frontend,
     )
-    return r.ttft_s, r.tpot_s
+
+
+def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
+    """How an aggregated row is simulated and where its TTFT goes: the deployment, one
+    prompt's prefill step alone, the closed loop's means, and how synchronised its clients are
+    (``bench_silicon --explain ID``)."""
+    if row.mode != "agg" or row.agg is None:
+        raise RowError("--explain covers aggregated rows")
+    dep = deployment_for(row, row.agg, cat)
+    alone = dep.step_time(StepShape.of([(row.isl, 0)]))
+    r = agg_loop(row, row.agg, cat)
+    ms = 1e3
+    return "\n".join(
+        [
+            f"{row.id}",
+            f"  {row.backend} {row.version or '(no version)'} → profile "
+            f"{engine_profile(row, cat).name}; {dep.device.name} × {dep.count}, "
+            f"tp {dep.tp}, dtype {dep.dtype}; {row.concurrency} clients, {row.isl}/{row.osl}",
+            f"  one prompt's prefill step alone: {alone * ms:.1f} ms",
+            f"  TTFT {r.ttft_s * ms:.1f} ms (measured {row.ttft_ms or math.nan:.1f}): "
+            f"{r.wait_s * ms:.1f} ms before the engine admits it, "
+            f"{(r.ttft_s - r.wait_s) * ms:.1f} ms in the engine",
+            f"  TPOT {r.tpot_s * ms:.2f} ms (measured {row.tpot_ms or math.nan:.2f})",
+            f"  admitted together: {r.admitted_together:.1f} of {row.concurrency} clients "
+            f"on average; {r.counted} requests counted over {r.waves} waves, {r.steps} steps",
+        ]
+    )
 
 
 def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:

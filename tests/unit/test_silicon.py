@@ -159,6 +159,32 @@ def test_closed_loop_single_client_hand_worked() -> None:
     assert r.tpot_s == pytest.approx(0.010)
     assert r.converged
     assert 2 <= r.counted <= 20
+    # The engine is idle when the request arrives: it waits only for the front end.
+    assert r.wait_s == pytest.approx(0.002)
+    assert r.admitted_together == 1.0
+
+
+def test_closed_loop_reports_the_wait_for_a_running_step_and_synchronised_arrivals() -> None:
+    # Two clients, no front end, 10 ms steps, prompts that fit one step together: the counted
+    # phase opens with both requests sent at once into an idle engine, admitted together,
+    # prefilled in the same step and finished in the same step, so every wave is the same:
+    # both admitted at once (2 together), no wait, first token after one step.
+    timer = ConstantTimer(0.010)
+    clock = ManualClock()
+    engine = Engine(timer, clock, max_num_batched_tokens=8192, bulk_decode=False)  # type: ignore[arg-type]
+    r = closed_loop(engine, clock, timer.step_time, concurrency=2, isl=100, osl=5)
+    assert r.admitted_together == 2.0
+    assert r.wait_s == pytest.approx(0.0)
+    assert r.ttft_s == pytest.approx(0.010)
+    # With a 1 ms front end the second request reaches the engine 1 ms after the first, which
+    # is already in its prefill step: it waits the 9 ms left of that step, so the two clients
+    # stay one step apart, each admitted alone.
+    clock = ManualClock()
+    engine = Engine(timer, clock, max_num_batched_tokens=8192, bulk_decode=False)  # type: ignore[arg-type]
+    r = closed_loop(engine, clock, timer.step_time, concurrency=2, isl=100, osl=5, frontend_s=0.001)
+    assert r.admitted_together == 1.0
+    assert r.wait_s > 0.001
+    assert r.ttft_s == pytest.approx(r.wait_s + 0.010)
 
 
 def test_closed_loop_counts_waves_after_warmup_and_queues_behind_budget() -> None:
@@ -171,6 +197,23 @@ def test_closed_loop_counts_waves_after_warmup_and_queues_behind_budget() -> Non
     assert r.counted % 4 == 0
     assert r.ttft_s >= 0.010
     assert r.tpot_s >= 0.010 * 0.99
+
+
+def test_explain_splits_ttft_into_the_wait_and_the_engine() -> None:
+    from gateway.sim.silicon_run import agg_loop, explain
+
+    row = parse_row(AGG)
+    assert row.agg is not None
+    r = agg_loop(row, row.agg)
+    text = explain(row)
+    assert "profile trtllm-1.0" in text
+    assert f"TTFT {r.ttft_s * 1e3:.1f} ms (measured 250.0)" in text
+    assert f"{r.wait_s * 1e3:.1f} ms before the engine admits it" in text
+    assert f"{(r.ttft_s - r.wait_s) * 1e3:.1f} ms in the engine" in text
+    assert 0.0 < r.wait_s < r.ttft_s
+    assert 1.0 <= r.admitted_together <= row.concurrency
+    with pytest.raises(RowError, match="aggregated"):
+        explain(parse_row(DISAGG))
 
 
 def test_accuracy_maths_hand_worked() -> None:
