@@ -181,8 +181,22 @@ def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, f
     return r.ttft_s, r.tpot_s
 
 
+def agg_replicas(row: SiliconRow, layout: Layout) -> int:
+    """Identical workers an aggregated row ran on: the fewest whose batch caps hold every
+    client (as a disaggregated row's decode pool, :mod:`gateway.sim.silicon_disagg`), 1 when
+    the row records no cap. A row of 192 clients on a worker capped at 48 ran on 4 workers
+    behind a router."""
+    cap = layout.batch * layout.dp if layout.batch else 0
+    if cap <= 0 or row.concurrency <= cap:
+        return 1
+    return math.ceil(row.concurrency / cap)
+
+
 def agg_loop(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> LoopResult:
-    """The closed loop of an aggregated row on its deployment and engine profile."""
+    """The closed loop of an aggregated row on its deployment and engine profile. With
+    several workers (:func:`agg_replicas`) the clients spread evenly over them, so one worker
+    runs with its share."""
+    replicas = agg_replicas(row, layout)
     dep = deployment_for(row, layout, cat)
     clock = ManualClock()
     # The closed loop reads each step's batch, so sequences are stepped one by one.
@@ -193,7 +207,7 @@ def agg_loop(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> Loo
         engine,
         clock,
         dep.step_time,
-        concurrency=row.concurrency,
+        concurrency=math.ceil(row.concurrency / replicas),
         isl=row.isl,
         osl=row.osl,
         frontend_s=frontend,
@@ -215,7 +229,8 @@ def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
             f"{row.id}",
             f"  {row.backend} {row.version or '(no version)'} → profile "
             f"{engine_profile(row, cat).name}; {dep.device.name} × {dep.count}, "
-            f"tp {dep.tp}, dtype {dep.dtype}; {row.concurrency} clients, {row.isl}/{row.osl}",
+            f"tp {dep.tp}, dtype {dep.dtype}; {row.concurrency} clients, {row.isl}/{row.osl}"
+            + (f"; {replicas} workers" if (replicas := agg_replicas(row, row.agg)) > 1 else ""),
             f"  one prompt's prefill step alone: {alone * ms:.1f} ms",
             f"  TTFT {r.ttft_s * ms:.1f} ms (measured {row.ttft_ms or math.nan:.1f}): "
             f"{r.wait_s * ms:.1f} ms before the engine admits it, "

@@ -16,6 +16,7 @@ from gateway.sim.silicon import (
     ManualClock,
     Prediction,
     RowError,
+    SiliconRow,
     accuracy,
     breakdown,
     closed_loop,
@@ -197,6 +198,24 @@ def test_closed_loop_counts_waves_after_warmup_and_queues_behind_budget() -> Non
     assert r.counted % 4 == 0
     assert r.ttft_s >= 0.010
     assert r.tpot_s >= 0.010 * 0.99
+
+
+def test_clients_beyond_one_workers_cap_run_on_more_workers() -> None:
+    from gateway.sim.silicon_run import agg_loop, agg_replicas
+
+    def row(clients: int, cap: str = "16") -> SiliconRow:
+        src = f"silicon_concurrency={clients}"
+        return parse_row({**AGG, "silicon_data_source": src, "batch_size": cap})
+
+    one, four, uneven, uncapped = row(16), row(64), row(50), row(64, cap="")
+    layouts = [r.agg for r in (one, four, uneven, uncapped)]
+    assert all(lay is not None for lay in layouts)
+    assert [agg_replicas(r, r.agg) for r in (one, four, uneven, uncapped) if r.agg] == [1, 4, 4, 1]
+    # 64 clients on four workers capped at 16 each: every worker runs the 16-client loop.
+    assert one.agg is not None
+    assert four.agg is not None
+    a, b = agg_loop(one, one.agg), agg_loop(four, four.agg)
+    assert (b.ttft_s, b.tpot_s, b.counted) == (a.ttft_s, a.tpot_s, a.counted)
 
 
 def test_explain_splits_ttft_into_the_wait_and_the_engine() -> None:
