@@ -223,6 +223,9 @@ def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
     dep = deployment_for(row, row.agg, cat)
     alone = dep.step_time(StepShape.of([(row.isl, 0)]))
     r = agg_loop(row, row.agg, cat)
+    replicas = agg_replicas(row, row.agg)
+    clients = math.ceil(row.concurrency / replicas)
+    workers = f"; {replicas} workers, {clients} clients each" if replicas > 1 else ""
     ms = 1e3
     return "\n".join(
         [
@@ -230,13 +233,13 @@ def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
             f"  {row.backend} {row.version or '(no version)'} → profile "
             f"{engine_profile(row, cat).name}; {dep.device.name} × {dep.count}, "
             f"tp {dep.tp}, dtype {dep.dtype}; {row.concurrency} clients, {row.isl}/{row.osl}"
-            + (f"; {replicas} workers" if (replicas := agg_replicas(row, row.agg)) > 1 else ""),
+            f"{workers}",
             f"  one prompt's prefill step alone: {alone * ms:.1f} ms",
             f"  TTFT {r.ttft_s * ms:.1f} ms (measured {row.ttft_ms or math.nan:.1f}): "
             f"{r.wait_s * ms:.1f} ms before the engine admits it, "
             f"{(r.ttft_s - r.wait_s) * ms:.1f} ms in the engine",
             f"  TPOT {r.tpot_s * ms:.2f} ms (measured {row.tpot_ms or math.nan:.2f})",
-            f"  admitted together: {r.admitted_together:.1f} of {row.concurrency} clients "
+            f"  admitted together: {r.admitted_together:.1f} of {clients} clients "
             f"on average; {r.counted} requests counted over {r.waves} waves, {r.steps} steps",
         ]
     )
