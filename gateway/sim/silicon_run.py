@@ -151,7 +151,10 @@ def parallel_layout(row: SiliconRow, layout: Layout) -> ParallelLayout:
     Dense models have no experts to split: their ``moe_*`` columns only repeat the GPU count.
     For MoE models the expert group ``moe_tp × moe_ep`` is the worker's GPU count, and the
     attention layout must fill it (``tp × dp``); some rows record more attention ranks than
-    there are GPUs (DP 64 on one 8-GPU node), so ``tp`` and ``dp`` are capped to fit it.
+    there are GPUs (DP 64 on one 8-GPU node), so ``tp`` and ``dp`` are capped to fit it. Rows
+    that record fewer (vLLM Qwen3-235B: ``tp 1``, ``moe_tp 4``, no DP column) ran the one way an
+    engine can: data-parallel attention on every GPU, each expert sharded over all of them
+    (vLLM's DP without ``--enable-expert-parallel``), so ``dp`` fills the group.
     """
     moe = (row.model or "") in MOE_MODELS
     if not moe:
@@ -159,6 +162,8 @@ def parallel_layout(row: SiliconRow, layout: Layout) -> ParallelLayout:
     g = layout.moe_tp * layout.moe_ep
     tp = min(layout.tp, g)
     dp = max(1, min(layout.dp, g // tp))
+    if tp * dp < g:
+        dp = g // tp
     return ParallelLayout(tp=tp, pp=layout.pp, dp=dp, moe_tp=layout.moe_tp, ep=layout.moe_ep)
 
 

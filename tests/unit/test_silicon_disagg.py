@@ -13,7 +13,7 @@ from backends.emulator.timing import StepShape
 from gateway.sim.run import RequestRecord
 from gateway.sim.silicon import Layout, RowError, concurrency_of, parse_row
 from gateway.sim.silicon_disagg import decode_cap, decode_pool, infer_pools, prefill_workers
-from gateway.sim.silicon_run import disagg_layouts, disagg_settings, wave_means
+from gateway.sim.silicon_run import disagg_layouts, disagg_settings, parallel_layout, wave_means
 
 
 def _step(shape: StepShape) -> float:
@@ -172,3 +172,37 @@ def test_wave_means_weight_the_burst_wave_as_one_of_aiperfs_rounds() -> None:
     assert wave_means(first, [], 20) == pytest.approx((2.0, 0.010))
     with pytest.raises(RowError, match="no request"):
         wave_means([], [_rec(1.0, 1.0, error="x")], 20)
+
+
+def test_attention_fills_an_expert_group_larger_than_its_recorded_ranks() -> None:
+    row = parse_row(
+        {
+            **ROW,
+            "mode": "agg",
+            "model_path": "Qwen/Qwen3-235B-A22B-FP8",
+            "tp_size": "1",
+            "attention_dp_size": "",
+            "moe_tp_size": "4",
+            "moe_ep_size": "1",
+            "batch_size": "5",
+        }
+    )
+    assert row.agg is not None
+    # tp 1 with experts split four ways: four data-parallel attention ranks, one per GPU.
+    lay = parallel_layout(row, row.agg)
+    assert (lay.tp, lay.dp, lay.moe_tp, lay.ep, lay.devices) == (1, 4, 4, 1, 4)
+    two = parse_row(
+        {
+            **ROW,
+            "mode": "agg",
+            "model_path": "Qwen/Qwen3-235B-A22B-FP8",
+            "tp_size": "2",
+            "attention_dp_size": "",
+            "moe_tp_size": "4",
+            "moe_ep_size": "1",
+            "batch_size": "8",
+        }
+    )
+    assert two.agg is not None
+    lay = parallel_layout(two, two.agg)
+    assert (lay.tp, lay.dp, lay.moe_tp, lay.devices) == (2, 2, 4, 4)
