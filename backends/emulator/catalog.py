@@ -71,6 +71,15 @@ TFLOPS = 1e12
 KV_DTYPE: dict[str, str] = {"fp4": "fp8"}
 
 
+# Small kernels one layer's routed experts launch (router, top-k, sort, permute, quantise, two
+# grouped GEMMs, activation, unpermute, combine) and a sparse-attention indexer's (query and
+# key projections, key norm, rotary, FP8 quantisation, head weights, key-cache write, scores,
+# top-k): a device's ``moe_layer_floor_s`` prices the first chain, and the same per-kernel time
+# the second.
+MOE_LAYER_KERNELS = 10
+INDEXER_KERNELS = 9
+
+
 class _Data(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -107,6 +116,9 @@ class ModelProfile(_Data):
     linear_state_elems: int = Field(
         0, ge=0, description="recurrent state elements per sequence of one linear layer"
     )
+    index_heads: int = Field(0, ge=0, description="sparse attention: the indexer's heads")
+    index_head_dim: int = Field(0, ge=0, description="sparse attention: the indexer's head dim")
+    index_topk: int = Field(0, ge=0, description="sparse attention: keys each query attends to")
     unquantised_params_b: float = Field(
         0.0, ge=0, description="parameters quantised checkpoints keep in 16 bits (embeddings)"
     )
@@ -135,13 +147,23 @@ class ModelProfile(_Data):
         """
         b = DTYPE_BYTES[KV_DTYPE.get(dtype, dtype)]
         if self.attention == "mla":
-            return self.kv_layers * ((self.kv_lora_rank or 0) + (self.qk_rope_dim or 0)) * b
+            latent = self.kv_layers * ((self.kv_lora_rank or 0) + (self.qk_rope_dim or 0)) * b
+            return latent + self.index_kv_bytes_per_token
         full = self.kv_layers - self.sliding_layers
         return 2 * full * self.kv_heads * self.head_dim * b
 
     @property
     def kv_layers(self) -> int:
         return self.attention_layers or self.layers
+
+    @property
+    def index_kv_bytes_per_token(self) -> float:
+        """The sparse-attention indexer's key cache per token: one FP8 key of
+        ``index_head_dim`` and its FP32 scale per layer (DeepSeek-V3.2's and GLM-5's indexer
+        cache, whatever the KV dtype); 0 without an indexer."""
+        if not (self.index_heads and self.index_topk):
+            return 0.0
+        return self.kv_layers * (self.index_head_dim + 4.0)
 
     def window_kv_bytes_per_token(self, dtype: str) -> float:
         """KV bytes per token of the sliding-window layers (kept for the window only)."""
@@ -210,6 +232,12 @@ class ModelProfile(_Data):
             window=self.sliding_window or 0 if self.sliding_layers else 0,
             window_kv_bytes_per_token=self.window_kv_bytes_per_token(kv),
             state_bytes_per_seq=self.state_bytes_per_seq(kv),
+            sparse_topk=self.index_topk if self.index_heads else 0,
+            # The indexer's logits: one multiply-add per head dim and head for each pair.
+            index_pair_flops=2.0 * self.kv_layers * self.index_heads * self.index_head_dim
+            if self.index_topk
+            else 0.0,
+            index_kv_bytes_per_token=self.index_kv_bytes_per_token,
         )
 
 
@@ -438,6 +466,7 @@ class HbmDevice(_DeviceBase):
             seq_overhead_s=e.seq_overhead_s,
             gemm_half_tokens=e.gemm_half_tokens,
             moe_layer_floor_s=e.moe_layer_floor_s,
+            index_layer_floor_s=e.moe_layer_floor_s * INDEXER_KERNELS / MOE_LAYER_KERNELS,
             attention_flops_s=self.attention_flops_s(dep),
             torus=self.topology.fabric(self.interconnect_gb_s) if self.topology else None,
             **self._block_fp8_expert_terms(dep),

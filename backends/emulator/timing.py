@@ -109,6 +109,11 @@ class ModelShape:
     window: int = 0  # sliding window of the windowed layers (0: none)
     window_kv_bytes_per_token: float = 0.0  # KV bytes per token of the windowed layers
     state_bytes_per_seq: float = 0.0  # recurrent state per sequence (linear-attention layers)
+    # Sparse attention (DeepSeek sparse attention, GLM-5): a lightning indexer scores every
+    # cached key for every query, then attention reads only the ``sparse_topk`` best keys.
+    sparse_topk: int = 0  # keys each query attends to (0: dense attention)
+    index_pair_flops: float = 0.0  # the indexer's FLOPs per (query, key) pair, all layers
+    index_kv_bytes_per_token: float = 0.0  # the indexer's key cache (part of kv_bytes_per_token)
 
 
 def forward_flops(m: ModelShape, s: StepShape) -> float:
@@ -154,6 +159,21 @@ def step_bytes(m: ModelShape, s: StepShape) -> float:
     return weight_bytes_read(m, s.new_tokens) + kv
 
 
+def sparse_keep(m: ModelShape, s: StepShape) -> tuple[float, float]:
+    """The shares of a step's (query, key) pairs and of its cached-KV reads that attention keeps
+    under sparse attention: each query attends to at most ``sparse_topk`` keys, and each
+    sequence reads at most that many cached latents per query. Taken at the step's mean (pairs
+    per new token, cached tokens per sequence), which is exact when the step's sequences share
+    one context length, as a closed loop at fixed prompt and output lengths does; ``(1, 1)`` for
+    dense attention."""
+    k = m.sparse_topk
+    if k <= 0:
+        return 1.0, 1.0
+    pairs = min(1.0, s.new_tokens * k / s.attn_pairs) if s.attn_pairs > 0 else 1.0
+    reads = min(1.0, s.seqs * k / s.kv_read_tokens) if s.kv_read_tokens > 0 else 1.0
+    return pairs, reads
+
+
 def attention_flops(m: ModelShape, s: StepShape) -> float:
     """FLOPs of attention in one step: pairs × FLOPs per pair.
 
@@ -162,19 +182,25 @@ def attention_flops(m: ModelShape, s: StepShape) -> float:
     ``attn_pair_flops_decode``: DeepSeek-style engines run MLA prefill as multi-head attention
     over decompressed K/V (``2 · heads · (qk_nope + qk_rope + v)`` per pair and layer) and decode
     in the absorbed form over the latent (``2 · heads · (2 · kv_lora + qk_rope)``).
+    Sparse attention keeps only the pairs :func:`sparse_keep` allows (its indexer is priced in
+    :func:`indexer_time`).
     """
+    keep = sparse_keep(m, s)[0]
     if not m.attn_pair_flops:
-        return 4.0 * m.layers * m.attn_width * s.attn_pairs
+        return 4.0 * m.layers * m.attn_width * s.attn_pairs * keep
     decode = s.decode_pairs
     per_decode = m.attn_pair_flops_decode or m.attn_pair_flops
-    return m.attn_pair_flops * (s.attn_pairs - decode) + per_decode * decode
+    return (m.attn_pair_flops * (s.attn_pairs - decode) + per_decode * decode) * keep
 
 
 def attention_bytes(m: ModelShape, s: StepShape) -> float:
     """HBM bytes of attention in one step: context KV read + new KV written, plus the windowed
     layers' KV (at most ``window`` tokens per sequence, taken at the step's mean context) and
-    the recurrent state of linear-attention layers (read and written once per sequence)."""
-    kv = (s.kv_read_tokens + s.new_tokens) * m.kv_bytes_per_token
+    the recurrent state of linear-attention layers (read and written once per sequence).
+    Sparse attention reads at most ``sparse_topk`` cached latents per sequence; its indexer's
+    key cache is read whole, in :func:`indexer_time`."""
+    latent = m.kv_bytes_per_token - m.index_kv_bytes_per_token
+    kv = (s.kv_read_tokens * sparse_keep(m, s)[1] + s.new_tokens) * latent
     if m.window and m.window_kv_bytes_per_token and s.seqs:
         per_seq = min(float(m.window), s.kv_read_tokens / s.seqs)
         kv += (s.seqs * per_seq + s.new_tokens) * m.window_kv_bytes_per_token
@@ -209,6 +235,7 @@ class HbmConstants:
     scale_out: float = 0.0  # bytes/s per device per direction beyond the domain
     scale_out_latency_s: float = 0.0  # per collective step across the scale-out network
     moe_layer_floor_s: float = 0.0  # shortest routed-expert layer (its chain of small kernels)
+    index_layer_floor_s: float = 0.0  # shortest sparse-attention indexer of one layer
     attention_flops_s: float = 0.0  # achieved FLOP/s of one device in attention (0: mfu · peak)
     expert_mfu_cap: float = 0.0  # ceiling on the routed experts' GEMM efficiency (0: none)
     expert_bandwidth_share: float = 1.0  # of the achieved bandwidth, in the expert kernels
@@ -696,6 +723,27 @@ def dense_linear_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     return max(compute, m.dense_weight_bytes / (c.bandwidth_efficiency * c.bandwidth * c.tp))
 
 
+def indexer_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
+    """The sparse-attention indexer of one step (0 for dense attention).
+
+    The indexer scores every cached key for every new token (``index_pair_flops`` per pair,
+    on the tensor cores at the serving dtype) and streams its whole key cache
+    (``index_kv_bytes_per_token``), then picks each query's ``sparse_topk`` keys. Its weights
+    are small and the engines replicate them (vLLM's and SGLang's indexers use replicated
+    linears), so every device of an attention rank computes the rank's whole indexer: the
+    rank's share of the step at one device's rates. However little it computes, a layer's
+    indexer is a chain of small kernels (query and key projections, rotary, FP8 quantisation,
+    the score kernel, top-k) that takes at least ``index_layer_floor_s`` a layer.
+    """
+    if not m.index_pair_flops:
+        return 0.0
+    r = s.split(c.dp)
+    flops = m.index_pair_flops * r.attn_pairs / (c.mfu * c.peak_flops)
+    eta = c.kv_bandwidth_efficiency or c.bandwidth_efficiency
+    reads = (r.kv_read_tokens + r.new_tokens) * m.index_kv_bytes_per_token / (eta * c.bandwidth)
+    return max(flops, reads, m.layers * c.index_layer_floor_s)
+
+
 def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     """Roofline step time of an HBM device, one roofline per kind of kernel::
 
@@ -724,6 +772,7 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     ways one token's KV is split over a rank's ``tp`` devices: ``min(tp, kv_heads)`` for GQA
     (heads are replicated once TP exceeds them), 1 for MLA (the latent is not split by head).
     Pipeline stages run one after the other for a step, so they add their hand-offs, not speed.
+    Sparse attention adds its indexer (:func:`indexer_time`) to the attention term.
     """
     r = s.split(c.dp)
     peak = c.mfu * c.peak_flops * c.tp
@@ -742,6 +791,7 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     attention_peak = c.attention_flops_s * c.tp if c.attention_flops_s else peak
     t_attention = max(f_attention / attention_peak, kv / (eta_kv * c.bandwidth * kv_ways))
     overhead = c.step_overhead_s + m.layers * c.layer_overhead_s + r.seqs * c.seq_overhead_s
+    t_attention += indexer_time(m, s, c)
     return t_linear + t_attention + overhead + allreduce_time(m, s, c)
 
 

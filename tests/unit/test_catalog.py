@@ -33,7 +33,7 @@ KV_BYTES_BF16 = {
     "minimax-m2.5": 253952,  # 2 x 62 x 8 x 128 x 2
     "qwen3.5-397b-a17b": 30720,  # 2 x 15 attention layers x 2 x 256 x 2
     "kimi-k2.5": 70272,  # 61 x (512 + 64) x 2
-    "glm-5": 89856,  # 78 x (512 + 64) x 2
+    "glm-5": 100152,  # 78 x (512 + 64) x 2 latent + 78 x (128 + 4) FP8 indexer keys and scales
 }
 
 
@@ -61,8 +61,10 @@ def test_reference_kv_table_covers_every_model() -> None:
 def test_kv_bytes_per_token_bf16_reference(catalog: Catalog, model: str, expected: int) -> None:
     m = catalog.model(model)
     assert m.kv_bytes_per_token("bf16") == expected
-    # 8-bit KV halves it; the deployment reports the same figure.
-    assert m.kv_bytes_per_token("fp8") == expected / 2
+    # 8-bit KV halves it (a sparse-attention indexer's FP8 key cache stays as it is); the
+    # deployment reports the same figure.
+    index = m.index_kv_bytes_per_token
+    assert m.kv_bytes_per_token("fp8") == (expected - index) / 2 + index
 
 
 @pytest.mark.parametrize("name", DEVICE_FILES)

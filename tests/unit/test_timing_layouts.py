@@ -31,7 +31,9 @@ from backends.emulator.timing import (
     expert_rows,
     expert_time,
     hbm_step_time,
+    indexer_time,
     layout_comm_time,
+    sparse_keep,
     touched_fraction,
 )
 
@@ -493,3 +495,86 @@ def test_fused_moe_kernels_read_block_fp8_experts_at_their_share_of_the_bandwidt
     assert qwen._constants.expert_bandwidth_share == 0.6  # type: ignore[union-attr]
     mixtral = catalog.deployment("h200-sxm", "mixtral-8x7b", dtype="fp8", engine=vllm)
     assert mixtral._constants.expert_bandwidth_share == 1.0  # type: ignore[union-attr]
+
+
+def sparse(**kw: float) -> ModelShape:
+    """Ten layers of DeepSeek sparse attention: top-100 keys, an indexer of 2 heads of 64
+    (2·10·2·64 = 2,560 FLOPs a pair), 10·(64 + 4) = 680 bytes of indexer keys per token on
+    top of 100 bytes of latent."""
+    return shape(
+        kv_bytes_per_token=780.0,
+        sparse_topk=100,
+        index_pair_flops=2 * 10 * 2 * 64,
+        index_kv_bytes_per_token=680.0,
+        **kw,
+    )
+
+
+def test_sparse_attention_attends_to_at_most_topk_keys_per_query() -> None:
+    m = sparse()
+    # Four sequences decoding at 1,000 cached tokens: 1,001 pairs each, 100 kept.
+    decode = StepShape.of([(1, 1000)] * 4)
+    assert sparse_keep(m, decode) == pytest.approx((100 / 1001, 100 / 1000))
+    assert attention_flops(m, decode) == pytest.approx(4 * 10 * 1000 * 4 * 100)
+    # Latent reads: 100 of each sequence's cached tokens and the 4 new ones; the indexer's
+    # keys are not attention's to read.
+    assert attention_bytes(m, decode) == pytest.approx((4 * 100 + 4) * 100.0)
+    # Short contexts are untouched: 50 cached tokens are under the top 100.
+    short = StepShape.of([(1, 50)] * 4)
+    assert sparse_keep(m, short) == (1.0, 1.0)
+    assert attention_flops(m, short) == attention_flops(shape(), short)
+    # A dense model keeps everything, however long its context.
+    assert sparse_keep(shape(), decode) == (1.0, 1.0)
+
+
+def test_sparse_prefill_keeps_topk_pairs_per_new_token() -> None:
+    # A 1,000-token prompt from scratch: 500,500 causal pairs, 1,000 · 100 kept (at the mean:
+    # the exact count, 100 · 1,000 − 100 · 99 / 2 = 95,050, is 5 % lower).
+    m = sparse()
+    prompt = StepShape.of([(1000, 0)])
+    assert sparse_keep(m, prompt)[0] == pytest.approx(100_000 / 500_500)
+    assert attention_flops(m, prompt) == pytest.approx(4 * 10 * 1000 * 100_000)
+
+
+def test_the_indexer_scores_every_key_and_takes_at_least_its_kernel_chain() -> None:
+    m = sparse()
+    c = consts(index_layer_floor_s=10e-6)
+    # A 10,000-token prefill: 50,005,000 pairs at 2,560 FLOPs on one device at 0.5 of
+    # 1 PFLOP/s = 256 us, above the key writes (10,000 · 680 B at 0.5 TB/s = 13.6 us) and the
+    # ten layers' 10 us floors.
+    prompt = StepShape.of([(10_000, 0)])
+    assert indexer_time(m, prompt, c) == pytest.approx(50_005_000 * 2560 / 0.5e15)
+    # Four decodes at 1,000 cached tokens: 4,004 pairs (0.02 us of FLOPs), 4,004 keys read
+    # (5.4 us): the ten layers' kernel chains, 100 us, bind.
+    decode = StepShape.of([(1, 1000)] * 4)
+    assert indexer_time(m, decode, c) == pytest.approx(100e-6)
+    # At a large decode batch the key cache binds: 512 · 1,001 keys of 680 B at 0.5 TB/s.
+    batch = StepShape.of([(1, 1000)] * 512)
+    assert indexer_time(m, batch, c) == pytest.approx(512 * 1001 * 680 / 0.5e12)
+    # Replicated over tensor parallelism: TP 4 leaves it as it is, while each of 4
+    # data-parallel ranks scores only its own quarter of the sequences.
+    assert indexer_time(m, batch, consts(index_layer_floor_s=10e-6, tp=4)) == pytest.approx(
+        indexer_time(m, batch, c)
+    )
+    assert indexer_time(m, batch, consts(index_layer_floor_s=10e-6, dp=4)) == pytest.approx(
+        128 * 1001 * 680 / 0.5e12
+    )
+    # The step pays for it; a dense model has none.
+    assert hbm_step_time(m, decode, c) - hbm_step_time(
+        replace(m, index_pair_flops=0.0), decode, c
+    ) == pytest.approx(100e-6)
+    assert indexer_time(shape(), decode, c) == 0.0
+
+
+def test_glm5_indexer_from_its_config(catalog: Catalog) -> None:
+    # GLM-5: 78 layers, index_n_heads 32, index_head_dim 128, index_topk 2048.
+    m = catalog.model("glm-5").shape("fp8", kv_dtype="bf16")
+    assert m.sparse_topk == 2048
+    assert m.index_pair_flops == 2 * 78 * 32 * 128
+    assert m.index_kv_bytes_per_token == 78 * (128 + 4)
+    assert m.kv_bytes_per_token == 78 * 576 * 2 + 78 * 132
+    # The indexer's floor is nine kernels at the per-kernel time of the experts' ten.
+    dep = catalog.deployment("h200-sxm", "glm-5", dtype="fp8", tp=8)
+    assert dep._constants.index_layer_floor_s == pytest.approx(90e-6)  # type: ignore[union-attr]
+    # DeepSeek-V3 attends densely.
+    assert catalog.model("deepseek-v3").shape("fp8").sparse_topk == 0
