@@ -50,6 +50,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="PDGATE_CONTROL_TOKEN",
         help="environment variable holding the control plane's shared token",
     )
+    a(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a request's headers may take to arrive (slowloris); past it, 408",
+    )
+    a(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request's body may take after its headers; past it, the connection closes",
+    )
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -119,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         catalog.link(config.kv_link)
         if config.time_scale < 0:
             raise ValueError("--time-scale must be >= 0")
+        if args.header_timeout <= 0 or args.body_timeout <= 0:
+            raise ValueError("--header-timeout and --body-timeout must be > 0")
     except (CatalogError, ValueError) as exc:
         print(f"pdgate backend: {exc}", file=sys.stderr)
         return 2
@@ -126,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from backends.server.app import create_backend_app
+    from backends.server.guard import guarded_protocol
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -135,7 +150,11 @@ def run(args: argparse.Namespace) -> int:
         host=config.host,
         port=config.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with header and body read deadlines: peers and the gateway are the only
+        # clients, but a slow or stuck one must not hold a connection for ever.
+        http=guarded_protocol(
+            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout
+        ),
         log_level=args.log_level,
         access_log=False,
         timeout_graceful_shutdown=5,

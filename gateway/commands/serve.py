@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from gateway.api.guard import guarded_protocol
+    from backends.server.guard import guarded_protocol
     from gateway.app import create_app, settle_heap
 
     configure_logging(server.log_level, server.log_format)

@@ -1,5 +1,5 @@
-"""Read deadlines and HTTP/1.0 framing of ``pdgate serve``'s HTTP protocol, with real sockets
-against a real uvicorn process (``gateway.api.guard``)."""
+"""Read deadlines and HTTP/1.0 framing of the HTTP protocol ``pdgate serve`` and ``pdgate
+backend`` run (``backends.server.guard``), with real sockets against real uvicorn processes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.backend_procs import MODEL, Proc, run_gateway
+from tests.backend_procs import MODEL, Proc, run_backend, run_gateway
 from tests.helpers import config, pool
 
 pytestmark = pytest.mark.timeout(90)
@@ -29,6 +29,20 @@ def gateway() -> Iterator[Proc]:
         yield proc
 
 
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Proc]:
+    args = ("--time-scale", "0", "--header-timeout", "0.5", "--body-timeout", "0.5")
+    with run_backend(*args) as proc:
+        yield proc
+
+
+@pytest.fixture(params=["gateway", "backend"])
+def server(request: pytest.FixtureRequest) -> Proc:
+    """Each read deadline holds for the gateway and for an emulated backend server alike."""
+    proc: Proc = request.getfixturevalue(request.param)
+    return proc
+
+
 def _connect(proc: Proc) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
     sock.settimeout(10)
@@ -43,10 +57,11 @@ def _read_all(sock: socket.socket) -> bytes:
     return out
 
 
-def test_slow_headers_are_cut_at_the_header_deadline(gateway: Proc) -> None:
+def test_slow_headers_are_cut_at_the_header_deadline(server: Proc) -> None:
     """Slowloris: before, every connection trickling its headers was held for as long as the
-    client kept sending (uvicorn has no header timeout)."""
-    socks = [_connect(gateway) for _ in range(SLOW)]
+    client kept sending (uvicorn has no header timeout), on the gateway and on ``pdgate
+    backend``."""
+    socks = [_connect(server) for _ in range(SLOW)]
     started = time.monotonic()
     for s in socks:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
@@ -71,11 +86,11 @@ def test_slow_headers_are_cut_at_the_header_deadline(gateway: Proc) -> None:
     assert len(closed) == SLOW, f"{SLOW - len(closed)} slow connections still open after 10 s"
     assert max(closed.values()) < 3.0  # 0.5 s deadline, plus the write that notices
     assert all(a.startswith(b"HTTP/1.1 408") for a in answers if a)
-    assert httpx.get(gateway.url + "/health").status_code == 200  # still serving
+    assert httpx.get(server.url + "/health").status_code == 200  # still serving
 
 
-def test_a_body_that_never_arrives_is_cut_at_the_body_deadline(gateway: Proc) -> None:
-    sock = _connect(gateway)
+def test_a_body_that_never_arrives_is_cut_at_the_body_deadline(server: Proc) -> None:
+    sock = _connect(server)
     started = time.monotonic()
     sock.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -86,7 +101,7 @@ def test_a_body_that_never_arrives_is_cut_at_the_body_deadline(gateway: Proc) ->
     assert time.monotonic() - started < 5.0
     assert b"200 OK" not in data
     ok = httpx.post(
-        gateway.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}
     )
     assert ok.status_code == 200
 

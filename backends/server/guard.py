@@ -1,4 +1,5 @@
-"""The gateway's HTTP/1 protocol: uvicorn's httptools protocol with read deadlines.
+"""pdgate's HTTP/1 protocol (the gateway's and ``pdgate backend``'s): uvicorn's httptools
+protocol with read deadlines.
 
 uvicorn times idle keep-alive connections (``timeout_keep_alive``) but nothing else: a client
 that opens a connection and sends its headers a byte at a time (slowloris), or announces a body
@@ -30,7 +31,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-log = logging.getLogger("pdgate.api")
+log = logging.getLogger("pdgate.http")
 
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
