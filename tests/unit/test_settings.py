@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from backends.emulator.catalog import Catalog
+from backends.emulator.timing import PipelineConstants
 from gateway.cli import main as cli_main
 from gateway.policies import POLICIES
-from gateway.settings import ConfigError, Settings, load_settings, parse_settings
+from gateway.settings import ConfigError, EmulatedWorker, Settings, load_settings, parse_settings
 from tests.helpers import config, pool
 
 CONFIG = Path(Catalog.default_dir())
@@ -40,6 +41,25 @@ def test_embedded_default_config_parses() -> None:
     assert m0.mode == "disaggregated"
     assert set(m0.pools) == {"prefill", "decode"}
     assert s.server.port == raw["server"]["port"]
+
+
+def test_embedded_default_answers_overload_with_429_at_its_decode_capacity() -> None:
+    """The embedded default caps requests in flight at what its decode workers hold at once
+    (a pipeline's slots, an HBM engine's batch cap), with as many again queued: beyond that,
+    429 with Retry-After instead of waiting in the workers until the deadline (504)."""
+    catalog = Catalog.load()
+    s = load_settings(policies=set(POLICIES))
+    decode = s.models[0].pools["decode"]
+    held = 0
+    for w in decode.workers:
+        assert isinstance(w, EmulatedWorker)
+        dep = catalog.deployment(w.device, s.models[0].name, dtype=w.dtype)
+        c = dep._constants
+        per = c.slots if isinstance(c, PipelineConstants) else dep.engine.max_num_seqs
+        held += per * w.replicas
+    assert held == 240
+    assert decode.max_in_flight == held
+    assert decode.max_queue == held
 
 
 def test_helper_config_parses(catalog: Catalog) -> None:
