@@ -174,35 +174,28 @@ def test_wave_means_weight_the_burst_wave_as_one_of_aiperfs_rounds() -> None:
         wave_means([], [_rec(1.0, 1.0, error="x")], 20)
 
 
-def test_attention_fills_an_expert_group_larger_than_its_recorded_ranks() -> None:
+@pytest.mark.parametrize(
+    ("tp", "moe_tp", "dp"),
+    [
+        (1, 4, 4),  # tp 1 with experts split four ways: four DP ranks, one per GPU
+        (2, 4, 2),  # tp 2 over four expert GPUs: two DP ranks of two
+    ],
+)
+def test_attention_fills_an_expert_group_larger_than_its_recorded_ranks(
+    tp: int, moe_tp: int, dp: int
+) -> None:
     row = parse_row(
         {
             **ROW,
             "mode": "agg",
             "model_path": "Qwen/Qwen3-235B-A22B-FP8",
-            "tp_size": "1",
+            "tp_size": str(tp),
             "attention_dp_size": "",
-            "moe_tp_size": "4",
-            "moe_ep_size": "1",
-            "batch_size": "5",
-        }
-    )
-    assert row.agg is not None
-    # tp 1 with experts split four ways: four data-parallel attention ranks, one per GPU.
-    lay = parallel_layout(row, row.agg)
-    assert (lay.tp, lay.dp, lay.moe_tp, lay.ep, lay.devices) == (1, 4, 4, 1, 4)
-    two = parse_row(
-        {
-            **ROW,
-            "mode": "agg",
-            "model_path": "Qwen/Qwen3-235B-A22B-FP8",
-            "tp_size": "2",
-            "attention_dp_size": "",
-            "moe_tp_size": "4",
+            "moe_tp_size": str(moe_tp),
             "moe_ep_size": "1",
             "batch_size": "8",
         }
     )
-    assert two.agg is not None
-    lay = parallel_layout(two, two.agg)
-    assert (lay.tp, lay.dp, lay.moe_tp, lay.devices) == (2, 2, 4, 4)
+    assert row.agg is not None
+    lay = parallel_layout(row, row.agg)
+    assert (lay.tp, lay.dp, lay.moe_tp, lay.ep, lay.devices) == (tp, dp, moe_tp, 1, moe_tp)
