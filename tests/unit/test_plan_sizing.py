@@ -9,6 +9,7 @@ import pytest
 from backends.emulator.catalog import Catalog
 from gateway.sim.plan.evaluate import parse_slo
 from gateway.sim.plan.prices import PriceBook, parse_price
+from gateway.sim.plan.screen import economics
 from gateway.sim.plan.sizing import (
     Demand,
     Targets,
@@ -18,6 +19,7 @@ from gateway.sim.plan.sizing import (
     prefill_time,
     size_pools,
 )
+from gateway.sim.plan.space import Candidate, Instance, Pool
 
 
 def test_distserve_rate_matching_example() -> None:
@@ -96,3 +98,34 @@ def test_prices_are_sourced_and_token_clouds_unpriced() -> None:
         assert book.usd_per_hour(token_only) is None
     assert PriceBook.load(overrides={"groq-lpu-v1": 0.4}).usd_per_hour("groq-lpu-v1") == 0.4
     assert math.isclose(book.usd_per_hour("h100-sxm") or 0, 3.90)
+
+
+def test_a_device_rented_in_instances_of_several_sizes_pays_the_size_it_needs() -> None:
+    """Inferentia2: one chip rents as an inf2.xlarge ($0.7582), more than one needs the
+    12-chip inf2.48xlarge ($12.98 an hour: $1.08177 a chip). Before, every Inferentia2
+    deployment was priced at the one-chip rate."""
+    book = PriceBook.load()
+    assert book.usd_per_hour("inferentia2") == pytest.approx(0.7582)
+    assert book.usd_per_hour("inferentia2", devices=1) == pytest.approx(0.7582)
+    for chips in (2, 6, 12):
+        assert book.usd_per_hour("inferentia2", devices=chips) == pytest.approx(1.08177)
+    # Beyond the largest instance a deployment spans several of them, at its rate.
+    assert book.usd_per_hour("inferentia2", devices=24) == pytest.approx(1.08177)
+    # Devices rented in one size keep their one price whatever the deployment.
+    assert book.usd_per_hour("h100-sxm", devices=8) == book.usd_per_hour("h100-sxm")
+    # An override is one price for every size.
+    assert PriceBook.load(overrides={"inferentia2": 0.5}).usd_per_hour("inferentia2", 12) == 0.5
+
+
+def test_plan_economics_price_each_pool_at_its_instance_size() -> None:
+    catalog = Catalog.load()
+    book = PriceBook.load()
+
+    def pool(count: int, replicas: int) -> Pool:
+        inst = Instance("inferentia2", count, count, "bf16", 256, 8192)
+        return Pool("aggregated", inst, replicas)
+
+    one, _ = economics(Candidate("aggregated", (pool(1, 12),)), catalog, book)
+    twelve, _ = economics(Candidate("aggregated", (pool(12, 1),)), catalog, book)
+    assert one == pytest.approx(12 * 0.7582)  # twelve one-chip instances
+    assert twelve == pytest.approx(12 * 1.08177)  # one 12-chip instance

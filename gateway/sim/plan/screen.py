@@ -150,7 +150,7 @@ def economics(
     watts = 0.0
     usd_known = watts_known = True
     for p in c.pools:
-        price = prices.usd_per_hour(p.instance.device)
+        price = prices.usd_per_hour(p.instance.device, p.instance.count)
         tdp = catalog.device(p.instance.device).tdp_w
         if price is None:
             usd_known = False
