@@ -400,6 +400,7 @@ def closed_loop(
     min_waves: int = 2,
     max_steps: int = 2_000_000,
     frontend_s: float = 0.0,
+    spread: bool = False,
 ) -> LoopResult:
     """Run aiperf's closed loop on ``engine``: one warm-up wave of ``concurrency`` requests
     (not counted), then ``concurrency`` clients sending ``rounds × concurrency`` requests back to
@@ -412,6 +413,10 @@ def closed_loop(
     A wave is ``concurrency`` counted completions; after ``min_waves`` waves the loop stops as
     soon as the counted means of TTFT and TPOT moved less than ``tolerance`` (relative) over the
     last wave.
+
+    ``spread`` starts the counted clients one after another, evenly over the warm-up wave's
+    latency, instead of as one burst: a fully desynchronised start, the other bound of what a
+    closed loop's clients can look like (``bench_silicon --explain`` shows both).
     """
     if getattr(engine, "_bulk", False):
         # Finished sequences are read from each step's batch, which bulk decodes are not in.
@@ -493,8 +498,8 @@ def closed_loop(
                 sent += 1
         if not counted_phase and warm_left == 0:
             counted_phase = True
-            for _ in range(c):
-                send(now)
+            for k in range(c):  # the warm-up wave started at 0 and ended now
+                send(now + (k * now / c if spread else 0.0))
             sent = c
         if counted_phase and (converged or counted >= total):
             break

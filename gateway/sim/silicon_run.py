@@ -197,10 +197,12 @@ def agg_replicas(row: SiliconRow, layout: Layout) -> int:
     return math.ceil(row.concurrency / cap)
 
 
-def agg_loop(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> LoopResult:
+def agg_loop(
+    row: SiliconRow, layout: Layout, cat: Catalog | None = None, *, spread: bool = False
+) -> LoopResult:
     """The closed loop of an aggregated row on its deployment and engine profile. With
     several workers (:func:`agg_replicas`) the clients spread evenly over them, so one worker
-    runs with its share."""
+    runs with its share. ``spread``: the clients start desynchronised (:func:`closed_loop`)."""
     replicas = agg_replicas(row, layout)
     dep = deployment_for(row, layout, cat)
     clock = ManualClock()
@@ -216,18 +218,20 @@ def agg_loop(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> Loo
         isl=row.isl,
         osl=row.osl,
         frontend_s=frontend,
+        spread=spread,
     )
 
 
 def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
     """How an aggregated row is simulated and where its TTFT goes: the deployment, one
-    prompt's prefill step alone, the closed loop's means, and how synchronised its clients are
-    (``bench_silicon --explain ID``)."""
+    prompt's prefill step alone, the closed loop's means, how synchronised its clients are, and
+    the same loop started desynchronised (``bench_silicon --explain ID``)."""
     if row.mode != "agg" or row.agg is None:
         raise RowError("--explain covers aggregated rows")
     dep = deployment_for(row, row.agg, cat)
     alone = dep.step_time(StepShape.of([(row.isl, 0)]))
     r = agg_loop(row, row.agg, cat)
+    d = agg_loop(row, row.agg, cat, spread=True)
     replicas = agg_replicas(row, row.agg)
     clients = math.ceil(row.concurrency / replicas)
     workers = f"; {replicas} workers, {clients} clients each" if replicas > 1 else ""
@@ -246,6 +250,8 @@ def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
             f"  TPOT {r.tpot_s * ms:.2f} ms (measured {row.tpot_ms or math.nan:.2f})",
             f"  admitted together: {r.admitted_together:.1f} of {clients} clients "
             f"on average; {r.counted} requests counted over {r.waves} waves, {r.steps} steps",
+            f"  started desynchronised instead: TTFT {d.ttft_s * ms:.1f} ms, "
+            f"TPOT {d.tpot_s * ms:.2f} ms, admitted together {d.admitted_together:.1f}",
         ]
     )
 

@@ -13,6 +13,7 @@ from backends.emulator.timing import StepShape
 from gateway.sim.silicon import (
     BREAKDOWNS,
     Layout,
+    LoopResult,
     ManualClock,
     Prediction,
     RowError,
@@ -198,6 +199,31 @@ def test_closed_loop_counts_waves_after_warmup_and_queues_behind_budget() -> Non
     assert r.counted % 4 == 0
     assert r.ttft_s >= 0.010
     assert r.tpot_s >= 0.010 * 0.99
+
+
+def test_a_spread_start_desynchronises_the_clients() -> None:
+    # Four clients, 10 ms steps, room for all four prompts in one step. Started as one burst
+    # they are admitted together and stay one wave: four prompts every 50-step round. Started
+    # one after another over the warm-up wave's latency (0.5 s: one prefill step and 49
+    # decodes), each arrives alone, 125 ms after the one before, waits at most the step
+    # running (10 ms) and is prefilled in the next (10 ms); having the same latency, they
+    # never meet again.
+    timer = ConstantTimer(0.010)
+
+    def loop(spread: bool) -> LoopResult:
+        clock = ManualClock()
+        engine = Engine(timer, clock, max_num_batched_tokens=8192, bulk_decode=False)  # type: ignore[arg-type]
+        return closed_loop(
+            engine, clock, timer.step_time, concurrency=4, isl=100, osl=50, spread=spread
+        )
+
+    burst, spread = loop(False), loop(True)
+    assert burst.admitted_together == 4.0
+    assert spread.admitted_together == 1.0
+    assert 0.010 < spread.ttft_s <= 0.020 + 1e-9
+    assert spread.wait_s <= 0.010 + 1e-9
+    assert spread.tpot_s == pytest.approx(0.010)
+    assert burst.converged and spread.converged
 
 
 def test_clients_beyond_one_workers_cap_run_on_more_workers() -> None:
