@@ -223,7 +223,8 @@ def test_a_spread_start_desynchronises_the_clients() -> None:
     assert 0.010 < spread.ttft_s <= 0.020 + 1e-9
     assert spread.wait_s <= 0.010 + 1e-9
     assert spread.tpot_s == pytest.approx(0.010)
-    assert burst.converged and spread.converged
+    assert burst.converged
+    assert spread.converged
 
 
 def test_clients_beyond_one_workers_cap_run_on_more_workers() -> None:
