@@ -157,13 +157,16 @@ class ModelProfile(_Data):
         return self.attention_layers or self.layers
 
     @property
+    def sparse(self) -> bool:
+        """Whether attention is sparse: an indexer picks each query's ``index_topk`` keys."""
+        return bool(self.index_heads and self.index_topk)
+
+    @property
     def index_kv_bytes_per_token(self) -> float:
         """The sparse-attention indexer's key cache per token: one FP8 key of
         ``index_head_dim`` and its FP32 scale per layer (DeepSeek-V3.2's and GLM-5's indexer
         cache, whatever the KV dtype); 0 without an indexer."""
-        if not (self.index_heads and self.index_topk):
-            return 0.0
-        return self.kv_layers * (self.index_head_dim + 4.0)
+        return self.kv_layers * (self.index_head_dim + 4.0) if self.sparse else 0.0
 
     def window_kv_bytes_per_token(self, dtype: str) -> float:
         """KV bytes per token of the sliding-window layers (kept for the window only)."""
@@ -232,10 +235,10 @@ class ModelProfile(_Data):
             window=self.sliding_window or 0 if self.sliding_layers else 0,
             window_kv_bytes_per_token=self.window_kv_bytes_per_token(kv),
             state_bytes_per_seq=self.state_bytes_per_seq(kv),
-            sparse_topk=self.index_topk if self.index_heads else 0,
+            sparse_topk=self.index_topk if self.sparse else 0,
             # The indexer's logits: one multiply-add per head dim and head for each pair.
             index_pair_flops=2.0 * self.kv_layers * self.index_heads * self.index_head_dim
-            if self.index_topk
+            if self.sparse
             else 0.0,
             index_kv_bytes_per_token=self.index_kv_bytes_per_token,
         )

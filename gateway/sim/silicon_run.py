@@ -151,19 +151,17 @@ def parallel_layout(row: SiliconRow, layout: Layout) -> ParallelLayout:
     Dense models have no experts to split: their ``moe_*`` columns only repeat the GPU count.
     For MoE models the expert group ``moe_tp × moe_ep`` is the worker's GPU count, and the
     attention layout must fill it (``tp × dp``); some rows record more attention ranks than
-    there are GPUs (DP 64 on one 8-GPU node), so ``tp`` and ``dp`` are capped to fit it. Rows
-    that record fewer (vLLM Qwen3-235B: ``tp 1``, ``moe_tp 4``, no DP column) ran the one way an
-    engine can: data-parallel attention on every GPU, each expert sharded over all of them
-    (vLLM's DP without ``--enable-expert-parallel``), so ``dp`` fills the group.
+    there are GPUs (DP 64 on one 8-GPU node), and some fewer (vLLM Qwen3-235B: ``tp 1``,
+    ``moe_tp 4``, no DP column: the one way an engine runs that is data-parallel attention on
+    every GPU, each expert sharded over all of them, vLLM's DP without
+    ``--enable-expert-parallel``), so ``dp`` is whatever fills the group at the row's ``tp``.
     """
     moe = (row.model or "") in MOE_MODELS
     if not moe:
         return ParallelLayout(tp=layout.tp, pp=layout.pp, dp=layout.dp)
     g = layout.moe_tp * layout.moe_ep
     tp = min(layout.tp, g)
-    dp = max(1, min(layout.dp, g // tp))
-    if tp * dp < g:
-        dp = g // tp
+    dp = max(1, g // tp)
     return ParallelLayout(tp=tp, pp=layout.pp, dp=dp, moe_tp=layout.moe_tp, ep=layout.moe_ep)
 
 
