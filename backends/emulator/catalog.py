@@ -468,7 +468,7 @@ class HbmDevice(_DeviceBase):
             kv_bandwidth_efficiency=e.kv_bandwidth,
             seq_overhead_s=e.seq_overhead_s,
             gemm_half_tokens=e.gemm_half_tokens,
-            moe_layer_floor_s=e.moe_layer_floor_s,
+            moe_layer_floor_s=e.moe_layer_floor_s * _moe_kernels(dep) / MOE_LAYER_KERNELS,
             index_layer_floor_s=e.moe_layer_floor_s * INDEXER_KERNELS / MOE_LAYER_KERNELS,
             attention_flops_s=self.attention_flops_s(dep),
             torus=self.topology.fabric(self.interconnect_gb_s) if self.topology else None,
@@ -497,6 +497,14 @@ class HbmDevice(_DeviceBase):
         e = self.efficiency
         mfu = min(1.0, e.mfu_by_dtype.get(kv, e.mfu) * dep.engine.compute_efficiency)
         return mfu * self.peak_flops(kv)
+
+
+def _moe_kernels(dep: Deployment) -> int:
+    """Kernels one routed-expert layer of ``dep`` launches per step: the engine's fused MXFP4
+    chain where it has one and the experts are MXFP4, else the usual chain."""
+    experts = dep.weights.experts if dep.weights is not None else dep.dtype
+    fused = dep.engine.mxfp4_moe_kernels
+    return fused if fused and experts == "mxfp4" else MOE_LAYER_KERNELS
 
 
 def _block_fp8_experts(dep: Deployment) -> bool:
@@ -848,6 +856,13 @@ class EngineKnobs(_Data):
     )
     overlap_scheduling: bool = Field(
         False, description="the host builds the next step while the devices run this one"
+    )
+    mxfp4_moe_kernels: int = Field(
+        0,
+        ge=0,
+        le=MOE_LAYER_KERNELS,
+        description="kernels one routed-expert layer launches on MXFP4 experts, when the "
+        "engine's MXFP4 path fuses the chain (0: the usual chain of MOE_LAYER_KERNELS)",
     )
 
 

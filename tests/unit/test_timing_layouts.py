@@ -497,6 +497,30 @@ def test_fused_moe_kernels_read_block_fp8_experts_at_their_share_of_the_bandwidt
     assert mixtral._constants.expert_bandwidth_share == 1.0  # type: ignore[union-attr]
 
 
+def test_a_fused_mxfp4_expert_chain_lowers_the_expert_floor_by_its_kernel_count(
+    catalog: Catalog,
+) -> None:
+    # H200's floor is 100 us a routed-expert layer: ten kernels. vLLM runs gpt-oss's MXFP4
+    # experts through six (triton_kernels), so 60 us; TensorRT-LLM's profile keeps ten.
+    mxfp4 = WeightFormats(dense="bf16", experts="mxfp4")
+    layout = ParallelLayout(tp=8)
+
+    def floor(engine: str, model: str, weights: WeightFormats, dtype: str) -> float:
+        knobs = catalog.engine(engine).knobs_for("h200-sxm")
+        dep = catalog.deployment(
+            "h200-sxm", model, dtype=dtype, weights=weights, engine=knobs, layout=layout
+        )
+        return dep._constants.moe_layer_floor_s  # type: ignore[union-attr]
+
+    assert catalog.engine("vllm-0.14").knobs_for("h200-sxm").mxfp4_moe_kernels == 6
+    assert floor("vllm-0.14", "gpt-oss-120b", mxfp4, "bf16") == pytest.approx(60e-6)
+    assert floor("vllm-0.11", "gpt-oss-120b", mxfp4, "bf16") == pytest.approx(60e-6)
+    assert floor("trtllm-1.1", "gpt-oss-120b", mxfp4, "bf16") == pytest.approx(100e-6)
+    # Other expert formats keep the usual chain under the same engine.
+    fp8 = WeightFormats(dense="fp8", experts="fp8")
+    assert floor("vllm-0.14", "qwen3-235b-a22b", fp8, "fp8") == pytest.approx(100e-6)
+
+
 def sparse(**kw: float) -> ModelShape:
     """Ten layers of DeepSeek sparse attention: top-100 keys, an indexer of 2 heads of 64
     (2·10·2·64 = 2,560 FLOPs a pair), 10·(64 + 4) = 680 bytes of indexer keys per token on
