@@ -110,9 +110,20 @@ def _deployment(args: argparse.Namespace, catalog: Catalog) -> tuple[Settings, s
     size = worker.count or 1
     title = (
         f"{size * worker.replicas} × {args.device} ({worker.replicas} instance"
-        f"{'s' if worker.replicas > 1 else ''} of {size}, {args.dtype}), {args.model}"
+        f"{'s' if worker.replicas > 1 else ''} of {size}{spanning(catalog, args.device, size)}, "
+        f"{args.dtype}), {args.model}"
     )
     return settings, args.model, title
+
+
+def spanning(catalog: Catalog, device: str, size: int) -> str:
+    """How an instance of ``size`` devices crosses the device's scale-up domains (NVLink
+    nodes, NVL72 racks), as the title says it; empty when one domain holds it. Collectives
+    beyond a domain run over the scale-out network, which the physics prices."""
+    domain = getattr(catalog.device(device), "scale_up_domain", 0)
+    if not domain or size <= domain:
+        return ""
+    return f" spanning {-(-size // domain)} scale-up domains of {domain}"
 
 
 def _length(value: str | None, dist: str | None, flag: str) -> Length | None:

@@ -14,6 +14,7 @@ from backends.emulator.catalog import Catalog, EngineKnobs
 from backends.emulator.timing import StepShape, kv_transfer_time
 from gateway.settings import EmulatedWorker, parse_settings
 from gateway.sim.run import SimulationSpec, Slo, device_settings, simulate
+from gateway.sim.simulate import spanning
 from gateway.sim.workload import RequestSpec, load_trace, make_workload, parse_length
 from tests.helpers import config, pool
 
@@ -249,3 +250,13 @@ def test_simulate_report_and_the_gateway_judge_goodput_by_one_slo() -> None:
 
     gateway = SloConfig()
     assert (Slo().ttft_s, Slo().tpot_s) == (gateway.ttft_s, gateway.tpot_s) == DEFAULT_SLO
+
+
+def test_the_simulate_title_says_when_an_instance_spans_scale_up_domains(catalog: Catalog) -> None:
+    # An H100 node joins 8 GPUs over NVLink: 16 span two nodes, 8 or fewer fit in one.
+    assert spanning(catalog, "h100-sxm", 16) == " spanning 2 scale-up domains of 8"
+    assert spanning(catalog, "h100-sxm", 12) == " spanning 2 scale-up domains of 8"
+    assert spanning(catalog, "h100-sxm", 8) == ""
+    # GB200 (NVL72) sets no domain bound; a torus fabric (Trainium2) has no switched domain.
+    assert spanning(catalog, "gb200", 16) == ""
+    assert spanning(catalog, "trainium2", 32) == ""
