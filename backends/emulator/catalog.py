@@ -499,19 +499,22 @@ class HbmDevice(_DeviceBase):
         return mfu * self.peak_flops(kv)
 
 
+def _expert_format(dep: Deployment) -> str:
+    """The routed experts' weight format: the deployment's own, else its serving dtype."""
+    return dep.weights.experts if dep.weights is not None else dep.dtype
+
+
 def _moe_kernels(dep: Deployment) -> int:
     """Kernels one routed-expert layer of ``dep`` launches per step: the engine's fused MXFP4
     chain where it has one and the experts are MXFP4, else the usual chain."""
-    experts = dep.weights.experts if dep.weights is not None else dep.dtype
     fused = dep.engine.mxfp4_moe_kernels
-    return fused if fused and experts == "mxfp4" else MOE_LAYER_KERNELS
+    return fused if fused and _expert_format(dep) == "mxfp4" else MOE_LAYER_KERNELS
 
 
 def _block_fp8_experts(dep: Deployment) -> bool:
     """Whether the deployment's routed experts are block-scaled FP8 GEMMs: served at FP8, FP8
     expert weights, from a checkpoint that scales them per block."""
-    experts = dep.weights.experts if dep.weights is not None else dep.dtype
-    return dep.model.fp8_block_scaled and dep.dtype == "fp8" and experts == "fp8"
+    return dep.model.fp8_block_scaled and dep.dtype == "fp8" and _expert_format(dep) == "fp8"
 
 
 class PipelineDevice(_DeviceBase):
