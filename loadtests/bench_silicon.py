@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         help="fit this engine profile's two factors on the train rows of its family (agg rows)",
     )
     p.add_argument("--fit-rows", type=int, default=24, help="train rows per fit (at random)")
+    p.add_argument(
+        "--fit-grid",
+        action="append",
+        metavar="KNOB=V1,V2,...",
+        help="search this knob over these values instead of the default two (repeatable; "
+        "searched in the order given)",
+    )
     args = p.parse_args(argv)
 
     raw = read_rows(args.rows)
@@ -178,6 +185,7 @@ def _read_preds(path: Path) -> dict[str, Prediction]:
 # efficiency (TTFT, large-batch decode) at the chosen overhead.
 OVERHEADS = (0.0, 0.001, 0.002, 0.004, 0.006)
 EFFICIENCIES = (0.3, 0.5, 0.7, 0.85, 1.0)
+DEFAULTS = {"compute_efficiency": 1.0, "step_overhead_s": 0.0}
 
 
 def _fit(profile: str, rows: list[SiliconRow], args: argparse.Namespace) -> int:
@@ -194,7 +202,13 @@ def _fit(profile: str, rows: list[SiliconRow], args: argparse.Namespace) -> int:
     if not train:
         print(f"no train rows for {profile}")
         return 1
-    best = {"compute_efficiency": 1.0, "step_overhead_s": 0.0}
+    grids: list[tuple[str, tuple[float, ...]]] = [
+        ("step_overhead_s", OVERHEADS),
+        ("compute_efficiency", EFFICIENCIES),
+    ]
+    if args.fit_grid:
+        grids = [_grid(spec) for spec in args.fit_grid]
+    best = {name: grid[0] for name, grid in grids} if args.fit_grid else dict(DEFAULTS)
 
     def score(update: dict[str, float]) -> float:
         knobs = {**best, **update}
@@ -204,11 +218,23 @@ def _fit(profile: str, rows: list[SiliconRow], args: argparse.Namespace) -> int:
         print(f"  {knobs} -> {value:.3f}", flush=True)
         return value
 
-    for name, grid in (("step_overhead_s", OVERHEADS), ("compute_efficiency", EFFICIENCIES)):
+    for name, grid in grids:
         scores = {v: score({name: v}) for v in grid}
         best[name] = min(scores, key=lambda v: scores[v])
     print(f"{profile}: {best} on {len(train)} train rows")
     return 0
+
+
+def _grid(spec: str) -> tuple[str, tuple[float, ...]]:
+    """``KNOB=V1,V2,...`` of ``--fit-grid``."""
+    name, _, values = spec.partition("=")
+    try:
+        grid = tuple(float(v) for v in values.split(","))
+    except ValueError:
+        raise SystemExit(f"--fit-grid {spec!r}: values must be numbers") from None
+    if not name or not values:
+        raise SystemExit(f"--fit-grid {spec!r}: expected KNOB=V1,V2,...")
+    return name, grid
 
 
 def _profile_name(row: SiliconRow, lookup) -> str:  # type: ignore[no-untyped-def]

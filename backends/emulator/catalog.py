@@ -867,6 +867,13 @@ class EngineKnobs(_Data):
         description="kernels one routed-expert layer launches on MXFP4 experts, when the "
         "engine's MXFP4 path fuses the chain (0: the usual chain of MOE_LAYER_KERNELS)",
     )
+    # What the serving path adds between the engine producing a token and the client reading
+    # it (output processing and detokenising in the front-end process, the hops between the
+    # engine's processes, the HTTP stream): every token of a request reaches the client this
+    # much later, so TTFT grows by it and TPOT does not. Not GPU work, so no device changes it.
+    first_token_latency_s: float = Field(
+        0.0, ge=0, description="serving-path latency from a token's step to the client"
+    )
 
 
 class ParallelLayout(_Data):
@@ -928,7 +935,13 @@ class EngineProfile(_Data):
         default_factory=dict, description="published layouts by device (MLPerf submissions)"
     )
     fitted: list[
-        Literal["compute_efficiency", "step_overhead_s", "host_seq_s", "moe_fp8_block_bandwidth"]
+        Literal[
+            "compute_efficiency",
+            "step_overhead_s",
+            "host_seq_s",
+            "moe_fp8_block_bandwidth",
+            "first_token_latency_s",
+        ]
     ] = Field(default_factory=list, max_length=2)
     sources: dict[str, str] = Field(min_length=1)
 

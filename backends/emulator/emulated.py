@@ -68,6 +68,10 @@ class EmulatedBackend:
         )
         self._open = False
         self._time_scale_or_one = time_scale or 1.0
+        # The serving path's latency, on this backend's clock: every chunk reaches the client
+        # this long after the step that produced its latest token.
+        latency = deployment.engine.first_token_latency_s
+        self._latency = latency / time_scale if time_scale > 0 else 0.0
 
     async def start(self) -> None:
         self.engine.start()
@@ -253,6 +257,8 @@ class EmulatedBackend:
                     chunk = TokenChunk(text, new)
                 if kv is not None:
                     kv.release()
+                if self._latency and (produced := seq.last_token_at) is not None:
+                    await self._clock.sleep_until(produced + self._latency)
                 yield chunk
                 if chunk.finish_reason is not None:
                     return

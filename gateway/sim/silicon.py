@@ -12,13 +12,23 @@ runs an aggregated row's closed loop on one engine in virtual time (:func:`close
 grades predictions (:func:`accuracy`, :func:`breakdown`). Disaggregated rows go through the
 gateway's own P/D flow (``gateway.sim.silicon_run``).
 
-How the runs were measured, and mirrored here: aiperf with ``--concurrency C
---warmup-request-count C --request-count 20×C``, fixed lengths, ``ignore_eos``, streaming.
-The warm-up wave of ``C`` requests finishes before the counted phase starts; the counted phase
-starts ``C`` clients at once and each sends its next request when its last one ends. Mean TTFT
-and mean TPOT are over the counted requests. With fixed lengths the counted phase settles into
-a periodic pattern within a few waves, so :func:`closed_loop` stops once the running means of
-two consecutive waves agree within ``tolerance`` (or after the 20 waves).
+How the runs were measured, and mirrored here (:class:`Recipe`, :func:`recipe_of`): two
+benchmark clients made the sample's rows.
+
+- **aiperf** (AIConfigurator's own recipe) with ``--concurrency C --warmup-request-count C
+  --request-count 20×C``, fixed lengths, ``ignore_eos``, streaming. The warm-up wave of ``C``
+  requests finishes before the counted phase starts; the counted phase starts ``C`` clients at
+  once and each sends its next request when its last one ends. With fixed lengths the counted
+  phase settles into a periodic pattern within a few waves, so :func:`closed_loop` stops once
+  the running means of two consecutive waves agree within ``tolerance`` (or after the 20 waves).
+- **bench_serving** (the rows from dated source files and the results database):
+  ``benchmark_serving.py --dataset-name random --random-range-ratio 0.8 --num-prompts 10×C
+  --max-concurrency C``. Every prompt and output length is drawn uniformly from ``[0.8·L, L]``,
+  no warm-up, all ``10×C`` requests counted. Unequal output lengths desynchronise the clients
+  within a wave or two, so a new prompt mostly meets a running decode batch rather than ``C − 1``
+  other prompts.
+
+Mean TTFT and mean TPOT are over the counted requests.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from __future__ import annotations
 import csv
 import datetime
 import math
+import random
 import re
 import zlib
 from collections import deque
@@ -144,6 +155,11 @@ class SiliconRow:
     @property
     def model(self) -> str | None:
         return MODELS.get(self.model_path)
+
+    @property
+    def recipe(self) -> Recipe:
+        """How its benchmark client ran the closed loop (:func:`recipe_of`)."""
+        return recipe_of(self.source)
 
     @property
     def family(self) -> str:
@@ -383,6 +399,45 @@ class LoopResult:
     admitted_together: float = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """How a row's benchmark client ran its closed loop: an uncounted warm-up wave or not,
+    ``rounds × C`` counted requests, and each request's prompt and output lengths drawn
+    uniformly from ``[length_ratio · L, L]`` (``1.0``: fixed lengths)."""
+
+    name: str
+    warmup: bool
+    rounds: int
+    length_ratio: float = 1.0
+
+    def lengths(self, rng: random.Random, isl: int, osl: int) -> tuple[int, int]:
+        """One request's prompt and output lengths (``benchmark_serving.py``'s random dataset:
+        ``randint(int(L · ratio), L)`` for each)."""
+        if self.length_ratio >= 1.0:
+            return isl, osl
+        return (
+            rng.randint(max(1, int(isl * self.length_ratio)), isl),
+            rng.randint(max(1, int(osl * self.length_ratio)), osl),
+        )
+
+
+# AIConfigurator's benchmark recipe (silicon/README.md of the calibration data).
+AIPERF = Recipe("aiperf", warmup=True, rounds=20)
+# The dated source files and the results-database dump: vLLM's/SGLang's benchmark_serving.py
+# with --random-range-ratio 0.8 --num-prompts 10×C and no warm-up. That their clients are
+# desynchronised is in the rows themselves: on every aggregated vLLM series of these sources the
+# measured TTFT over a desynchronised loop's is the same at 4 and at 256 clients (1.2-2.0 by
+# model), where a synchronised loop's TTFT grows with the client count (docs/accuracy.md).
+BENCH_SERVING = Recipe("bench_serving", warmup=False, rounds=10, length_ratio=0.8)
+
+
+def recipe_of(source: str) -> Recipe:
+    """The benchmark recipe of a row, from its ``silicon_data_source``."""
+    if source.startswith(("source_file=", "db-dump")):
+        return BENCH_SERVING
+    return AIPERF
+
+
 class Stalled(RuntimeError):
     """The engine could make no progress (a request that can never be admitted)."""
 
@@ -395,24 +450,31 @@ def closed_loop(
     concurrency: int,
     isl: int,
     osl: int,
-    rounds: int = 20,
+    recipe: Recipe = AIPERF,
+    rounds: int | None = None,
     tolerance: float = 0.005,
     min_waves: int = 2,
     max_steps: int = 2_000_000,
     frontend_s: float = 0.0,
+    latency_s: float = 0.0,
     spread: bool = False,
 ) -> LoopResult:
-    """Run aiperf's closed loop on ``engine``: one warm-up wave of ``concurrency`` requests
-    (not counted), then ``concurrency`` clients sending ``rounds × concurrency`` requests back to
-    back. Returns the mean TTFT and TPOT of the counted requests.
+    """Run a benchmark client's closed loop on ``engine`` as ``recipe`` does: one warm-up wave
+    of ``concurrency`` requests (not counted) if it has one, then ``concurrency`` clients sending
+    ``rounds × concurrency`` requests back to back (``rounds`` defaults to the recipe's), each
+    request's lengths drawn by the recipe from a fixed seed. Returns the mean TTFT and TPOT of
+    the counted requests.
 
     ``step_time(shape)`` prices one step (the deployment's physics plus any drafting cost).
     ``frontend_s`` is the serving front end's work per request before the engine sees it
     (HTTP parsing, tokenisation), done one request at a time: a wave of ``C`` requests sent
     together reaches the engine spread over ``C · frontend_s``, and is counted in TTFT.
-    A wave is ``concurrency`` counted completions; after ``min_waves`` waves the loop stops as
-    soon as the counted means of TTFT and TPOT moved less than ``tolerance`` (relative) over the
-    last wave.
+    ``latency_s`` is the serving path's latency from a token's step to the client (the engine's
+    ``first_token_latency_s``): the client reads every token that much later, so TTFT grows by
+    it, TPOT does not, and the client sends its next request that much after the last step.
+    A wave is ``concurrency`` counted completions. With fixed lengths, after ``min_waves`` waves
+    the loop stops as soon as the counted means of TTFT and TPOT moved less than ``tolerance``
+    (relative) over the last wave; with drawn lengths every request is run, as the client does.
 
     ``spread`` starts the counted clients one after another, evenly over the warm-up wave's
     latency, instead of as one burst: a fully desynchronised start, the other bound of what a
@@ -422,6 +484,9 @@ def closed_loop(
         # Finished sequences are read from each step's batch, which bulk decodes are not in.
         raise ValueError("closed_loop needs an engine built with bulk_decode=False")
     c = max(1, concurrency)
+    rounds = recipe.rounds if rounds is None else rounds
+    rng = random.Random(0)
+    settles = recipe.length_ratio >= 1.0  # fixed lengths: the pattern repeats
     arrival: dict[int, float] = {}
     admitted: dict[int, tuple[float, int]] = {}  # admission time, requests admitted with it
     pending: deque[tuple[float, float]] = deque()  # (reaches the engine, sent by the client)
@@ -436,7 +501,7 @@ def closed_loop(
         group = []
         while pending and pending[0][0] <= now:
             _, sent_at = pending.popleft()
-            seq = engine.submit(isl, osl)
+            seq = engine.submit(*recipe.lengths(rng, isl, osl))
             arrival[id(seq)] = sent_at
             group.append(id(seq))
         for key in group:
@@ -446,9 +511,12 @@ def closed_loop(
     counted = steps = sent = waves = 0
     for _ in range(c):
         send(clock.t)
-    warm_left = c
-    counted_phase = converged = False
+    warm_left = c if recipe.warmup else 0
+    counted_phase = not recipe.warmup
+    converged = False
     total = rounds * c
+    if counted_phase:
+        sent = c
     prev: tuple[float, float] | None = None
     while True:
         admit(clock.t)
@@ -481,7 +549,7 @@ def closed_loop(
                 warm_left -= 1
                 continue
             first = s.first_token_at if s.first_token_at is not None else now
-            ttft_sum += first - start
+            ttft_sum += first + latency_s - start
             wait_sum += admitted_at - start
             together_sum += together
             if s.generated > 1:
@@ -490,16 +558,17 @@ def closed_loop(
             if counted % c == 0:
                 waves += 1
                 means = (ttft_sum / counted, tpot_sum / counted)
-                if prev is not None and waves >= min_waves and _close(means, prev, tolerance):
+                settled = prev is not None and _close(means, prev, tolerance)
+                if settles and settled and waves >= min_waves:
                     converged = True
                 prev = means
             if sent < total and not converged:
-                send(now)
+                send(now + latency_s)
                 sent += 1
         if not counted_phase and warm_left == 0:
             counted_phase = True
             for k in range(c):  # the warm-up wave started at 0 and ended now
-                send(now + (k * now / c if spread else 0.0))
+                send(now + latency_s + (k * now / c if spread else 0.0))
             sent = c
         if counted_phase and (converged or counted >= total):
             break

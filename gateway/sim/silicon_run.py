@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -39,6 +40,7 @@ from gateway.sim.silicon import (
     LoopResult,
     ManualClock,
     Prediction,
+    Recipe,
     RowError,
     SiliconRow,
     Stalled,
@@ -51,14 +53,14 @@ from gateway.sim.workload import RequestSpec
 if TYPE_CHECKING:  # the simulation is imported only when a disaggregated row runs
     from gateway.sim.run import RequestRecord
 
-# A disaggregated row's closed loop, as aiperf measures it (gateway.sim.silicon): the warm-up
-# wave finishes before the counted phase starts, so the counted phase starts ``C`` clients at
-# once on an idle deployment, and ``AIPERF_ROUNDS × C`` requests are counted. The gateway's
-# closed loop has no convergence test, so the first (burst) wave and ``DISAGG_WAVES`` more are
-# run; with fixed lengths the pattern repeats after the first wave, so the later waves stand
-# for the remaining ``AIPERF_ROUNDS − 1``.
+# A disaggregated row's closed loop, as its benchmark client ran it (gateway.sim.silicon,
+# Recipe): the counted phase starts ``C`` clients at once on an idle deployment (aiperf's
+# warm-up wave has finished; benchmark_serving has none) and ``rounds × C`` requests are
+# counted. The gateway's closed loop has no convergence test, so the first (burst) wave and
+# ``DISAGG_WAVES`` more are run; the later waves stand for the remaining ``rounds − 1``: with
+# fixed lengths the pattern repeats after the first wave, with drawn lengths the clients have
+# desynchronised by then.
 DISAGG_WAVES = 4
-AIPERF_ROUNDS = 20
 
 # KV link between prefill and decode workers on separate Hopper nodes: each GPU's own
 # 400 Gb/s InfiniBand NIC (DGX H100/H200: eight ConnectX-7, one per GPU).
@@ -215,7 +217,9 @@ def agg_loop(
         concurrency=math.ceil(row.concurrency / replicas),
         isl=row.isl,
         osl=row.osl,
+        recipe=row.recipe,
         frontend_s=frontend,
+        latency_s=dep.engine.first_token_latency_s,
         spread=spread,
     )
 
@@ -241,6 +245,7 @@ def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
             f"{engine_profile(row, cat).name}; {dep.device.name} × {dep.count}, "
             f"tp {dep.tp}, dtype {dep.dtype}; {row.concurrency} clients, {row.isl}/{row.osl}"
             f"{workers}",
+            f"  client: {_describe(row.recipe)}",
             f"  one prompt's prefill step alone: {alone * ms:.1f} ms",
             f"  TTFT {r.ttft_s * ms:.1f} ms (measured {row.ttft_ms or math.nan:.1f}): "
             f"{r.wait_s * ms:.1f} ms before the engine admits it, "
@@ -252,6 +257,16 @@ def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
             f"TPOT {d.tpot_s * ms:.2f} ms, admitted together {d.admitted_together:.1f}",
         ]
     )
+
+
+def _describe(recipe: Recipe) -> str:
+    warm = "one warm-up wave, then " if recipe.warmup else "no warm-up, "
+    lengths = (
+        "fixed lengths"
+        if recipe.length_ratio >= 1.0
+        else f"lengths drawn from [{recipe.length_ratio:g}·L, L]"
+    )
+    return f"{recipe.name} ({warm}{recipe.rounds}×C counted, {lengths})"
 
 
 def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
@@ -310,10 +325,12 @@ def _disagg(row: SiliconRow, cat: Catalog | None) -> tuple[float, float]:
     settings = disagg_settings(row, cat)
     c = row.concurrency
     total = c * (1 + DISAGG_WAVES)
+    recipe, rng = row.recipe, random.Random(0)
 
     def requests() -> Iterator[RequestSpec]:
         for _ in range(total):
-            yield RequestSpec(prompt_tokens=row.isl, output_tokens=row.osl)
+            isl, osl = recipe.lengths(rng, row.isl, row.osl)
+            yield RequestSpec(prompt_tokens=isl, output_tokens=osl)
 
     spec = SimulationSpec(
         settings, row.model or "", requests(), concurrency=c, total=total, catalog=cat or catalog()
@@ -322,7 +339,9 @@ def _disagg(row: SiliconRow, cat: Catalog | None) -> tuple[float, float]:
     if not any(r.error is None and r.end_at is not None for r in result.records):
         errors = {r.error for r in result.records if r.error}
         raise RowError(f"no request completed: {', '.join(sorted(e for e in errors if e))}")
-    return wave_means(result.records[:c], result.records[c:], AIPERF_ROUNDS)
+    # The first wave starts as one burst on an idle deployment (after aiperf's warm-up, or as
+    # benchmark_serving's first C requests); the later waves stand for the rest of the rounds.
+    return wave_means(result.records[:c], result.records[c:], recipe.rounds)
 
 
 def wave_means(

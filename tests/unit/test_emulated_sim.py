@@ -97,6 +97,38 @@ def test_layerwise_decode_leg_waits_for_less_transfer(
     assert overlapped < whole / 2
 
 
+# -- the serving path's latency -------------------------------------------------------------
+
+
+def test_the_serving_path_delays_every_chunk_alike(
+    run_virtual: RunVirtual, catalog: Catalog
+) -> None:
+    # An engine whose serving path takes 80 ms: the client reads the first token and the last
+    # 80 ms after the steps that made them, so TTFT grows by 80 ms and the gap between them
+    # (what TPOT is made of) does not change.
+    def times(latency: float) -> tuple[float, float]:
+        async def main() -> tuple[float, float]:
+            clock = LoopClock()
+            dep = catalog.deployment("h100-sxm", "llama-3.1-8b")
+            knobs = dep.engine.model_copy(update={"first_token_latency_s": latency})
+            backend = EmulatedBackend(
+                "a", dataclasses.replace(dep, engine=knobs), clock, coalesce=True
+            )
+            await backend.start()
+            start, seen = clock.now(), []
+            async for _ in backend.generate(params(model="llama-3.1-8b", max_tokens=20)):
+                seen.append(clock.now() - start)
+            await backend.close()
+            return seen[0], seen[-1]
+
+        out: tuple[float, float] = run_virtual(main)
+        return out
+
+    (first0, last0), (first1, last1) = times(0.0), times(0.08)
+    assert first1 == pytest.approx(first0 + 0.08, abs=1e-6)
+    assert last1 - first1 == pytest.approx(last0 - first0, abs=1e-6)
+
+
 # -- coalesced legs and gap recording -----------------------------------------------------------
 
 

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import datetime
 import math
+import random
+from statistics import mean
 
 import pytest
 
 from backends.emulator.engine import Engine
 from backends.emulator.timing import StepShape
 from gateway.sim.silicon import (
+    AIPERF,
+    BENCH_SERVING,
     BREAKDOWNS,
     Layout,
     LoopResult,
     ManualClock,
     Prediction,
+    Recipe,
     RowError,
     SiliconRow,
     accuracy,
@@ -25,6 +30,7 @@ from gateway.sim.silicon import (
     fit_objective,
     is_train,
     parse_row,
+    recipe_of,
     rel_error,
     summary_table,
     weights_of,
@@ -166,6 +172,22 @@ def test_closed_loop_single_client_hand_worked() -> None:
     assert r.admitted_together == 1.0
 
 
+def test_a_serving_path_latency_adds_to_ttft_and_not_to_tpot() -> None:
+    # One client, 10 ms steps, a 30 ms serving path: the first token leaves the engine after one
+    # step (10 ms) and reaches the client 30 ms later (40 ms); the last one too, so every token
+    # is shifted alike and TPOT stays one step. The client sends its next request when it reads
+    # the last token, so the engine is idle again when it arrives: no wait.
+    timer = ConstantTimer(0.010)
+    clock = ManualClock()
+    engine = Engine(timer, clock, max_num_batched_tokens=8192, bulk_decode=False)  # type: ignore[arg-type]
+    r = closed_loop(engine, clock, timer.step_time, concurrency=1, isl=100, osl=5, latency_s=0.03)
+    assert r.ttft_s == pytest.approx(0.040)
+    assert r.tpot_s == pytest.approx(0.010)
+    assert r.wait_s == pytest.approx(0.0)
+    # A request's cycle is its 5 steps plus the 30 ms path: 80 ms between sends.
+    assert clock.t == pytest.approx((1 + r.counted) * 0.080 - 0.030)
+
+
 def test_closed_loop_reports_the_wait_for_a_running_step_and_synchronised_arrivals() -> None:
     # Two clients, no front end, 10 ms steps, prompts that fit one step together: the counted
     # phase opens with both requests sent at once into an idle engine, admitted together,
@@ -227,6 +249,51 @@ def test_a_spread_start_desynchronises_the_clients() -> None:
     assert spread.converged
 
 
+def test_the_benchmark_recipe_follows_the_rows_source() -> None:
+    assert recipe_of("source_file=2026-03-25.csv; model=DeepSeek-R1; silicon_concurrency=13") is (
+        BENCH_SERVING
+    )
+    assert recipe_of("db-dump/2026-04-27; config_id=81; silicon_concurrency=4") is BENCH_SERVING
+    assert recipe_of("silicon_concurrency=16") is AIPERF
+    assert recipe_of("gtl_job_id=23364591; silicon_concurrency=8") is AIPERF
+    row = parse_row({**AGG, "silicon_data_source": "silicon_concurrency=16"})
+    assert row.recipe is AIPERF
+
+
+def test_bench_serving_draws_each_length_from_four_fifths_of_it_to_all_of_it() -> None:
+    rng = random.Random(1)
+    draws = [BENCH_SERVING.lengths(rng, 1000, 50) for _ in range(4000)]
+    isls, osls = [i for i, _ in draws], [o for _, o in draws]
+    assert (min(isls), max(isls)) == (800, 1000)
+    assert (min(osls), max(osls)) == (40, 50)
+    assert mean(isls) == pytest.approx(900, rel=0.01)
+    assert mean(osls) == pytest.approx(45, rel=0.01)
+    assert AIPERF.lengths(rng, 1000, 50) == (1000, 50)
+
+
+def test_bench_serving_counts_every_request_and_its_clients_drift_apart() -> None:
+    # Four clients, 10 ms steps, a budget of one 100-token prompt per step. aiperf's fixed
+    # lengths keep the clients one wave: after the warm-up they queue behind each other's
+    # prompts every round. benchmark_serving counts its first wave too (one burst into an idle
+    # engine: TTFT 10, 20, 30 and 40 ms, 2.5 ms of the mean over 40 requests) and then draws
+    # outputs from [40, 50] tokens, so the clients finish at different steps and a prompt mostly
+    # arrives alone (10 ms). The mean TTFT is therefore at least 2.5 + 36 × 10 / 40 = 11.5 ms
+    # and below aiperf's; all 10 × 4 requests are run and counted.
+    timer = ConstantTimer(0.010)
+
+    def loop(recipe: Recipe) -> LoopResult:
+        clock = ManualClock()
+        engine = Engine(timer, clock, max_num_batched_tokens=100, bulk_decode=False)  # type: ignore[arg-type]
+        return closed_loop(
+            engine, clock, timer.step_time, concurrency=4, isl=100, osl=50, recipe=recipe
+        )
+
+    aiperf, bench = loop(AIPERF), loop(BENCH_SERVING)
+    assert (bench.counted, bench.waves, bench.converged) == (40, 10, False)
+    assert bench.tpot_s == pytest.approx(0.010)
+    assert 0.0115 - 1e-9 <= bench.ttft_s < aiperf.ttft_s
+
+
 def test_clients_beyond_one_workers_cap_run_on_more_workers() -> None:
     from gateway.sim.silicon_run import agg_loop, agg_replicas
 
@@ -253,6 +320,8 @@ def test_explain_splits_ttft_into_the_wait_and_the_engine() -> None:
     r = agg_loop(row, row.agg)
     text = explain(row)
     assert "profile trtllm-1.0" in text
+    # A db-dump row came from benchmark_serving.
+    assert "client: bench_serving (no warm-up, 10×C counted, lengths drawn from [0.8·L, L])" in text
     assert f"TTFT {r.ttft_s * 1e3:.1f} ms (measured 250.0)" in text
     assert f"{r.wait_s * 1e3:.1f} ms before the engine admits it" in text
     assert f"{(r.ttft_s - r.wait_s) * 1e3:.1f} ms in the engine" in text
