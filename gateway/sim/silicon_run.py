@@ -36,6 +36,7 @@ from backends.emulator.timing import StepShape
 from backends.errors import CatalogError
 from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings
 from gateway.sim.silicon import (
+    AIPERF,
     Layout,
     LoopResult,
     ManualClock,
@@ -198,11 +199,17 @@ def agg_replicas(row: SiliconRow, layout: Layout) -> int:
 
 
 def agg_loop(
-    row: SiliconRow, layout: Layout, cat: Catalog | None = None, *, spread: bool = False
+    row: SiliconRow,
+    layout: Layout,
+    cat: Catalog | None = None,
+    *,
+    spread: bool = False,
+    recipe: Recipe | None = None,
 ) -> LoopResult:
-    """The closed loop of an aggregated row on its deployment and engine profile. With
-    several workers (:func:`agg_replicas`) the clients spread evenly over them, so one worker
-    runs with its share. ``spread``: the clients start desynchronised (:func:`closed_loop`)."""
+    """The closed loop of an aggregated row on its deployment and engine profile, run as the
+    row's benchmark client ran it (or as ``recipe``). With several workers
+    (:func:`agg_replicas`) the clients spread evenly over them, so one worker runs with its
+    share. ``spread``: the clients start desynchronised (:func:`closed_loop`)."""
     replicas = agg_replicas(row, layout)
     dep = deployment_for(row, layout, cat)
     clock = ManualClock()
@@ -217,7 +224,7 @@ def agg_loop(
         concurrency=math.ceil(row.concurrency / replicas),
         isl=row.isl,
         osl=row.osl,
-        recipe=row.recipe,
+        recipe=recipe or row.recipe,
         frontend_s=frontend,
         latency_s=dep.engine.first_token_latency_s,
         spread=spread,
@@ -233,7 +240,12 @@ def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
     dep = deployment_for(row, row.agg, cat)
     alone = dep.step_time(StepShape.of([(row.isl, 0)]))
     r = agg_loop(row, row.agg, cat)
-    d = agg_loop(row, row.agg, cat, spread=True)
+    # The other bound of how synchronised the clients are: aiperf's loop started one client
+    # after another, or benchmark_serving's run as aiperf's single burst of fixed lengths.
+    if row.recipe.warmup:
+        other, d = "started desynchronised instead", agg_loop(row, row.agg, cat, spread=True)
+    else:
+        other, d = "as aiperf's fixed lengths and burst", agg_loop(row, row.agg, cat, recipe=AIPERF)
     replicas = agg_replicas(row, row.agg)
     clients = math.ceil(row.concurrency / replicas)
     workers = f"; {replicas} workers, {clients} clients each" if replicas > 1 else ""
@@ -253,7 +265,7 @@ def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
             f"  TPOT {r.tpot_s * ms:.2f} ms (measured {row.tpot_ms or math.nan:.2f})",
             f"  admitted together: {r.admitted_together:.1f} of {clients} clients "
             f"on average; {r.counted} requests counted over {r.waves} waves, {r.steps} steps",
-            f"  started desynchronised instead: TTFT {d.ttft_s * ms:.1f} ms, "
+            f"  {other}: TTFT {d.ttft_s * ms:.1f} ms, "
             f"TPOT {d.tpot_s * ms:.2f} ms, admitted together {d.admitted_together:.1f}",
         ]
     )

@@ -7,6 +7,7 @@ import datetime
 import math
 import random
 from statistics import mean
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,6 @@ from gateway.sim.silicon import (
     LoopResult,
     ManualClock,
     Prediction,
-    Recipe,
     RowError,
     SiliconRow,
     accuracy,
@@ -156,13 +156,24 @@ class ConstantTimer:
         return self.t
 
 
+def on_10ms_steps(
+    concurrency: int, osl: int, budget: int = 8192, **loop: Any
+) -> tuple[LoopResult, float]:
+    """The closed loop of 100-token prompts on an engine whose every step takes 10 ms, with a
+    token budget of ``budget`` per step; its result and the clock at its end."""
+    timer = ConstantTimer(0.010)
+    clock = ManualClock()
+    engine = Engine(timer, clock, max_num_batched_tokens=budget, bulk_decode=False)  # type: ignore[arg-type]
+    r = closed_loop(
+        engine, clock, timer.step_time, concurrency=concurrency, isl=100, osl=osl, **loop
+    )
+    return r, clock.t
+
+
 def test_closed_loop_single_client_hand_worked() -> None:
     # One client, a prompt that fits one step: the first token comes after the front end
     # (2 ms) and one step (10 ms); every further token one step later.
-    timer = ConstantTimer(0.010)
-    clock = ManualClock()
-    engine = Engine(timer, clock, max_num_batched_tokens=8192, bulk_decode=False)  # type: ignore[arg-type]
-    r = closed_loop(engine, clock, timer.step_time, concurrency=1, isl=100, osl=5, frontend_s=0.002)
+    r, _ = on_10ms_steps(1, 5, frontend_s=0.002)
     assert r.ttft_s == pytest.approx(0.012)
     assert r.tpot_s == pytest.approx(0.010)
     assert r.converged
@@ -177,15 +188,12 @@ def test_a_serving_path_latency_adds_to_ttft_and_not_to_tpot() -> None:
     # step (10 ms) and reaches the client 30 ms later (40 ms); the last one too, so every token
     # is shifted alike and TPOT stays one step. The client sends its next request when it reads
     # the last token, so the engine is idle again when it arrives: no wait.
-    timer = ConstantTimer(0.010)
-    clock = ManualClock()
-    engine = Engine(timer, clock, max_num_batched_tokens=8192, bulk_decode=False)  # type: ignore[arg-type]
-    r = closed_loop(engine, clock, timer.step_time, concurrency=1, isl=100, osl=5, latency_s=0.03)
+    r, end = on_10ms_steps(1, 5, latency_s=0.03)
     assert r.ttft_s == pytest.approx(0.040)
     assert r.tpot_s == pytest.approx(0.010)
     assert r.wait_s == pytest.approx(0.0)
     # A request's cycle is its 5 steps plus the 30 ms path: 80 ms between sends.
-    assert clock.t == pytest.approx((1 + r.counted) * 0.080 - 0.030)
+    assert end == pytest.approx((1 + r.counted) * 0.080 - 0.030)
 
 
 def test_closed_loop_reports_the_wait_for_a_running_step_and_synchronised_arrivals() -> None:
@@ -230,16 +238,7 @@ def test_a_spread_start_desynchronises_the_clients() -> None:
     # decodes), each arrives alone, 125 ms after the one before, waits at most the step
     # running (10 ms) and is prefilled in the next (10 ms); having the same latency, they
     # never meet again.
-    timer = ConstantTimer(0.010)
-
-    def loop(spread: bool) -> LoopResult:
-        clock = ManualClock()
-        engine = Engine(timer, clock, max_num_batched_tokens=8192, bulk_decode=False)  # type: ignore[arg-type]
-        return closed_loop(
-            engine, clock, timer.step_time, concurrency=4, isl=100, osl=50, spread=spread
-        )
-
-    burst, spread = loop(False), loop(True)
+    (burst, _), (spread, _) = on_10ms_steps(4, 50, spread=False), on_10ms_steps(4, 50, spread=True)
     assert burst.admitted_together == 4.0
     assert spread.admitted_together == 1.0
     assert 0.010 < spread.ttft_s <= 0.020 + 1e-9
@@ -279,16 +278,9 @@ def test_bench_serving_counts_every_request_and_its_clients_drift_apart() -> Non
     # outputs from [40, 50] tokens, so the clients finish at different steps and a prompt mostly
     # arrives alone (10 ms). The mean TTFT is therefore at least 2.5 + 36 × 10 / 40 = 11.5 ms
     # and below aiperf's; all 10 × 4 requests are run and counted.
-    timer = ConstantTimer(0.010)
-
-    def loop(recipe: Recipe) -> LoopResult:
-        clock = ManualClock()
-        engine = Engine(timer, clock, max_num_batched_tokens=100, bulk_decode=False)  # type: ignore[arg-type]
-        return closed_loop(
-            engine, clock, timer.step_time, concurrency=4, isl=100, osl=50, recipe=recipe
-        )
-
-    aiperf, bench = loop(AIPERF), loop(BENCH_SERVING)
+    (aiperf, _), (bench, _) = (
+        on_10ms_steps(4, 50, budget=100, recipe=recipe) for recipe in (AIPERF, BENCH_SERVING)
+    )
     assert (bench.counted, bench.waves, bench.converged) == (40, 10, False)
     assert bench.tpot_s == pytest.approx(0.010)
     assert 0.0115 - 1e-9 <= bench.ttft_s < aiperf.ttft_s
