@@ -871,7 +871,7 @@ class EngineKnobs(_Data):
     # it (output processing and detokenising in the front-end process, the hops between the
     # engine's processes, the HTTP stream): every token of a request reaches the client this
     # much later, so TTFT grows by it and TPOT does not. Not GPU work, so no device changes it.
-    first_token_latency_s: float = Field(
+    serving_latency_s: float = Field(
         0.0, ge=0, description="serving-path latency from a token's step to the client"
     )
 
@@ -940,7 +940,7 @@ class EngineProfile(_Data):
             "step_overhead_s",
             "host_seq_s",
             "moe_fp8_block_bandwidth",
-            "first_token_latency_s",
+            "serving_latency_s",
         ]
     ] = Field(default_factory=list, max_length=2)
     sources: dict[str, str] = Field(min_length=1)

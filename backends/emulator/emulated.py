@@ -70,7 +70,7 @@ class EmulatedBackend:
         self._time_scale_or_one = time_scale or 1.0
         # The serving path's latency, on this backend's clock: every chunk reaches the client
         # this long after the step that produced its latest token.
-        latency = deployment.engine.first_token_latency_s
+        latency = deployment.engine.serving_latency_s
         self._latency = latency / time_scale if time_scale > 0 else 0.0
 
     async def start(self) -> None:

@@ -470,7 +470,7 @@ def closed_loop(
     (HTTP parsing, tokenisation), done one request at a time: a wave of ``C`` requests sent
     together reaches the engine spread over ``C · frontend_s``, and is counted in TTFT.
     ``latency_s`` is the serving path's latency from a token's step to the client (the engine's
-    ``first_token_latency_s``): the client reads every token that much later, so TTFT grows by
+    ``serving_latency_s``): the client reads every token that much later, so TTFT grows by
     it, TPOT does not, and the client sends its next request that much after the last step.
     A wave is ``concurrency`` counted completions. With fixed lengths, after ``min_waves`` waves
     the loop stops as soon as the counted means of TTFT and TPOT moved less than ``tolerance``

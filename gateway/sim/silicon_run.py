@@ -226,7 +226,7 @@ def agg_loop(
         osl=row.osl,
         recipe=recipe or row.recipe,
         frontend_s=frontend,
-        latency_s=dep.engine.first_token_latency_s,
+        latency_s=dep.engine.serving_latency_s,
         spread=spread,
     )
 

@@ -110,7 +110,7 @@ def test_the_serving_path_delays_every_chunk_alike(
         async def main() -> tuple[float, float]:
             clock = LoopClock()
             dep = catalog.deployment("h100-sxm", "llama-3.1-8b")
-            knobs = dep.engine.model_copy(update={"first_token_latency_s": latency})
+            knobs = dep.engine.model_copy(update={"serving_latency_s": latency})
             backend = EmulatedBackend(
                 "a", dataclasses.replace(dep, engine=knobs), clock, coalesce=True
             )
