@@ -425,9 +425,9 @@ class Recipe:
 AIPERF = Recipe("aiperf", warmup=True, rounds=20)
 # The dated source files and the results-database dump: vLLM's/SGLang's benchmark_serving.py
 # with --random-range-ratio 0.8 --num-prompts 10×C and no warm-up. That their clients are
-# desynchronised is in the rows themselves: on every aggregated vLLM series of these sources the
-# measured TTFT over a desynchronised loop's is the same at 4 and at 256 clients (1.2-2.0 by
-# model), where a synchronised loop's TTFT grows with the client count (docs/accuracy.md).
+# desynchronised is in the rows themselves: on the aggregated vLLM series of these sources the
+# measured TTFT over a desynchronised loop's is steady from 4 to 256 clients (1.2-2.1 by model),
+# where over a synchronised loop's it swings threefold (docs/accuracy.md).
 BENCH_SERVING = Recipe("bench_serving", warmup=False, rounds=10, length_ratio=0.8)
 
 
