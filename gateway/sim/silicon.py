@@ -735,6 +735,9 @@ BREAKDOWNS: dict[str, Callable[[SiliconRow], str]] = {
     "engine": lambda r: r.backend,
     "family": lambda r: r.family,
     "device": lambda r: r.system,
+    # The benchmark client that measured the row (aiperf's bursts or benchmark_serving's
+    # drawn lengths), which decides how synchronised its clients are.
+    "client": lambda r: r.recipe.name,
     # How synchronised a closed loop's waves stay depends on the prompt and the client count.
     "isl": lambda r: _bucket(r.isl, (1500, 5000)),
     "clients": lambda r: _bucket(r.concurrency, (8, 32, 128)),

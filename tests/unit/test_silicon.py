@@ -257,6 +257,9 @@ def test_the_benchmark_recipe_follows_the_rows_source() -> None:
     assert recipe_of("gtl_job_id=23364591; silicon_concurrency=8") is AIPERF
     row = parse_row({**AGG, "silicon_data_source": "silicon_concurrency=16"})
     assert row.recipe is AIPERF
+    # The harness's summary groups rows by it.
+    bench = parse_row({**AGG, "silicon_data_source": "source_file=x.csv; silicon_concurrency=4"})
+    assert [BREAKDOWNS["client"](r) for r in (row, bench)] == ["aiperf", "bench_serving"]
 
 
 def test_bench_serving_draws_each_length_from_four_fifths_of_it_to_all_of_it() -> None:
