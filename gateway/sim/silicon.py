@@ -451,7 +451,6 @@ def closed_loop(
     isl: int,
     osl: int,
     recipe: Recipe = AIPERF,
-    rounds: int | None = None,
     tolerance: float = 0.005,
     min_waves: int = 2,
     max_steps: int = 2_000_000,
@@ -461,8 +460,8 @@ def closed_loop(
 ) -> LoopResult:
     """Run a benchmark client's closed loop on ``engine`` as ``recipe`` does: one warm-up wave
     of ``concurrency`` requests (not counted) if it has one, then ``concurrency`` clients sending
-    ``rounds × concurrency`` requests back to back (``rounds`` defaults to the recipe's), each
-    request's lengths drawn by the recipe from a fixed seed. Returns the mean TTFT and TPOT of
+    the recipe's ``rounds × concurrency`` requests back to back, each request's lengths drawn
+    by the recipe from a fixed seed. Returns the mean TTFT and TPOT of
     the counted requests.
 
     ``step_time(shape)`` prices one step (the deployment's physics plus any drafting cost).
@@ -484,7 +483,6 @@ def closed_loop(
         # Finished sequences are read from each step's batch, which bulk decodes are not in.
         raise ValueError("closed_loop needs an engine built with bulk_decode=False")
     c = max(1, concurrency)
-    rounds = recipe.rounds if rounds is None else rounds
     rng = random.Random(0)
     settles = recipe.length_ratio >= 1.0  # fixed lengths: the pattern repeats
     arrival: dict[int, float] = {}
@@ -514,7 +512,7 @@ def closed_loop(
     warm_left = c if recipe.warmup else 0
     counted_phase = not recipe.warmup
     converged = False
-    total = rounds * c
+    total = recipe.rounds * c
     if counted_phase:
         sent = c
     prev: tuple[float, float] | None = None
