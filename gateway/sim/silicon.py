@@ -401,14 +401,18 @@ class LoopResult:
 
 @dataclass(frozen=True, slots=True)
 class Recipe:
-    """How a row's benchmark client ran its closed loop: an uncounted warm-up wave or not,
-    ``rounds × C`` counted requests, and each request's prompt and output lengths drawn
-    uniformly from ``[length_ratio · L, L]`` (``1.0``: fixed lengths)."""
+    """How a row was measured: how its benchmark client ran the closed loop (an uncounted
+    warm-up wave or not, ``rounds × C`` counted requests, each request's prompt and output
+    lengths drawn uniformly from ``[length_ratio · L, L]``, ``1.0``: fixed lengths), and the
+    per-step token budget the pipeline's deployment generator wrote into the engine's config:
+    ``batch + isl + token_headroom`` on an aggregated worker, ``isl + token_headroom`` on a
+    prefill worker (``None``: the engine's own default)."""
 
     name: str
     warmup: bool
     rounds: int
     length_ratio: float = 1.0
+    token_headroom: int | None = None
 
     def lengths(self, rng: random.Random, isl: int, osl: int) -> tuple[int, int]:
         """One request's prompt and output lengths (``benchmark_serving.py``'s random dataset:
@@ -421,8 +425,14 @@ class Recipe:
         )
 
 
-# AIConfigurator's benchmark recipe (silicon/README.md of the calibration data).
-AIPERF = Recipe("aiperf", warmup=True, rounds=20)
+# AIConfigurator's benchmark recipe (silicon/README.md of the calibration data). The same
+# pipeline deploys the engines with its generator's benchmark rules (aiconfigurator 0.12.0,
+# generator/rule_plugin/benchmark/{trtllm,vllm,sglang}.rule): TensorRT-LLM's and vLLM's
+# max_num_tokens = max_batch_size + ISL + 1500 on an aggregated worker and ISL + 1500 on a
+# prefill worker (SGLang's rows show no sign of its rules: silicon_run.recipe_budget). With the
+# engines' default 8,192 a burst of C short prompts would be prefilled eight at a time; these
+# configs take one or two.
+AIPERF = Recipe("aiperf", warmup=True, rounds=20, token_headroom=1500)
 # The dated source files and the results-database dump: vLLM's/SGLang's benchmark_serving.py
 # with --random-range-ratio 0.8 --num-prompts 10×C and no warm-up. That their clients are
 # desynchronised is in the rows themselves: on the aggregated vLLM series of these sources the

@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from backends.emulator.catalog import (
     Catalog,
@@ -69,6 +69,9 @@ DISAGG_LINK = "ib_ndr"
 
 _catalog: Catalog | None = None
 
+# A worker's part in a row: an aggregated worker, or a prefill or decode worker of an xPyD row.
+Role = Literal["agg", "prefill", "decode"]
+
 MOE_MODELS = {
     "deepseek-v3",
     "kimi-k2.5",
@@ -97,27 +100,52 @@ def engine_profile(row: SiliconRow, cat: Catalog | None = None) -> EngineProfile
 _overrides: dict[str, dict[str, float]] = {}
 
 
-def knobs_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> EngineKnobs:
+def knobs_for(
+    row: SiliconRow, layout: Layout, cat: Catalog | None = None, *, role: Role = "agg"
+) -> EngineKnobs:
     """Engine settings of a worker of the row: its engine's defaults on the row's device, with
-    the row's batch cap (per attention data-parallel rank, so ``batch × dp`` per worker).
+    the row's batch cap (per attention data-parallel rank, so ``batch × dp`` per worker) and
+    the token budget its recipe's deployment generator writes (:func:`recipe_budget`).
 
     An engine that admits only whole prompts (TensorRT-LLM without chunked prefill) needs a
     token budget that holds a prompt beside its running batch: with the default 8,192 tokens an
     8,192-token prompt could join no step that has a decode in it, and the engine would run
-    one request at a time. No measured run shows that, so a deployment serving the row's
-    lengths is taken to set ``max_num_tokens`` to at least ``isl + batch`` (what a serving
-    recipe sizes it to; an assumption, named in the accuracy page).
+    one request at a time. No measured run shows that, so where the row's recipe leaves the
+    engine's default, a deployment serving the row's lengths is taken to set
+    ``max_num_tokens`` to at least ``isl + batch`` (an assumption, named in the accuracy page).
     """
     profile = engine_profile(row, cat)
     batch = layout.batch * layout.dp if layout.batch else None
     knobs = profile.knobs_for(row.device or "", max_num_seqs=batch)
-    if knobs.step_policy == "whole_prompt":
+    budget = recipe_budget(row, batch or row.concurrency, role)
+    if budget is not None:
+        knobs = knobs.model_copy(update={"max_num_batched_tokens": budget})
+    elif knobs.step_policy == "whole_prompt":
         need = row.isl + (batch or row.concurrency)
         if knobs.max_num_batched_tokens < need:
             knobs = knobs.model_copy(update={"max_num_batched_tokens": need})
     if profile.name in _overrides:
         knobs = knobs.model_copy(update=_overrides[profile.name])
     return knobs
+
+
+def recipe_budget(row: SiliconRow, batch: int, role: Role) -> int | None:
+    """The per-step token budget the row's deployment generator wrote, or ``None`` where its
+    recipe leaves the engine's default (:class:`Recipe`): TensorRT-LLM's ``max_num_tokens``
+    (in whole 32-token KV blocks) and vLLM's ``max_num_batched_tokens``. Decode workers keep
+    the default: their steps hold one token per running request.
+
+    SGLang keeps its defaults. The same rules would also turn on its mixed chunked prefill,
+    and its aiperf rows show the opposite, prefill batches run alone: Qwen3-32B on TP8 H100 at
+    64 clients measures a TTFT of 922 ms and a TPOT of 13.7 ms under SGLang 0.5.1 where vLLM
+    0.12 measures 194 ms and 21.3 ms. So those rows were not deployed with these rules."""
+    headroom = row.recipe.token_headroom
+    if headroom is None or role == "decode" or row.backend not in ("trtllm", "vllm"):
+        return None
+    budget = row.isl + headroom + (batch if role == "agg" else 0)
+    if row.backend == "trtllm":
+        return -(-budget // 32) * 32
+    return budget
 
 
 def predict_with(row: SiliconRow, overrides: dict[str, dict[str, float]]) -> Prediction:
@@ -130,7 +158,9 @@ def predict_with(row: SiliconRow, overrides: dict[str, dict[str, float]]) -> Pre
         _overrides.clear()
 
 
-def deployment_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) -> Deployment:
+def deployment_for(
+    row: SiliconRow, layout: Layout, cat: Catalog | None = None, *, role: Role = "agg"
+) -> Deployment:
     cat = cat or catalog()
     model, device = row.model, row.device
     if model is None:
@@ -142,7 +172,7 @@ def deployment_for(row: SiliconRow, layout: Layout, cat: Catalog | None = None) 
         device,
         model,
         dtype=w.compute,
-        engine=knobs_for(row, layout, cat),
+        engine=knobs_for(row, layout, cat, role=role),
         layout=parallel_layout(row, layout),
         weights=WeightFormats(dense=w.dense, experts=w.experts),
     )
@@ -289,8 +319,9 @@ def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
         raise RowError(f"no model profile for {row.model_path}")
     prefill, decode = disagg_layouts(row, cat)
     pools = {}
-    for role, layout in (("prefill", prefill), ("decode", decode)):
-        dep = deployment_for(row, layout, cat)  # validates that it fits
+    roles: tuple[tuple[Role, Layout], ...] = (("prefill", prefill), ("decode", decode))
+    for role, layout in roles:
+        dep = deployment_for(row, layout, cat, role=role)  # validates that it fits
         worker = EmulatedWorker(
             device=dep.device.name,
             count=dep.count,

@@ -408,9 +408,9 @@ def test_train_split_is_a_fixed_half() -> None:
 def test_whole_prompt_engines_get_a_budget_that_holds_a_prompt_beside_the_batch() -> None:
     """TensorRT-LLM without chunked prefill admits a prompt only if all of it fits in the step's
     token budget. At the default 8,192 tokens an 8,192-token prompt could never join a step
-    with decodes in it and the closed loop would serve one request at a time; the mapping sizes
-    the budget to ``isl + batch`` so the measured deployment's batching is what is simulated."""
-    from gateway.sim.silicon_run import engine_profile, knobs_for, predict, predict_with
+    with decodes in it and the closed loop would serve one request at a time; where the row's
+    recipe leaves the engine's default, the mapping sizes the budget to ``isl + batch``."""
+    from gateway.sim.silicon_run import knobs_for, predict
 
     row = parse_row(
         {
@@ -425,16 +425,63 @@ def test_whole_prompt_engines_get_a_budget_that_holds_a_prompt_beside_the_batch(
             "isl": "8192",
             "osl": "32",
             "batch_size": "8",
-            "silicon_data_source": "x; silicon_concurrency=8",
+            # A recipe that leaves the engine's default budget (benchmark_serving's sources).
+            "silicon_data_source": "source_file=x.csv; silicon_concurrency=8",
         }
     )
     assert row.agg is not None
     knobs = knobs_for(row, row.agg)
     assert knobs.step_policy == "whole_prompt"
     assert knobs.max_num_batched_tokens == 8192 + 8
-    batched = predict(row)
-    serial = predict_with(row, {engine_profile(row).name: {"max_num_batched_tokens": 8192}})
-    assert batched.ttft_ms is not None
-    assert serial.ttft_ms is not None
-    # One at a time, the n-th client waits for n − 1 whole requests: far longer.
-    assert serial.ttft_ms > 2 * batched.ttft_ms
+    # (tests/unit/test_engine_policies.py: a whole prompt joins a step only if it fits beside
+    # the decodes.) The row runs to a prediction on that budget.
+    assert predict(row).ttft_ms is not None
+
+
+def test_aiperf_rows_run_with_the_token_budget_their_deployment_generator_wrote() -> None:
+    """The aiperf pipeline deploys with max_num_tokens = batch + ISL + 1500 (TensorRT-LLM, in
+    whole 32-token blocks; vLLM) and ISL + 1500 on prefill workers; decode workers, SGLang
+    (whose rows show none of these rules) and the benchmark_serving sources keep the engine's
+    default. Hand-worked for ISL 1024, batch 16."""
+    from gateway.sim.silicon_run import engine_profile, knobs_for, predict, predict_with
+
+    aiperf = {**AGG, "silicon_data_source": "silicon_concurrency=16"}
+    trt = parse_row(aiperf)
+    assert trt.agg is not None
+    assert trt.recipe is AIPERF
+    assert knobs_for(trt, trt.agg).max_num_batched_tokens == 2560  # 2540 → 80 blocks of 32
+    assert knobs_for(trt, trt.agg, role="prefill").max_num_batched_tokens == 2528  # 2524 → 79
+    assert knobs_for(trt, trt.agg, role="decode").max_num_batched_tokens == 8192
+
+    dense = {
+        **aiperf,
+        "model_path": "Qwen/Qwen3-32B",
+        "moe_ep_size": "",
+        "moe_tp_size": "",
+        "tp_size": "2",
+    }
+    vllm = parse_row({**dense, "backend": "vllm", "backend_version": "0.12.0"})
+    assert vllm.agg is not None
+    assert knobs_for(vllm, vllm.agg).max_num_batched_tokens == 16 + 1024 + 1500
+    sglang = parse_row({**dense, "backend": "sglang", "backend_version": "0.5.6"})
+    assert sglang.agg is not None
+    assert knobs_for(sglang, sglang.agg).max_num_batched_tokens == 8192  # its own default
+
+    served = parse_row(
+        {
+            **dense,
+            "backend": "vllm",
+            "backend_version": "0.12.0",
+            "silicon_data_source": "source_file=x.csv; silicon_concurrency=16",
+        }
+    )
+    assert served.agg is not None
+    assert knobs_for(served, served.agg).max_num_batched_tokens == 8192
+
+    # The burst after the warm-up is prefilled two prompts a step, not eight: the first
+    # clients see their first token sooner, so the mean TTFT falls.
+    default = predict_with(vllm, {engine_profile(vllm).name: {"max_num_batched_tokens": 8192}})
+    generated = predict(vllm)
+    assert default.ttft_ms is not None
+    assert generated.ttft_ms is not None
+    assert generated.ttft_ms < 0.9 * default.ttft_ms
