@@ -28,6 +28,7 @@ import random
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from itertools import product
 from pathlib import Path
 
 from gateway.sim.silicon import (
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         metavar="KNOB=V1,V2,...",
         help="search this knob over these values instead of the default two (repeatable; "
-        "searched in the order given)",
+        "every combination of the grids is scored)",
     )
     args = p.parse_args(argv)
 
@@ -218,9 +219,18 @@ def _fit(profile: str, rows: list[SiliconRow], args: argparse.Namespace) -> int:
         print(f"  {knobs} -> {value:.3f}", flush=True)
         return value
 
-    for name, grid in grids:
-        scores = {v: score({name: v}) for v in grid}
-        best[name] = min(scores, key=lambda v: scores[v])
+    if args.fit_grid:
+        # Every combination of the given grids: knobs that trade against each other (a host
+        # cost and a latency that both lengthen TTFT) are not found one at a time.
+        names = [name for name, _ in grids]
+        combos = product(*(grid for _, grid in grids))
+        trials = [dict(zip(names, values, strict=True)) for values in combos]
+        scored = [(score(trial), trial) for trial in trials]
+        best.update(min(scored, key=lambda st: st[0])[1])
+    else:
+        for name, grid in grids:
+            scores = {v: score({name: v}) for v in grid}
+            best[name] = min(scores, key=lambda v: scores[v])
     print(f"{profile}: {best} on {len(train)} train rows")
     return 0
 

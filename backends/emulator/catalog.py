@@ -860,6 +860,14 @@ class EngineKnobs(_Data):
     overlap_scheduling: bool = Field(
         False, description="the host builds the next step while the devices run this one"
     )
+    # A step with prompt tokens in it runs outside the engine's CUDA graphs (they capture
+    # decode-only batches): the host launches every kernel of every layer itself. Host time
+    # per layer for that; each device's own process launches its share, so tensor parallelism
+    # does not shorten it. Overlap scheduling hides it behind the devices' work of the step
+    # while that is longer.
+    eager_layer_s: float = Field(
+        0.0, ge=0, description="host time to launch one layer's kernels outside CUDA graphs"
+    )
     mxfp4_moe_kernels: int = Field(
         0,
         ge=0,
@@ -941,6 +949,7 @@ class EngineProfile(_Data):
             "host_seq_s",
             "moe_fp8_block_bandwidth",
             "serving_latency_s",
+            "eager_layer_s",
         ]
     ] = Field(default_factory=list, max_length=2)
     sources: dict[str, str] = Field(min_length=1)
@@ -997,9 +1006,11 @@ class Deployment:
         if isinstance(c, HbmConstants):
             engine = self.engine
             t = hbm_step_time(m, shape, c) + engine.step_overhead_s
-            if not engine.host_seq_s:
-                return t
             host = engine.host_seq_s * shape.seqs / c.dp
+            if engine.eager_layer_s and shape.new_tokens > shape.seqs:
+                host += engine.eager_layer_s * m.layers
+            if not host:
+                return t
             return max(t, host) if engine.overlap_scheduling else t + host
         if isinstance(c, PipelineConstants):
             return pipeline_step_time(m, shape, c)

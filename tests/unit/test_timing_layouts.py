@@ -11,6 +11,7 @@ import pytest
 
 from backends.emulator.catalog import (
     Catalog,
+    Deployment,
     EngineKnobs,
     ParallelLayout,
     WeightFormats,
@@ -411,6 +412,25 @@ def test_host_work_per_sequence_hides_behind_the_gpu_only_with_overlap(catalog: 
     engine = EngineKnobs(host_seq_s=1e-4, overlap_scheduling=True)
     hidden = catalog.deployment("h200-sxm", "llama-3.1-8b", engine=engine).step_time(few)
     assert hidden == pytest.approx(catalog.deployment("h200-sxm", "llama-3.1-8b").step_time(few))
+
+
+def test_a_step_with_prompt_tokens_pays_its_eager_launches(catalog: Catalog) -> None:
+    # Llama-3.1-8B has 32 layers: at 1 ms of host time per layer a step that holds a prompt
+    # (outside the CUDA graphs) needs 32 ms of host time. 8 GPUs prefill one 1,024-token
+    # prompt beside 64 decodes in a few ms, so the host's 32 ms is the step under overlap
+    # scheduling and adds to it without. A decode-only step runs in its graph: no change.
+    mixed = StepShape.of([(1024, 0)] + [(1, 1000)] * 64)
+    decode = StepShape.of([(1, 1000)] * 64)
+
+    def dep(**knobs: object) -> Deployment:
+        engine = EngineKnobs(**knobs)  # type: ignore[arg-type]
+        return catalog.deployment("h100-sxm", "llama-3.1-8b", count=8, tp=8, engine=engine)
+
+    gpu = dep().step_time(mixed)
+    assert gpu < 0.032
+    assert dep(eager_layer_s=1e-3, overlap_scheduling=True).step_time(mixed) == pytest.approx(0.032)
+    assert dep(eager_layer_s=1e-3).step_time(mixed) == pytest.approx(gpu + 0.032)
+    assert dep(eager_layer_s=1e-3).step_time(decode) == pytest.approx(dep().step_time(decode))
 
 
 def test_attention_runs_at_the_kv_dtype_throughput(catalog: Catalog) -> None:
