@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import math
 import random
+from pathlib import Path
 from statistics import mean
 from typing import Any
 
@@ -485,3 +486,32 @@ def test_aiperf_rows_run_with_the_token_budget_their_deployment_generator_wrote(
     assert default.ttft_ms is not None
     assert generated.ttft_ms is not None
     assert generated.ttft_ms < 0.9 * default.ttft_ms
+
+
+def test_fit_grid_scores_every_combination_of_the_grids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bench_silicon --fit`` with two ``--fit-grid`` knobs scores all 2 × 2 pairs on the
+    profile's train rows and reports the best pair."""
+    import csv
+
+    from loadtests import bench_silicon
+
+    ids = [i for i in (f"r{n}" for n in range(40)) if is_train(i)][:2]
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(AGG))
+        w.writeheader()
+        for i in ids:
+            w.writerow({**AGG, "id": i, "silicon_data_source": "silicon_concurrency=16"})
+    grids = ["serving_latency_s=0,0.05", "eager_layer_s=0,0.001"]
+    args = [str(path), "--fit", "trtllm-1.0", "--fit-rows", "2", "--jobs", "1"]
+    assert bench_silicon.main(args + [a for g in grids for a in ("--fit-grid", g)]) == 0
+    out = capsys.readouterr().out
+    tried = [line for line in out.splitlines() if "->" in line]
+    assert len(tried) == 4
+    for latency in ("0.0", "0.05"):
+        for eager in ("0.0", "0.001"):
+            pair = f"'serving_latency_s': {latency}, 'eager_layer_s': {eager}"
+            assert any(pair in line for line in tried)
+    assert "on 2 train rows" in out
