@@ -122,6 +122,13 @@ class ModelProfile(_Data):
     unquantised_params_b: float = Field(
         0.0, ge=0, description="parameters quantised checkpoints keep in 16 bits (embeddings)"
     )
+    nvfp4_unquantised_params_b: float | None = Field(
+        None,
+        ge=0,
+        description="parameters NVIDIA's NVFP4 checkpoint keeps in 16 bits (its "
+        "hf_quant_config.json exclude_modules: the LM head and, by model, attention "
+        "projections, routers, shared experts); None: as `unquantised_params_b`",
+    )
     fp8_block_scaled: bool = Field(
         False,
         description="the model's FP8 checkpoint scales its weights per block (128x128: "
@@ -180,7 +187,8 @@ class ModelProfile(_Data):
 
     def weight_bytes(self, dense: str, experts: str | None = None) -> tuple[float, float]:
         """``(dense, routed experts)`` weight bytes with dense weights in ``dense`` and routed
-        experts in ``experts`` (default ``dense``); ``unquantised_params_b`` stay 16-bit.
+        experts in ``experts`` (default ``dense``); ``unquantised_params_b`` stay 16-bit
+        (``nvfp4_unquantised_params_b`` in an NVFP4 checkpoint).
 
         With ``E`` routed experts and top-``k``: ``active = dense + experts_total · k / E`` and
         ``total = dense + experts_total``, so ``experts_total = (total − active) / (1 − k/E)``.
@@ -191,7 +199,10 @@ class ModelProfile(_Data):
             experts_total = (total - self.active_params) / (1.0 - self.top_k / self.experts)
         b_dense = DTYPE_BYTES[dense]
         b_exp = DTYPE_BYTES[experts or dense]
-        keep = min(self.unquantised_params_b * 1e9, total - experts_total)
+        kept = self.unquantised_params_b
+        if dense == "nvfp4" and self.nvfp4_unquantised_params_b is not None:
+            kept = self.nvfp4_unquantised_params_b
+        keep = min(kept * 1e9, total - experts_total)
         dense_bytes = (total - experts_total - keep) * b_dense + keep * max(b_dense, 2.0)
         return dense_bytes, experts_total * b_exp
 
@@ -315,6 +326,13 @@ class HbmEfficiency(_Data):
     seq_overhead_s: float = Field(0.0, ge=0, description="per sequence per engine step")
     gemm_half_tokens: float = Field(
         0.0, ge=0, description="GEMM rows (tokens) at which MFU is half `mfu`; 0: flat MFU"
+    )
+    expert_gemm_half_tokens: float | None = Field(
+        None,
+        ge=0,
+        description="rows per routed expert at which its grouped GEMMs reach half `mfu` "
+        "(None: `gemm_half_tokens`); grouped expert kernels tile the few rows each expert "
+        "gets more finely than a dense GEMM tiles a batch",
     )
     moe_layer_floor_s: float = Field(
         0.0,
@@ -468,6 +486,7 @@ class HbmDevice(_DeviceBase):
             kv_bandwidth_efficiency=e.kv_bandwidth,
             seq_overhead_s=e.seq_overhead_s,
             gemm_half_tokens=e.gemm_half_tokens,
+            expert_half_tokens=e.expert_gemm_half_tokens,
             moe_layer_floor_s=e.moe_layer_floor_s * _moe_kernels(dep) / MOE_LAYER_KERNELS,
             index_layer_floor_s=e.moe_layer_floor_s * INDEXER_KERNELS / MOE_LAYER_KERNELS,
             attention_flops_s=self.attention_flops_s(dep),

@@ -72,6 +72,42 @@ MODELS: dict[str, str] = {
     "zai-org/GLM-5-FP8": "glm-5",
 }
 
+# Model names by architecture, for paths not in :data:`MODELS` (other organisations' copies,
+# quantised checkpoints, point releases of one architecture): matched against the path's last
+# part, lower-cased, after a ``Meta-`` prefix. DeepSeek-V3, -V3-0324, -V3.1 and R1, R1-0528
+# share one shape (V3.2 adds sparse attention and is not matched); Llama 3.3 70B is Llama
+# 3.1 70B's shape; Kimi-K2's text model is K2.5's; MiniMax-M2 and -M2.1 are M2.5's.
+ARCHITECTURES: tuple[tuple[str, str], ...] = (
+    (r"deepseek-(r1|v3)(?!\.[2-9])", "deepseek-v3"),
+    (r"llama-3\.[13]-70b", "llama-3.1-70b"),
+    (r"llama-3\.1-8b", "llama-3.1-8b"),
+    (r"llama-3\.1-405b", "llama-3.1-405b"),
+    (r"llama-2-70b", "llama-2-70b"),
+    (r"qwen3-32b", "qwen3-32b"),
+    (r"qwen3-30b-a3b", "qwen3-30b-a3b"),
+    (r"qwen3-235b-a22b", "qwen3-235b-a22b"),
+    (r"qwen3\.5-397b-a17b", "qwen3.5-397b-a17b"),
+    (r"gpt-oss-120b", "gpt-oss-120b"),
+    (r"minimax-m2(\.[15])?(?![.\d])", "minimax-m2.5"),
+    (r"kimi-k2(\.5)?(?![.\d])", "kimi-k2.5"),
+    (r"glm-5(?![.\d])", "glm-5"),
+    (r"mixtral-8x7b", "mixtral-8x7b"),
+)
+
+
+def model_profile_of(path: str) -> str | None:
+    """The model profile of a Hugging Face model path: :data:`MODELS`, else the architecture
+    its name carries (:data:`ARCHITECTURES`: ``nvidia/DeepSeek-V3.1-NVFP4`` → ``deepseek-v3``,
+    ``meta-llama/Meta-Llama-3.1-405B`` → ``llama-3.1-405b``); None for an unknown model."""
+    if path in MODELS:
+        return MODELS[path]
+    name = path.rsplit("/", 1)[-1].lower().removeprefix("meta-")
+    for pattern, profile in ARCHITECTURES:
+        if re.match(pattern, name):
+            return profile
+    return None
+
+
 # ``system`` → device profile (``config/devices``).
 DEVICES: dict[str, str] = {
     "h100_sxm": "h100-sxm",
@@ -154,7 +190,7 @@ class SiliconRow:
 
     @property
     def model(self) -> str | None:
-        return MODELS.get(self.model_path)
+        return model_profile_of(self.model_path)
 
     @property
     def recipe(self) -> Recipe:
@@ -319,18 +355,22 @@ class Weights:
     compute: str
 
 
-def weights_of(row: SiliconRow) -> Weights:
+def weights_of(row: SiliconRow, *, fp4_gemms: bool = False) -> Weights:
     """The row's weight formats, from ``precision``, ``gemm_quant_mode`` and
-    ``moe_quant_mode``.
+    ``moe_quant_mode``; ``fp4_gemms``: the row's GPU has FP4 tensor cores (Blackwell).
 
     * empty precision (TensorRT-LLM Llama rows) and ``bf16``/``fp16``: 16-bit throughout;
     * ``fp8`` (per-tensor or 128×128 blocks): FP8 weights and FP8 GEMMs;
     * ``int4`` / ``int4_wo`` (Kimi-K2.5): INT4 weight-only routed experts, group size 32; the
       checkpoint leaves attention, shared experts and dense MLPs in BF16 (config.json
       ``quantization_config.ignore``); GEMMs run in BF16;
-    * ``fp4`` / ``nvfp4`` / ``mxfp4`` on a GPU without FP4 tensor cores (Hopper): gpt-oss-120b's
-      MXFP4 routed experts (its config leaves attention, router, embeddings in BF16,
-      ``modules_to_not_convert``), dequantised into BF16 GEMMs.
+    * ``fp4`` / ``nvfp4`` / ``mxfp4`` on gpt-oss: its own checkpoint's MXFP4 routed experts
+      (its config leaves attention, router, embeddings in BF16, ``modules_to_not_convert``),
+      run as BF16 GEMMs (the weights dequantised in the kernel);
+    * ``fp4`` / ``nvfp4`` on any other model: NVIDIA's NVFP4 checkpoint of it, every linear
+      layer but those its ``hf_quant_config.json`` excludes (``nvfp4_unquantised_params_b``)
+      in NVFP4; FP4 GEMMs where the GPU has FP4 tensor cores, else BF16 GEMMs over the
+      dequantised weights.
     """
     p, g, m = row.precision, row.gemm_quant, row.moe_quant
     if p in ("", "bf16", "fp16") and g in ("", "bf16", "fp16"):
@@ -338,7 +378,9 @@ def weights_of(row: SiliconRow) -> Weights:
     if p == "int4" or m.startswith("int4"):
         return Weights("bf16", "int4", "bf16")
     if p in ("fp4", "nvfp4", "mxfp4") or m in ("nvfp4", "mxfp4", "w4a16_mxfp4"):
-        return Weights("bf16", "mxfp4", "bf16")
+        if (row.model or "").startswith("gpt-oss"):
+            return Weights("bf16", "mxfp4", "bf16")
+        return Weights("nvfp4", "nvfp4", "fp4" if fp4_gemms else "bf16")
     if p == "fp8" or g.startswith("fp8"):
         experts = "fp8" if (m.startswith("fp8") or not m) else _fmt(m)
         return Weights("fp8", experts, "fp8")

@@ -167,12 +167,16 @@ def deployment_for(
         raise RowError(f"no model profile for {row.model_path}")
     if device is None:
         raise RowError(f"no device profile for system {row.system}")
-    w = weights_of(row)
+    w = weights_of(row, fp4_gemms="fp4" in getattr(cat.device(device), "peak_tflops", {}))
+    engine = knobs_for(row, layout, cat, role=role)
+    if w.dense == "nvfp4":
+        # NVIDIA's NVFP4 checkpoints declare kv_cache_quant_algo FP8 (hf_quant_config.json).
+        engine = engine.model_copy(update={"kv_dtype": "fp8"})
     return cat.deployment(
         device,
         model,
         dtype=w.compute,
-        engine=knobs_for(row, layout, cat, role=role),
+        engine=engine,
         layout=parallel_layout(row, layout),
         weights=WeightFormats(dense=w.dense, experts=w.experts),
     )

@@ -116,6 +116,29 @@ def test_a_row_without_a_version_gets_the_engine_family_of_the_day_it_was_measur
     assert engine_profile(undated).name == "vllm-0.14"  # the default family
 
 
+@pytest.mark.parametrize(
+    ("path", "profile"),
+    [
+        ("deepseek-ai/DeepSeek-R1", "deepseek-v3"),
+        ("deepseek-ai/DeepSeek-R1-0528", "deepseek-v3"),
+        ("nvidia/DeepSeek-V3.1-NVFP4", "deepseek-v3"),
+        ("nvidia/GLM-5-NVFP4", "glm-5"),
+        ("nvidia/MiniMax-M2.5-NVFP4", "minimax-m2.5"),
+        ("nvidia/Qwen3.5-397B-A17B-NVFP4", "qwen3.5-397b-a17b"),
+        ("meta-llama/Meta-Llama-3.1-405B", "llama-3.1-405b"),
+        ("nvidia/Llama-3.3-70B-Instruct-FP4", "llama-3.1-70b"),
+        ("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "qwen3-235b-a22b"),
+        ("moonshotai/Kimi-K2-Instruct", "kimi-k2.5"),
+        # Another architecture under a related name: not guessed.
+        ("deepseek-ai/DeepSeek-V3.2", None),
+        ("zai-org/GLM-5.1", None),
+        ("openai/gpt-oss-20b", None),
+    ],
+)
+def test_model_paths_resolve_to_their_architecture(path: str, profile: str | None) -> None:
+    assert parse_row({**AGG, "model_path": path}).model == profile
+
+
 def test_concurrency_falls_back_to_batch_times_workers() -> None:
     d = {**DISAGG, "silicon_data_source": "source_file=x.csv"}
     assert concurrency_of(d) == 32
@@ -140,8 +163,17 @@ def test_weight_formats_follow_precision_and_quant_modes() -> None:
     assert weights_of(bf16).compute == "bf16"
     kimi = parse_row({**AGG, "precision": "int4", "moe_quant_mode": "int4_wo"})
     assert (weights_of(kimi).dense, weights_of(kimi).experts) == ("bf16", "int4")
-    oss = parse_row({**AGG, "precision": "fp4", "gemm_quant_mode": "nvfp4"})
-    assert (weights_of(oss).experts, weights_of(oss).compute) == ("mxfp4", "bf16")
+    # gpt-oss ships its own MXFP4 experts: the same formats with or without FP4 tensor cores.
+    fp4 = {"precision": "fp4", "gemm_quant_mode": "nvfp4", "moe_quant_mode": "nvfp4"}
+    oss = parse_row({**AGG, **fp4, "model_path": "openai/gpt-oss-120b"})
+    for native in (False, True):
+        w = weights_of(oss, fp4_gemms=native)
+        assert (w.dense, w.experts, w.compute) == ("bf16", "mxfp4", "bf16")
+    # Any other model at FP4 is NVIDIA's NVFP4 checkpoint: FP4 GEMMs where the GPU has them.
+    nv = parse_row({**AGG, **fp4, "model_path": "nvidia/DeepSeek-V3.1-NVFP4"})
+    w = weights_of(nv, fp4_gemms=True)
+    assert (w.dense, w.experts, w.compute) == ("nvfp4", "nvfp4", "fp4")
+    assert weights_of(nv).compute == "bf16"  # no FP4 tensor cores: dequantised into BF16
     with pytest.raises(RowError):
         weights_of(parse_row({**AGG, "precision": "int2", "gemm_quant_mode": "int2"}))
 
@@ -515,3 +547,26 @@ def test_fit_grid_scores_every_combination_of_the_grids(
             pair = f"'serving_latency_s': {latency}, 'eager_layer_s': {eager}"
             assert any(pair in line for line in tried)
     assert "on 2 train rows" in out
+
+
+def test_an_nvfp4_row_on_blackwell_runs_fp4_gemms_over_an_fp8_kv_cache() -> None:
+    from gateway.sim.silicon_run import deployment_for
+
+    fp4 = {"precision": "fp4", "gemm_quant_mode": "nvfp4", "moe_quant_mode": "nvfp4"}
+    nvfp4 = {**fp4, "model_path": "nvidia/DeepSeek-V3.1-NVFP4", "system": "b200_sxm"}
+    b200 = parse_row({**AGG, **nvfp4})
+    assert b200.agg is not None
+    dep = deployment_for(b200, b200.agg)
+    assert (dep.dtype, dep.engine.kv_dtype) == ("fp4", "fp8")
+    assert dep.weights is not None
+    assert dep.weights.dense == "nvfp4"
+    # The same layout at FP8 on H200: half the weight bytes and twice the bandwidth per
+    # token of batch make B200's large decode step the shorter one.
+    h200 = parse_row(AGG)
+    assert h200.agg is not None
+    fp8 = deployment_for(h200, h200.agg)
+    batch = StepShape.of([(1, 1500)] * 64)
+    assert dep.step_time(batch) < fp8.step_time(batch)
+    assert dep.model_shape.expert_weight_bytes == pytest.approx(
+        fp8.model_shape.expert_weight_bytes * 0.5625
+    )

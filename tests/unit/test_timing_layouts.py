@@ -239,6 +239,44 @@ def test_weight_bytes_keep_unquantised_params_in_16_bits(catalog: Catalog) -> No
     assert d8 == pytest.approx((32.76 - 0.78) * 1e9 + 0.78e9 * 2)
 
 
+def test_an_nvfp4_checkpoint_keeps_its_excluded_layers_in_16_bits(catalog: Catalog) -> None:
+    # nvidia/DeepSeek-V3.1-NVFP4 excludes the LM head and each layer's MLA projections q_a
+    # (7168 x 1536), q_b (1536 x 128·192), kv_a (7168 x 576) and kv_b (512 x 128·256).
+    m = catalog.model("deepseek-v3")
+    per_layer = 7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256
+    assert per_layer == 69_664_768
+    kept = 61 * per_layer + 129280 * 7168
+    assert m.nvfp4_unquantised_params_b == pytest.approx(kept / 1e9, abs=0.005)
+    dense, experts = m.weight_bytes("nvfp4")
+    e_params = (m.params_b - m.active_params_b) * 1e9 / (1 - m.top_k / m.experts)  # type: ignore[operator]
+    assert experts == pytest.approx(e_params * 0.5625)  # 4 bits + an FP8 scale per 16
+    keep = m.nvfp4_unquantised_params_b * 1e9  # type: ignore[operator]
+    assert dense == pytest.approx((m.params_b * 1e9 - e_params - keep) * 0.5625 + keep * 2)
+    # The FP8 checkpoint keeps only the LM head.
+    d8, _ = m.weight_bytes("fp8")
+    assert d8 == pytest.approx((m.params_b * 1e9 - e_params) + m.unquantised_params_b * 1e9)
+
+
+def test_expert_gemms_take_their_own_tile_curve_where_a_device_sets_one() -> None:
+    # 32 tokens, top-2 of 8 experts: 8 rows per expert. Bandwidth ample: compute-bound.
+    # Per layer F = 2 · 64 · 1000 · 3000 = 3.84e8 FLOPs; at half 128 the efficiency is
+    # 0.5 · 8/136, at half 32 it is 0.5 · 8/40: 4.25x shorter.
+    m = eight_experts()
+    s = StepShape.of([(1, 100)] * 32)
+    dense_curve = consts(bandwidth=1e18, gemm_half_tokens=128.0)
+    own_curve = consts(bandwidth=1e18, gemm_half_tokens=128.0, expert_half_tokens=32.0)
+    # (every expert is touched but for a 1e-4 chance, which moves the rows that little)
+    assert expert_time(m, s, dense_curve) == pytest.approx(
+        10 * 3.84e8 / (0.5 * 8 / 136 * 1e15), rel=1e-3
+    )
+    assert expert_time(m, s, own_curve) == pytest.approx(
+        10 * 3.84e8 / (0.5 * 8 / 40 * 1e15), rel=1e-3
+    )
+    assert expert_time(m, s, own_curve) == pytest.approx(
+        expert_time(m, s, consts(bandwidth=1e18, gemm_half_tokens=32.0))
+    )
+
+
 def test_sliding_window_and_linear_layers_in_model_shapes(catalog: Catalog) -> None:
     oss = catalog.model("gpt-oss-120b").shape("bf16")
     assert oss.kv_bytes_per_token == 2 * 18 * 8 * 64 * 2
