@@ -63,9 +63,11 @@ if TYPE_CHECKING:  # the simulation is imported only when a disaggregated row ru
 # desynchronised by then.
 DISAGG_WAVES = 4
 
-# KV link between prefill and decode workers on separate Hopper nodes: each GPU's own
-# 400 Gb/s InfiniBand NIC (DGX H100/H200: eight ConnectX-7, one per GPU).
+# KV link between prefill and decode workers on separate nodes: each GPU's own 400 Gb/s
+# InfiniBand NIC (DGX H100/H200/B200: eight ConnectX-7, one per GPU). A deployment that fits
+# one NVLink domain (a GB200/GB300 NVL72 rack) moves its KV over NVLink instead.
 DISAGG_LINK = "ib_ndr"
+DISAGG_NVLINK = "nvlink"
 
 _catalog: Catalog | None = None
 
@@ -322,6 +324,7 @@ def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
     if model is None:
         raise RowError(f"no model profile for {row.model_path}")
     prefill, decode = disagg_layouts(row, cat)
+    link = disagg_link(row, prefill, decode, cat)
     pools = {}
     roles: tuple[tuple[Role, Layout], ...] = (("prefill", prefill), ("decode", decode))
     for role, layout in roles:
@@ -336,10 +339,22 @@ def disagg_settings(row: SiliconRow, cat: Catalog | None = None) -> Settings:
             layout=dep.layout,
             weights=dep.weights,
         )
-        pools[role] = PoolConfig(policy="least_loaded", kv_link=DISAGG_LINK, workers=[worker])
+        pools[role] = PoolConfig(policy="least_loaded", kv_link=link, workers=[worker])
     # SGLang's PD mode and Dynamo stream the first token from the decode worker.
     served = ModelConfig(name=model, mode="disaggregated", first_token="decode", pools=pools)
     return Settings(models=[served])
+
+
+def disagg_link(
+    row: SiliconRow, prefill: Layout, decode: Layout, cat: Catalog | None = None
+) -> str:
+    """The KV link of an xPyD row: NVLink where every worker of both pools fits the device's
+    NVLink domain (``scale_up_domain``: one 8-GPU node, the 72 GPUs of an NVL72 rack), else
+    the GPUs' InfiniBand NICs."""
+    device = (cat or catalog()).device(row.device or "")
+    domain = getattr(device, "scale_up_domain", 0)
+    gpus = prefill.gpus * prefill.workers + decode.gpus * decode.workers
+    return DISAGG_NVLINK if domain and gpus <= domain else DISAGG_LINK
 
 
 def disagg_layouts(row: SiliconRow, cat: Catalog | None = None) -> tuple[Layout, Layout]:

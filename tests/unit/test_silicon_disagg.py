@@ -199,3 +199,25 @@ def test_attention_fills_an_expert_group_larger_than_its_recorded_ranks(
     assert row.agg is not None
     lay = parallel_layout(row, row.agg)
     assert (lay.tp, lay.dp, lay.moe_tp, lay.ep, lay.devices) == (tp, dp, moe_tp, 1, moe_tp)
+
+
+@pytest.mark.parametrize(
+    ("system", "prefill", "decode", "link"),
+    [
+        # Two TP2 prefill workers and a TP4 decode worker: one 8-GPU node.
+        ("h100_sxm", Layout(tp=2, workers=2), Layout(tp=4), "nvlink"),
+        # A TP8 node of each kind: 16 GPUs over the nodes' InfiniBand NICs.
+        ("h200_sxm", Layout(tp=8), Layout(tp=8), "ib_ndr"),
+        # Four DEP4 prefill workers and a DEP32 decode worker, 48 GPUs of one NVL72 rack.
+        ("gb200", Layout(dp=4, moe_ep=4, workers=4), Layout(dp=32, moe_ep=32), "nvlink"),
+        # Nine 8-GPU decode workers and a prefill worker: 80 GPUs, more than one rack.
+        ("gb200", Layout(tp=8), Layout(tp=8, workers=9), "ib_ndr"),
+    ],
+)
+def test_kv_moves_over_nvlink_only_inside_one_nvlink_domain(
+    system: str, prefill: Layout, decode: Layout, link: str
+) -> None:
+    from gateway.sim.silicon_run import disagg_link
+
+    row = parse_row({**ROW, "system": system})
+    assert disagg_link(row, prefill, decode) == link
