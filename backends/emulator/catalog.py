@@ -327,12 +327,10 @@ class HbmEfficiency(_Data):
     gemm_half_tokens: float = Field(
         0.0, ge=0, description="GEMM rows (tokens) at which MFU is half `mfu`; 0: flat MFU"
     )
-    expert_gemm_half_tokens: float | None = Field(
-        None,
-        ge=0,
-        description="rows per routed expert at which its grouped GEMMs reach half `mfu` "
-        "(None: `gemm_half_tokens`); grouped expert kernels tile the few rows each expert "
-        "gets more finely than a dense GEMM tiles a batch",
+    gemm_half_tokens_by_dtype: dict[str, float] = Field(
+        default_factory=dict,
+        description="`gemm_half_tokens` at a dtype where it differs (Blackwell's block-scaled "
+        "FP4 GEMMs need taller tiles than its FP8 and BF16 ones)",
     )
     moe_layer_floor_s: float = Field(
         0.0,
@@ -485,8 +483,7 @@ class HbmDevice(_DeviceBase):
             allreduce_latency_s=e.allreduce_latency_s,
             kv_bandwidth_efficiency=e.kv_bandwidth,
             seq_overhead_s=e.seq_overhead_s,
-            gemm_half_tokens=e.gemm_half_tokens,
-            expert_half_tokens=e.expert_gemm_half_tokens,
+            gemm_half_tokens=e.gemm_half_tokens_by_dtype.get(dep.dtype, e.gemm_half_tokens),
             moe_layer_floor_s=e.moe_layer_floor_s * _moe_kernels(dep) / MOE_LAYER_KERNELS,
             index_layer_floor_s=e.moe_layer_floor_s * INDEXER_KERNELS / MOE_LAYER_KERNELS,
             attention_flops_s=self.attention_flops_s(dep),

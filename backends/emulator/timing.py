@@ -227,7 +227,6 @@ class HbmConstants:
     kv_bandwidth_efficiency: float | None = None  # η for attention's KV reads (default: η)
     seq_overhead_s: float = 0.0  # per sequence per step (sampling, bookkeeping)
     gemm_half_tokens: float = 0.0  # GEMM rows at which MFU is half its large-batch value
-    expert_half_tokens: float | None = None  # the same for routed experts' GEMMs (None: ↑)
     # Parallel layout beyond plain tensor parallelism (defaults: ``tp`` devices do everything).
     dp: int = 1  # attention data-parallel ranks, each ``tp`` devices with its own sequences
     pp: int = 1  # pipeline stages
@@ -676,8 +675,7 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     2F/tp`` and ``F_down = 2 · A · F/tp · H``; ``π = peak`` at the GEMM efficiency of
     :func:`gemm_efficiency` over ``A / (E / ep · touched)`` rows (each touched expert's share,
     :func:`expert_rows`; the narrow
-    ``F / tp`` width is charged as bytes, not as fewer rows), with the device's
-    ``expert_half_tokens`` where it sets one. Large expert GEMMs (Mixtral,
+    ``F / tp`` width is charged as bytes, not as fewer rows). Large expert GEMMs (Mixtral,
     TP1) are compute-bound and this is the plain FLOP count; narrow ones (Qwen3 at TP8) are
     bound by the routed rows' traffic, which a FLOP roofline alone does not see. Block-scaled
     FP8 experts carry two more terms: a ceiling on the GEMM efficiency (``expert_mfu_cap``, a
@@ -698,8 +696,7 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     a *= expert_imbalance(a, ep)
     f = m.expert_ffn / moe_tp
     rows = a / (m.experts / ep * touched_fraction(m, tokens))
-    half = c.gemm_half_tokens if c.expert_half_tokens is None else c.expert_half_tokens
-    eff = gemm_efficiency(c.mfu, rows, half)
+    eff = gemm_efficiency(c.mfu, rows, c.gemm_half_tokens)
     if c.expert_mfu_cap:
         eff = min(eff, c.expert_mfu_cap)
     pi = c.peak_flops * eff
