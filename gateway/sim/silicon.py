@@ -370,17 +370,23 @@ def weights_of(row: SiliconRow, *, fp4_gemms: bool = False) -> Weights:
     * ``fp4`` / ``nvfp4`` on any other model: NVIDIA's NVFP4 checkpoint of it, every linear
       layer but those its ``hf_quant_config.json`` excludes (``nvfp4_unquantised_params_b``)
       in NVFP4; FP4 GEMMs where the GPU has FP4 tensor cores, else BF16 GEMMs over the
-      dequantised weights.
+      dequantised weights. FP8 precision over NVFP4 experts keeps the rest in FP8;
+    * ``w4a8`` / ``w4afp8`` experts: INT4 expert weights over FP8 activations and GEMMs.
     """
-    p, g, m = row.precision, row.gemm_quant, row.moe_quant
-    if p in ("", "bf16", "fp16") and g in ("", "bf16", "fp16"):
+    p, g, m = (x.lower() for x in (row.precision, row.gemm_quant, row.moe_quant))
+    sixteen = ("", "bf16", "fp16", "bfloat16", "float16", "auto")
+    if p in sixteen and g in sixteen and m in sixteen:
         return Weights("bf16", "bf16", "bf16")
-    if p == "int4" or m.startswith("int4"):
+    if p in ("int4", "w4a16") or m.startswith(("int4", "w4a16_int4")):
         return Weights("bf16", "int4", "bf16")
-    if p in ("fp4", "nvfp4", "mxfp4") or m in ("nvfp4", "mxfp4", "w4a16_mxfp4"):
+    if m.startswith(("w4a8", "w4afp8")):  # INT4 experts over FP8 activations
+        return Weights("fp8", "int4", "fp8")
+    four = ("fp4", "nvfp4", "mxfp4")
+    if p in four or m.startswith(four) or m == "w4a16_mxfp4":
         if (row.model or "").startswith("gpt-oss"):
             return Weights("bf16", "mxfp4", "bf16")
-        return Weights("nvfp4", "nvfp4", "fp4" if fp4_gemms else "bf16")
+        dense = "fp8" if p == "fp8" else "nvfp4"  # FP8 attention over NVFP4 experts
+        return Weights(dense, "nvfp4", "fp4" if fp4_gemms else "fp8" if dense == "fp8" else "bf16")
     if p == "fp8" or g.startswith("fp8"):
         experts = "fp8" if (m.startswith("fp8") or not m) else _fmt(m)
         return Weights("fp8", experts, "fp8")

@@ -174,6 +174,13 @@ def test_weight_formats_follow_precision_and_quant_modes() -> None:
     w = weights_of(nv, fp4_gemms=True)
     assert (w.dense, w.experts, w.compute) == ("nvfp4", "nvfp4", "fp4")
     assert weights_of(nv).compute == "bf16"  # no FP4 tensor cores: dequantised into BF16
+    mixed = parse_row({**AGG, "moe_quant_mode": "nvfp4"})  # FP8 attention, NVFP4 experts
+    w = weights_of(mixed, fp4_gemms=True)
+    assert (w.dense, w.experts, w.compute) == ("fp8", "nvfp4", "fp4")
+    w4a8 = parse_row({**AGG, "gemm_quant_mode": "w4afp8", "moe_quant_mode": "w4afp8"})
+    assert (weights_of(w4a8).experts, weights_of(w4a8).compute) == ("int4", "fp8")
+    spelled = {"precision": "bfloat16", "gemm_quant_mode": "", "moe_quant_mode": ""}
+    assert weights_of(parse_row({**AGG, **spelled})).compute == "bf16"
     with pytest.raises(RowError):
         weights_of(parse_row({**AGG, "precision": "int2", "gemm_quant_mode": "int2"}))
 
