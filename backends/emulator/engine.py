@@ -759,7 +759,7 @@ class Engine:
             order = list(self.running)
         co_tokens_due = bool(co)  # the bulk's tokens are not yet taken from the budget
         batch: list[tuple[Sequence, int]] = []
-        new = kv_read = drafts = draft_seqs = draft_context = 0
+        new = kv_read = drafts = draft_seqs = draft_context = prompts = prompt_tokens = 0
         pairs = decode_pairs = 0.0
         for seq in order:
             if seq is None:  # the bulk, older than every sequence after this mark
@@ -808,6 +808,9 @@ class Engine:
                 drafts += d
                 draft_seqs += 1
                 draft_context += c
+            else:  # the next chunk of its prompt
+                prompts += 1
+                prompt_tokens += n
         bulk = len(co)
         if co_tokens_due:
             budget -= bulk
@@ -846,6 +849,8 @@ class Engine:
             new += n
             kv_read += c
             pairs += n * (c + (n + 1) / 2)
+            prompts += 1
+            prompt_tokens += n
         active = self.active_blocks
         if active > self.stats.kv_peak_blocks:
             self.stats.kv_peak_blocks = active
@@ -856,7 +861,9 @@ class Engine:
             decode_pairs += self._co_computed + bulk
         elif not batch:
             return None
-        shape = StepShape(new, pairs, kv_read, len(batch) + bulk, decode_pairs)
+        shape = StepShape(
+            new, pairs, kv_read, len(batch) + bulk, decode_pairs, prompt_tokens, prompts
+        )
         return batch, shape, (draft_seqs, draft_context) if drafts else None
 
     def _bulk_order(self, now: float, step_no: int) -> Seq[Sequence | None] | None:

@@ -65,17 +65,40 @@ class StepShape:
     kv_read_tokens: int
     seqs: int
     decode_pairs: float = 0.0  # the part of attn_pairs from sequences decoding one token
+    prompt_tokens: float = 0.0  # the part of new_tokens from prompt chunks (0: not counted)
+    prompts: int = 0  # the prompt chunks in the step
 
     def split(self, ways: int) -> StepShape:
-        """One of ``ways`` equal shares of the step (an attention data-parallel rank's)."""
+        """The busiest of ``ways`` attention data-parallel ranks' share of the step.
+
+        Each rank decodes its own sequences, so decodes spread evenly; but a prompt is
+        prefilled whole on the one rank that holds it, and the ranks step together (the MoE
+        layers exchange every rank's tokens), so with ``k`` prompt chunks the step waits for a
+        rank with ``⌈k / ways⌉`` of them: one rank's prefill when ``k < ways``, not a
+        ``1/ways`` share of it. Without a prompt count, equal shares."""
         if ways <= 1:
             return self
+        even = 1.0 / ways
+        if self.prompts <= 0:
+            return StepShape(
+                self.new_tokens * even,  # type: ignore[arg-type]
+                self.attn_pairs * even,
+                self.kv_read_tokens * even,  # type: ignore[arg-type]
+                self.seqs * even,  # type: ignore[arg-type]
+                self.decode_pairs * even,
+            )
+        busiest = -(-self.prompts // ways)
+        share = busiest / self.prompts
+        decode_tokens = self.new_tokens - self.prompt_tokens
+        prompt_pairs = self.attn_pairs - self.decode_pairs
         return StepShape(
-            self.new_tokens / ways,  # type: ignore[arg-type]
-            self.attn_pairs / ways,
-            self.kv_read_tokens / ways,  # type: ignore[arg-type]
-            self.seqs / ways,  # type: ignore[arg-type]
-            self.decode_pairs / ways,
+            decode_tokens * even + self.prompt_tokens * share,  # type: ignore[arg-type]
+            self.decode_pairs * even + prompt_pairs * share,
+            self.kv_read_tokens * even,  # type: ignore[arg-type]
+            (self.seqs - self.prompts) * even + busiest,  # type: ignore[arg-type]
+            self.decode_pairs * even,
+            self.prompt_tokens * share,
+            busiest,
         )
 
     @staticmethod
@@ -85,7 +108,8 @@ class StepShape:
         pairs = sum(n * (c + (n + 1) / 2) for n, c in chunks)
         kv_read = sum(c for _, c in chunks)
         decode = sum(c + 1.0 for n, c in chunks if n == 1)
-        return StepShape(new, pairs, kv_read, len(chunks), decode)
+        prompt = [n for n, _ in chunks if n > 1]
+        return StepShape(new, pairs, kv_read, len(chunks), decode, sum(prompt), len(prompt))
 
 
 @dataclass(frozen=True, slots=True)

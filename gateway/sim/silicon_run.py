@@ -107,7 +107,8 @@ def knobs_for(
 ) -> EngineKnobs:
     """Engine settings of a worker of the row: its engine's defaults on the row's device, with
     the row's batch cap (per attention data-parallel rank, so ``batch × dp`` per worker) and
-    the token budget its recipe's deployment generator writes (:func:`recipe_budget`).
+    the token budget its recipe's deployment generator writes (:func:`recipe_budget`), also
+    per rank: each of ``dp`` ranks schedules its own steps, so the worker's is ``dp`` times it.
 
     An engine that admits only whole prompts (TensorRT-LLM without chunked prefill) needs a
     token budget that holds a prompt beside its running batch: with the default 8,192 tokens an
@@ -126,6 +127,11 @@ def knobs_for(
         need = row.isl + (batch or row.concurrency)
         if knobs.max_num_batched_tokens < need:
             knobs = knobs.model_copy(update={"max_num_batched_tokens": need})
+    ranks = parallel_layout(row, layout).dp
+    if ranks > 1:  # each attention data-parallel rank schedules its own token budget
+        knobs = knobs.model_copy(
+            update={"max_num_batched_tokens": knobs.max_num_batched_tokens * ranks}
+        )
     if profile.name in _overrides:
         knobs = knobs.model_copy(update=_overrides[profile.name])
     return knobs

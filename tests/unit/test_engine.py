@@ -10,6 +10,7 @@ import asyncio
 import math
 import random
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -747,7 +748,8 @@ def test_speculative_step_costs_verification_plus_drafts(run_virtual: RunVirtual
     gaps = Gaps()
     _, timer, _ = _spec_run(run_virtual, k, 0.6, max_new=50, gaps=gaps)
     verify, plain = timer.shapes[1], timer.shapes[2]  # asked in this order for step 2
-    assert verify == StepShape.of([(k + 1, 100)])  # the last token and k drafts
+    # The last token and k drafts: a prompt's shape, but no prompt (no rank prefills it).
+    assert verify == replace(StepShape.of([(k + 1, 100)]), prompt_tokens=0, prompts=0)
     assert plain == StepShape(1, 101.0, 100, 1)  # one plain decode step of that sequence
     first_gap, weight = gaps.entries[0]
     step = timer.formula(verify) + k * 0.1 * timer.formula(plain)

@@ -221,3 +221,14 @@ def test_kv_moves_over_nvlink_only_inside_one_nvlink_domain(
 
     row = parse_row({**ROW, "system": system})
     assert disagg_link(row, prefill, decode) == link
+
+
+def test_each_attention_rank_schedules_its_own_token_budget() -> None:
+    from gateway.sim.silicon_run import knobs_for
+
+    # A TensorRT-LLM prefill worker of 8 attention ranks (DEP8): 8,192-token prompts under
+    # the default 8,192 budget, one prompt per rank per step, eight per worker.
+    row = parse_row({**ROW, "isl": "8192"})
+    tp8 = knobs_for(row, Layout(tp=8, moe_ep=8), role="prefill")
+    dep8 = knobs_for(row, Layout(dp=8, moe_ep=8), role="prefill")
+    assert dep8.max_num_batched_tokens == 8 * tp8.max_num_batched_tokens

@@ -212,6 +212,27 @@ def test_step_split_over_dp_ranks() -> None:
     assert s.split(1) is s
 
 
+def test_a_prompt_is_prefilled_whole_on_one_attention_rank() -> None:
+    # 16 decodes at context 1,000 and 2 prompts of 1,000 tokens over 8 ranks: each rank
+    # decodes 2 sequences, and the busiest rank prefills one whole prompt.
+    step = StepShape.of([(1, 1000)] * 16 + [(1000, 0)] * 2)
+    assert (step.prompts, step.prompt_tokens) == (2, 2000)
+    rank = step.split(8)
+    prompt_pairs = 1000 * 1001 / 2
+    assert rank.new_tokens == pytest.approx(16 / 8 + 1000)
+    assert rank.attn_pairs == pytest.approx(16 * 1001 / 8 + prompt_pairs)
+    assert rank.seqs == pytest.approx(2 + 1)
+    assert (rank.prompts, rank.prompt_tokens) == (1, 1000)
+    assert rank.decode_pairs == pytest.approx(16 * 1001 / 8)
+    # Nine prompts over 8 ranks: the busiest prefills two of them.
+    nine = StepShape.of([(1000, 0)] * 9).split(8)
+    assert nine.new_tokens == pytest.approx(2000)
+    # Decodes alone still split evenly (as does a shape that counts no prompts).
+    assert StepShape.of([(1, 1000)] * 16).split(8).new_tokens == pytest.approx(2)
+    bare = StepShape(2016, 1016016.0, 16000, 18)
+    assert bare.split(8).new_tokens == pytest.approx(2016 / 8)
+
+
 def test_dp_attention_reads_each_ranks_kv_only() -> None:
     m = shape()
     s = StepShape(

@@ -66,7 +66,7 @@ def prefill_time(dep: Deployment, tokens: float) -> float:
     left, done, total = max(1, round(tokens)), 0, 0.0
     while left > 0:
         n = min(left, budget)
-        total += dep.step_time(StepShape(n, n * (done + (n + 1) / 2), done, 1))
+        total += dep.step_time(StepShape(n, n * (done + (n + 1) / 2), done, 1, 0.0, n, 1))
         left -= n
         done += n
     return total
@@ -79,7 +79,7 @@ def prefill_rate(dep: Deployment, isl: float) -> float:
     k = max(1, min(dep.engine.max_num_batched_tokens // n, dep.engine.max_num_seqs))
     if k == 1:
         return 1.0 / prefill_time(dep, n)
-    return k / dep.step_time(StepShape(k * n, k * n * (n + 1) / 2, 0, k))
+    return k / dep.step_time(StepShape(k * n, k * n * (n + 1) / 2, 0, k, 0.0, k * n, k))
 
 
 def decode_step(dep: Deployment, batch: float, context: float) -> float:
