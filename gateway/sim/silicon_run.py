@@ -108,7 +108,8 @@ def knobs_for(
     """Engine settings of a worker of the row: its engine's defaults on the row's device, with
     the row's batch cap (per attention data-parallel rank, so ``batch × dp`` per worker) and
     the token budget its recipe's deployment generator writes (:func:`recipe_budget`), also
-    per rank: each of ``dp`` ranks schedules its own steps, so the worker's is ``dp`` times it.
+    per rank: each of ``dp`` ranks of TensorRT-LLM or vLLM schedules its own steps, so the
+    worker's is ``dp`` times it (SGLang splits one budget among its ranks).
 
     An engine that admits only whole prompts (TensorRT-LLM without chunked prefill) needs a
     token budget that holds a prompt beside its running batch: with the default 8,192 tokens an
@@ -128,7 +129,9 @@ def knobs_for(
         if knobs.max_num_batched_tokens < need:
             knobs = knobs.model_copy(update={"max_num_batched_tokens": need})
     ranks = parallel_layout(row, layout).dp
-    if ranks > 1:  # each attention data-parallel rank schedules its own token budget
+    # Each attention data-parallel rank of TensorRT-LLM and vLLM schedules its own token
+    # budget; SGLang divides its chunked-prefill size among them (engines.md §2).
+    if ranks > 1 and row.backend != "sglang":
         knobs = knobs.model_copy(
             update={"max_num_batched_tokens": knobs.max_num_batched_tokens * ranks}
         )

@@ -232,3 +232,8 @@ def test_each_attention_rank_schedules_its_own_token_budget() -> None:
     tp8 = knobs_for(row, Layout(tp=8, moe_ep=8), role="prefill")
     dep8 = knobs_for(row, Layout(dp=8, moe_ep=8), role="prefill")
     assert dep8.max_num_batched_tokens == 8 * tp8.max_num_batched_tokens
+    # SGLang divides its chunked-prefill size among the ranks: the worker's stays one budget.
+    sgl = parse_row({**ROW, "isl": "8192", "backend": "sglang", "backend_version": "0.5.9"})
+    assert knobs_for(sgl, Layout(dp=8, moe_ep=8), role="prefill").max_num_batched_tokens == (
+        knobs_for(sgl, Layout(tp=8, moe_ep=8), role="prefill").max_num_batched_tokens
+    )
