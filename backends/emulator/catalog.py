@@ -949,6 +949,11 @@ class EngineProfile(_Data):
     )
     knobs: EngineKnobs
     memory_fraction: dict[str, float] = Field(default_factory=dict)
+    batched_tokens: dict[str, int] = Field(
+        default_factory=dict,
+        description="max_num_batched_tokens by device where the engine derives it from the "
+        "GPU (SGLang's chunked_prefill_size by memory tier)",
+    )
     cuda_graph_max_batch: int = Field(0, ge=0, description="largest captured decode batch")
     frontend_request_s: float = Field(
         0.0, ge=0, description="front-end work per request before the engine (HTTP, parsing)"
@@ -978,6 +983,8 @@ class EngineProfile(_Data):
         update: dict[str, object] = {}
         if device in self.memory_fraction:
             update["gpu_memory_utilization"] = self.memory_fraction[device]
+        if device in self.batched_tokens:
+            update["max_num_batched_tokens"] = self.batched_tokens[device]
         if max_num_seqs:
             update["max_num_seqs"] = max_num_seqs
         return self.knobs.model_copy(update=update)

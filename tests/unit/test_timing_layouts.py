@@ -337,6 +337,14 @@ def test_engine_profiles_cover_versions_and_cap_fitted_factors(catalog: Catalog)
         assert "fitted" in profile.sources
 
 
+def test_sglang_prefills_in_larger_chunks_on_gpus_of_160_gib_or_more(catalog: Catalog) -> None:
+    sglang = catalog.engine("sglang-0.5")
+    assert sglang.knobs_for("h200-sxm").max_num_batched_tokens == 8192
+    for device in ("b200", "b300", "gb200", "gb300"):
+        assert sglang.knobs_for(device).max_num_batched_tokens == 16384
+    assert catalog.engine("vllm-0.14").knobs_for("b200").max_num_batched_tokens == 8192
+
+
 def test_free_memory_share_for_trtllm(catalog: Catalog) -> None:
     free = EngineKnobs(kv_memory_of="free", gpu_memory_utilization=0.9, kv_dtype="bf16")
     total = replace_knobs(free, kv_memory_of="total")
