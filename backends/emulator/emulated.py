@@ -118,6 +118,8 @@ class EmulatedBackend:
                     attn_pairs=chunk * (chunk + 1) / 2 + decode_context,
                     kv_read_tokens=decode_context,
                     seqs=1 + decodes,
+                    prompt_tokens=chunk,
+                    prompts=1,
                 )
                 t += count * self.deployment.step_time(shape) / self._time_scale_or_one
         return t

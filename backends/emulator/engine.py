@@ -849,8 +849,9 @@ class Engine:
             new += n
             kv_read += c
             pairs += n * (c + (n + 1) / 2)
-            prompts += 1
-            prompt_tokens += n
+            if n > 1:  # a prompt (one whose KV arrived from a prefill worker has one token left)
+                prompts += 1
+                prompt_tokens += n
         active = self.active_blocks
         if active > self.stats.kv_peak_blocks:
             self.stats.kv_peak_blocks = active
