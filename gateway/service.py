@@ -414,7 +414,12 @@ def worker_deployment(catalog: Catalog, spec: EmulatedWorker, model: ModelConfig
         dtype=spec.dtype,
         count=spec.count,
         tp=spec.tp,
-        engine=catalog.engine_knobs(spec.engine_profile, spec.device, spec.engine),
+        engine=catalog.engine_knobs(
+            spec.engine_profile,
+            spec.device,
+            spec.engine,
+            ranks=spec.layout.dp if spec.layout else 1,
+        ),
         layout=spec.layout,
         weights=spec.weights,
     )

@@ -954,6 +954,11 @@ class EngineProfile(_Data):
         description="max_num_batched_tokens by device where the engine derives it from the "
         "GPU (SGLang's chunked_prefill_size by memory tier)",
     )
+    budget_per_rank: bool = Field(
+        True,
+        description="each attention data-parallel rank schedules its own token budget "
+        "(TensorRT-LLM, vLLM); False: the ranks split one (SGLang)",
+    )
     cuda_graph_max_batch: int = Field(0, ge=0, description="largest captured decode batch")
     frontend_request_s: float = Field(
         0.0, ge=0, description="front-end work per request before the engine (HTTP, parsing)"
@@ -988,6 +993,14 @@ class EngineProfile(_Data):
         if max_num_seqs:
             update["max_num_seqs"] = max_num_seqs
         return self.knobs.model_copy(update=update)
+
+    def worker_knobs(self, knobs: EngineKnobs, ranks: int) -> EngineKnobs:
+        """``knobs`` for a worker of ``ranks`` attention data-parallel ranks: ``ranks`` token
+        budgets where each rank schedules its own (``budget_per_rank``), else one."""
+        if ranks <= 1 or not self.budget_per_rank:
+            return knobs
+        budget = knobs.max_num_batched_tokens * ranks
+        return knobs.model_copy(update={"max_num_batched_tokens": budget})
 
 
 @dataclass(frozen=True)
@@ -1160,16 +1173,23 @@ class Catalog:
         return _lookup(self.engines, name, "engine")
 
     def engine_knobs(
-        self, profile: str | None, device: str, explicit: EngineKnobs | None = None
+        self,
+        profile: str | None,
+        device: str,
+        explicit: EngineKnobs | None = None,
+        *,
+        ranks: int = 1,
     ) -> EngineKnobs:
         """Knobs of engine ``profile`` on ``device``, with the fields set in ``explicit``
-        taking precedence (``explicit`` alone when there is no profile)."""
+        taking precedence (``explicit`` alone when there is no profile), for a worker of
+        ``ranks`` attention data-parallel ranks (:meth:`EngineProfile.worker_knobs`)."""
         if profile is None:
             return explicit or EngineKnobs()
-        base = self.engine(profile).knobs_for(device)
-        if explicit is None:
-            return base
-        return base.model_copy(update=explicit.model_dump(exclude_unset=True))
+        engine = self.engine(profile)
+        knobs = engine.knobs_for(device)
+        if explicit is not None:
+            knobs = knobs.model_copy(update=explicit.model_dump(exclude_unset=True))
+        return engine.worker_knobs(knobs, ranks)
 
     def engine_for(
         self, engine: str, version: str = "", measured: datetime.date | None = None

@@ -128,13 +128,7 @@ def knobs_for(
         need = row.isl + (batch or row.concurrency)
         if knobs.max_num_batched_tokens < need:
             knobs = knobs.model_copy(update={"max_num_batched_tokens": need})
-    ranks = parallel_layout(row, layout).dp
-    # Each attention data-parallel rank of TensorRT-LLM and vLLM schedules its own token
-    # budget; SGLang divides its chunked-prefill size among them (engines.md §2).
-    if ranks > 1 and row.backend != "sglang":
-        knobs = knobs.model_copy(
-            update={"max_num_batched_tokens": knobs.max_num_batched_tokens * ranks}
-        )
+    knobs = profile.worker_knobs(knobs, parallel_layout(row, layout).dp)
     if profile.name in _overrides:
         knobs = knobs.model_copy(update=_overrides[profile.name])
     return knobs

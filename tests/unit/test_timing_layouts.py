@@ -396,6 +396,31 @@ def test_worker_engine_profile_reaches_the_deployment(catalog: Catalog) -> None:
     assert dep.kv_shards == 1
 
 
+def test_each_attention_rank_gets_its_own_budget_where_its_engine_gives_one(
+    catalog: Catalog,
+) -> None:
+    from gateway.service import worker_deployment
+    from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig
+
+    def budget(profile: str, dp: int) -> int:
+        worker = EmulatedWorker(
+            device="h200-sxm",
+            tp=1,
+            count=8,
+            dtype="fp8",
+            engine_profile=profile,
+            layout=ParallelLayout(tp=1, dp=dp, moe_tp=1, ep=8),
+        )
+        pool = PoolConfig(workers=[worker])
+        model = ModelConfig(name="deepseek-v3", mode="aggregated", pools={"aggregated": pool})
+        return worker_deployment(catalog, worker, model).engine.max_num_batched_tokens
+
+    # TensorRT-LLM and vLLM: eight ranks, eight 8,192-token budgets; SGLang splits one.
+    assert budget("trtllm-1.1", 8) == 8 * 8192
+    assert budget("vllm-0.14", 8) == 8 * 8192
+    assert budget("sglang-0.5", 8) == 8192
+
+
 def test_expert_rows_count_only_the_experts_tokens_route_to() -> None:
     # 4 tokens, 128 experts, top-4: touched = 1 − (124/128)^4 = 0.11926; 16 routed rows over
     # 128 × 0.11926 = 15.265 touched experts: 1.0481 rows each (not 16/128 = 0.125).
