@@ -79,16 +79,8 @@ class StepShape:
         if ways <= 1:
             return self
         even = 1.0 / ways
-        if self.prompts <= 0:
-            return StepShape(
-                self.new_tokens * even,  # type: ignore[arg-type]
-                self.attn_pairs * even,
-                self.kv_read_tokens * even,  # type: ignore[arg-type]
-                self.seqs * even,  # type: ignore[arg-type]
-                self.decode_pairs * even,
-            )
         busiest = -(-self.prompts // ways)
-        share = busiest / self.prompts
+        share = busiest / self.prompts if self.prompts > 0 else even
         decode_tokens = self.new_tokens - self.prompt_tokens
         prompt_pairs = self.attn_pairs - self.decode_pairs
         return StepShape(
