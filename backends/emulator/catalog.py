@@ -475,7 +475,7 @@ class HbmDevice(_DeviceBase):
             peak_flops=self.peak_flops(dep.dtype),
             bandwidth=self.memory_bandwidth_tb_s * TB,
             mfu=min(1.0, e.mfu_by_dtype.get(dep.dtype, e.mfu) * dep.engine.compute_efficiency),
-            bandwidth_efficiency=e.bandwidth,
+            bandwidth_efficiency=min(1.0, e.bandwidth * dep.engine.bandwidth_efficiency),
             step_overhead_s=e.step_overhead_s,
             layer_overhead_s=e.layer_overhead_s,
             tp=dep.tp,
@@ -860,6 +860,10 @@ class EngineKnobs(_Data):
     # prior, host time per step that overlap scheduling and CUDA graphs do not hide, and host
     # time per running sequence (below).
     compute_efficiency: float = Field(1.0, gt=0, le=2)
+    # A factor on the device's achieved-bandwidth prior (η) for the weight reads of a step (the
+    # KV cache keeps the device's own η for attention). Hopper's η is fitted on vLLM and NIM
+    # decode; an engine whose small-batch GEMMs read weights faster fits above 1.
+    bandwidth_efficiency: float = Field(1.0, gt=0, le=1.5)
     step_overhead_s: float = Field(0.0, ge=0)
     # Host work of a step: the engine's scheduler, sampling bookkeeping, detokenising and
     # streaming, per running sequence (per attention data-parallel rank, each with its own
@@ -971,6 +975,7 @@ class EngineProfile(_Data):
     fitted: list[
         Literal[
             "compute_efficiency",
+            "bandwidth_efficiency",
             "step_overhead_s",
             "host_seq_s",
             "moe_fp8_block_bandwidth",

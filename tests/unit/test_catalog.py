@@ -284,3 +284,33 @@ def test_h100_tp2_70b_fp8_itl_matches_nim_benchmark(catalog: Catalog) -> None:
 def test_deployment_kv_bytes_per_token_matches_model(catalog: Catalog) -> None:
     dep = catalog.deployment("h100-sxm", "llama-3.1-70b", dtype="fp8", tp=2)
     assert dep.kv_bytes_per_token == KV_BYTES_BF16["llama-3.1-70b"] / 2
+
+
+def test_engine_bandwidth_factor_speeds_only_the_weight_reads(catalog: Catalog) -> None:
+    """An engine's ``bandwidth_efficiency`` multiplies the device's η for weight reads: a
+    batch-1 decode of Llama-3.1-70B FP8 on one H200 is weight-bound (70.6 GB read against 141
+    GFLOP), so the step shortens by exactly W / B · (1/η − 1/(1.15 η)) and nothing else moves
+    (KV reads keep the device's own η, overheads are host time)."""
+    from backends.emulator.timing import weight_bytes_read
+
+    base = catalog.deployment("h200-sxm", "llama-3.1-70b", dtype="fp8")
+    fast = catalog.deployment(
+        "h200-sxm", "llama-3.1-70b", dtype="fp8", engine=EngineKnobs(bandwidth_efficiency=1.15)
+    )
+    shape = StepShape.of([(1, 1000)])
+    device = catalog.device("h200-sxm")
+    assert isinstance(device, HbmDevice)
+    eta, bw = device.efficiency.bandwidth, device.memory_bandwidth_tb_s * 1e12
+    w = weight_bytes_read(base.model_shape, 1)
+    assert w == pytest.approx(70.6e9, rel=0.02)
+    saved = w / bw * (1 / eta - 1 / (eta * 1.15))  # 0.72 -> 0.828: 20.4 ms -> 17.8 ms
+    assert base.step_time(shape) - fast.step_time(shape) == pytest.approx(saved, rel=1e-9)
+    assert saved == pytest.approx(2.66e-3, rel=0.02)
+
+
+def test_engine_bandwidth_factor_cannot_exceed_the_device_peak(catalog: Catalog) -> None:
+    """η × factor is capped at 1: an engine cannot read faster than the HBM's rated bandwidth."""
+    dep = catalog.deployment(
+        "h200-sxm", "llama-3.1-70b", dtype="fp8", engine=EngineKnobs(bandwidth_efficiency=1.5)
+    )
+    assert dep.device.constants(dep).bandwidth_efficiency == 1.0
