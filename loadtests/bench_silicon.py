@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fit",
         metavar="PROFILE",
-        help="fit this engine profile's two factors on the train rows of its family (agg rows)",
+        help="fit this engine profile's two factors on the train rows of its family (its agg "
+        "rows; its disagg rows where it has no agg rows)",
     )
     p.add_argument("--fit-rows", type=int, default=24, help="train rows per fit (at random)")
     p.add_argument(
@@ -194,11 +195,10 @@ def _fit(profile: str, rows: list[SiliconRow], args: argparse.Namespace) -> int:
 
     from gateway.sim.silicon_run import engine_profile
 
-    train = [
-        r
-        for r in rows
-        if r.mode == "agg" and is_train(r.id) and _profile_name(r, engine_profile) == profile
-    ]
+    family = [r for r in rows if is_train(r.id) and _profile_name(r, engine_profile) == profile]
+    # Aggregated rows where the family has them; a serving stack measured only disaggregated
+    # (Dynamo) fits on its xPyD rows.
+    train = [r for r in family if r.mode == "agg"] or family
     train = random.Random(args.seed).sample(train, min(args.fit_rows, len(train)))
     if not train:
         print(f"no train rows for {profile}")

@@ -328,6 +328,15 @@ def test_engine_profiles_cover_versions_and_cap_fitted_factors(catalog: Catalog)
     # TensorRT-LLM counts release candidates: 1.1.0rc0 reached PyPI on 2025-08-15.
     assert catalog.engine_for("trtllm", "", datetime.date(2025, 8, 1)).name == "trtllm-1.0"
     assert catalog.engine_for("trtllm", "", datetime.date(2025, 10, 29)).name == "trtllm-1.1"
+    # Dynamo's TensorRT-LLM runtime images have their own serving path; a versionless
+    # TensorRT-LLM row is never taken for one (the profile has no release date).
+    dynamo = catalog.engine_for("trtllm", "0.8.1.post1")
+    assert dynamo.name == "dynamo-trtllm-0.8"
+    assert dynamo.released is None
+    assert catalog.engine_for("trtllm", "", datetime.date(2026, 4, 6)).name == "trtllm-1.1"
+    trt = catalog.engine("trtllm-1.1")
+    assert dynamo.knobs.serving_latency_s > trt.knobs.serving_latency_s
+    assert dynamo.knobs.step_policy == trt.knobs.step_policy == "whole_prompt"
     sg = catalog.engine("sglang-0.5")
     assert sg.knobs.step_policy == "prefill_first"
     assert sg.knobs_for("h200-sxm", max_num_seqs=7).gpu_memory_utilization == 0.90
