@@ -197,14 +197,20 @@ def parallel_layout(row: SiliconRow, layout: Layout) -> ParallelLayout:
     ``moe_tp 4``, no DP column: the one way an engine runs that is data-parallel attention on
     every GPU, each expert sharded over all of them, vLLM's DP without
     ``--enable-expert-parallel``), so ``dp`` is whatever fills the group at the row's ``tp``.
+    A row with neither expert split recorded (``moe_tp`` and ``moe_ep`` both 1) on several GPUs
+    runs its experts as every engine does by default, sharded over all of them (``moe_tp`` =
+    ``tp × dp``): none replicates every expert on every GPU.
     """
     moe = (row.model or "") in MOE_MODELS
     if not moe:
         return ParallelLayout(tp=layout.tp, pp=layout.pp, dp=layout.dp)
-    g = layout.moe_tp * layout.moe_ep
+    moe_tp = layout.moe_tp
+    if layout.moe_tp * layout.moe_ep == 1:
+        moe_tp = layout.tp * layout.dp
+    g = moe_tp * layout.moe_ep
     tp = min(layout.tp, g)
     dp = max(1, g // tp)
-    return ParallelLayout(tp=tp, pp=layout.pp, dp=dp, moe_tp=layout.moe_tp, ep=layout.moe_ep)
+    return ParallelLayout(tp=tp, pp=layout.pp, dp=dp, moe_tp=moe_tp, ep=layout.moe_ep)
 
 
 def predict(row: SiliconRow, cat: Catalog | None = None) -> Prediction:

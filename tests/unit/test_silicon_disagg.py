@@ -201,6 +201,27 @@ def test_attention_fills_an_expert_group_larger_than_its_recorded_ranks(
     assert (lay.tp, lay.dp, lay.moe_tp, lay.ep, lay.devices) == (tp, dp, moe_tp, 1, moe_tp)
 
 
+@pytest.mark.parametrize(("tp", "dp"), [(4, 1), (8, 1), (2, 4)])
+def test_experts_with_no_recorded_split_are_sharded_over_every_gpu(tp: int, dp: int) -> None:
+    """``moe_tp`` and ``moe_ep`` both 1 on a multi-GPU MoE worker: the engines' default, each
+    expert sharded over all ``tp × dp`` GPUs, not one GPU holding every expert."""
+    row = parse_row(
+        {
+            **ROW,
+            "mode": "agg",
+            "model_path": "Qwen/Qwen3-235B-A22B-FP8",
+            "tp_size": str(tp),
+            "attention_dp_size": str(dp),
+            "moe_tp_size": "1",
+            "moe_ep_size": "1",
+            "batch_size": "8",
+        }
+    )
+    assert row.agg is not None
+    lay = parallel_layout(row, row.agg)
+    assert (lay.tp, lay.dp, lay.moe_tp, lay.ep, lay.devices) == (tp, dp, tp * dp, 1, tp * dp)
+
+
 @pytest.mark.parametrize(
     ("system", "prefill", "decode", "link"),
     [
