@@ -333,6 +333,8 @@ def test_engine_profiles_cover_versions_and_cap_fitted_factors(catalog: Catalog)
     dynamo = catalog.engine_for("trtllm", "0.8.1.post1")
     assert dynamo.name == "dynamo-trtllm-0.8"
     assert dynamo.released is None
+    assert catalog.engine_for("trtllm", "0.7.0").name == "dynamo-trtllm-0.8"
+    assert catalog.engine_for("trtllm", "0.21.0").name != "dynamo-trtllm-0.8"
     assert catalog.engine_for("trtllm", "", datetime.date(2026, 4, 6)).name == "trtllm-1.1"
     trt = catalog.engine("trtllm-1.1")
     assert dynamo.knobs.serving_latency_s > trt.knobs.serving_latency_s
