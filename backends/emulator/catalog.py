@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, TypeAlias, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -1164,7 +1164,7 @@ class Catalog:
         devices = {p.stem: _parse(_DEVICE, p) for p in sorted((root / "devices").glob("*.yaml"))}
         models = {p.stem: _parse(_MODEL, p) for p in sorted((root / "models").glob("*.yaml"))}
         links = _parse(_LINKS, root / "links.yaml")
-        engines = {p.stem: _parse(_ENGINE, p) for p in sorted((root / "engines").glob("*.yaml"))}
+        engines = _load_engines(root / "engines")
         for key, item in [*devices.items(), *models.items(), *engines.items()]:
             if item.name != key:
                 raise CatalogError(f"{root}: file '{key}.yaml' declares name '{item.name}'")
@@ -1281,12 +1281,66 @@ SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _parse(adapter: TypeAdapter[T], path: Path) -> T:
+    return _validate(adapter, _read(path), path)
+
+
+def _read(path: Path) -> Any:
     try:
-        return adapter.validate_python(yaml.load(path.read_text(), Loader=SafeLoader))
+        return yaml.load(path.read_text(), Loader=SafeLoader)
     except (OSError, yaml.YAMLError) as exc:
         raise CatalogError(f"{path}: {exc}") from exc
+
+
+def _validate(adapter: TypeAdapter[T], data: Any, path: Path) -> T:
+    try:
+        return adapter.validate_python(data)
     except ValidationError as exc:
         raise CatalogError(f"{path}: {format_validation_error(exc)}") from exc
+
+
+# What an engine profile that ``extends`` another takes from it: the engine's behaviour (its
+# knobs with their sources, graphs, front end), not the family's identity (name, versions,
+# release, default) nor its fits. Mappings merge key by key; the profile's own keys win.
+_INHERITED = (
+    "engine",
+    "knobs",
+    "memory_fraction",
+    "batched_tokens",
+    "budget_per_rank",
+    "cuda_graph_max_batch",
+    "frontend_request_s",
+    "frontend_token_s",
+    "speculative",
+    "sources",
+)
+_MERGED = ("knobs", "memory_fraction", "batched_tokens", "sources")
+_IDENTITY_SOURCES = ("released", "fitted")
+
+
+def _load_engines(directory: Path) -> dict[str, EngineProfile]:
+    """Every engine profile in ``directory``; one with ``extends: NAME`` is ``NAME``'s
+    behaviour (``_INHERITED``) under its own identity and changes (one level, no chains)."""
+    paths = {p.stem: p for p in sorted(directory.glob("*.yaml"))}
+    raw = {key: _read(path) for key, path in paths.items()}
+    out: dict[str, EngineProfile] = {}
+    for key, data in raw.items():
+        if isinstance(data, dict) and "extends" in data:
+            data = dict(data)
+            base_name = data.pop("extends")
+            base = raw.get(base_name)
+            if not isinstance(base, dict):
+                raise CatalogError(f"{paths[key]}: extends unknown engine profile '{base_name}'")
+            if "extends" in base:
+                raise CatalogError(f"{paths[key]}: extends '{base_name}', which extends another")
+            merged = {k: base[k] for k in _INHERITED if k in base}
+            merged["sources"] = {
+                k: v for k, v in base.get("sources", {}).items() if k not in _IDENTITY_SOURCES
+            }
+            for k, v in data.items():
+                merged[k] = {**merged.get(k, {}), **v} if k in _MERGED else v
+            data = merged
+        out[key] = _validate(_ENGINE, data, paths[key])
+    return out
 
 
 # Discriminated unions put the chosen tag into an error's location; it is not a YAML key.

@@ -252,6 +252,41 @@ def test_invalid_yaml_names_file(config_copy: Path) -> None:
     assert str(path) in str(info.value)
 
 
+def test_an_engine_profile_that_extends_another_takes_its_behaviour_not_its_identity(
+    catalog: Catalog,
+) -> None:
+    dynamo, trt = catalog.engine("dynamo-trtllm-0.8"), catalog.engine("trtllm-1.1")
+    assert _yaml("engines/dynamo-trtllm-0.8.yaml")["extends"] == "trtllm-1.1"
+    mine, theirs = dynamo.knobs.model_dump(), trt.knobs.model_dump()
+    changed = {k for k in mine if mine[k] != theirs[k]}
+    assert changed == {"serving_latency_s"}  # its own knob; bandwidth 1.15 is fitted alike
+    assert dynamo.cuda_graph_max_batch == trt.cuda_graph_max_batch
+    # Identity stays its own: no release date, not the default, its own fits and their sources.
+    assert (dynamo.released, dynamo.default) == (None, False)
+    assert trt.default
+    assert trt.released is not None
+    assert "released" not in dynamo.sources
+    assert dynamo.sources["fitted"] != trt.sources["fitted"]
+    assert dynamo.sources["max_num_batched_tokens"] == trt.sources["max_num_batched_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("extends", "error"),
+    [("nope", "extends unknown engine profile 'nope'"), ("chained", "which extends another")],
+)
+def test_an_engine_profile_extends_one_known_profile(
+    config_copy: Path, extends: str, error: str
+) -> None:
+    engines = config_copy / "engines"
+    chained = yaml.safe_load((engines / "dynamo-trtllm-0.8.yaml").read_text())
+    chained["name"] = "chained"
+    (engines / "chained.yaml").write_text(yaml.safe_dump(chained))
+    probe = {"name": "probe", "extends": extends, "versions": ["9.9"], "sources": {"x": "y"}}
+    (engines / "probe.yaml").write_text(yaml.safe_dump(probe))
+    with pytest.raises(CatalogError, match=error):
+        Catalog.load(config_copy)
+
+
 def test_file_name_must_match_declared_name(config_copy: Path) -> None:
     src = config_copy / "devices" / "h100-sxm.yaml"
     shutil.copy(src, config_copy / "devices" / "h100-copy.yaml")
