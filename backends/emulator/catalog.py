@@ -1299,8 +1299,8 @@ def _validate(adapter: TypeAdapter[T], data: Any, path: Path) -> T:
 
 
 # What an engine profile that ``extends`` another takes from it: the engine's behaviour (its
-# knobs with their sources, graphs, front end), not the family's identity (name, versions,
-# release, default) nor its fits. Mappings merge key by key; the profile's own keys win.
+# knobs, graphs, front end, and the sources of those), not the family's identity (name,
+# versions, release, default) nor its fits. Mappings merge key by key; the profile's own win.
 _INHERITED = (
     "engine",
     "knobs",
@@ -1311,7 +1311,6 @@ _INHERITED = (
     "frontend_request_s",
     "frontend_token_s",
     "speculative",
-    "sources",
 )
 _MERGED = ("knobs", "memory_fraction", "batched_tokens", "sources")
 _IDENTITY_SOURCES = ("released", "fitted")
