@@ -72,12 +72,11 @@ KV_DTYPE: dict[str, str] = {"fp4": "fp8"}
 
 
 # Small kernels one layer's routed experts launch (router, top-k, sort, permute, quantise, two
-# grouped GEMMs, activation, unpermute, combine) and a sparse-attention indexer's (query and
-# key projections, key norm, rotary, FP8 quantisation, head weights, key-cache write, scores,
-# top-k): a device's ``moe_layer_floor_s`` prices the first chain, and the same per-kernel time
-# the second.
+# grouped GEMMs, activation, unpermute, combine): a device's ``moe_layer_floor_s`` prices the
+# chain, of which the two grouped GEMMs (the kernels that read the expert weights) take their
+# share (timing.expert_layers_time). An engine's fused chain is priced by its kernel count.
 MOE_LAYER_KERNELS = 10
-INDEXER_KERNELS = 9
+MOE_GEMM_KERNELS = 2
 
 
 class _Data(BaseModel):
@@ -338,6 +337,12 @@ class HbmEfficiency(_Data):
         description="shortest time of one routed-expert layer's kernels per step, however few "
         "rows they get (the launch-bound chain of router, permute, GEMM and combine kernels)",
     )
+    index_layer_floor_s: float = Field(
+        0.0,
+        ge=0,
+        description="shortest time of one layer's sparse-attention indexer per step (its "
+        "chain of small kernels: projections, rotary, quantisation, key write, scores, top-k)",
+    )
     block_fp8_expert_mfu: float = Field(
         0.0,
         ge=0,
@@ -485,7 +490,8 @@ class HbmDevice(_DeviceBase):
             seq_overhead_s=e.seq_overhead_s,
             gemm_half_tokens=e.gemm_half_tokens_by_dtype.get(dep.dtype, e.gemm_half_tokens),
             moe_layer_floor_s=e.moe_layer_floor_s * _moe_kernels(dep) / MOE_LAYER_KERNELS,
-            index_layer_floor_s=e.moe_layer_floor_s * INDEXER_KERNELS / MOE_LAYER_KERNELS,
+            moe_gemm_share=MOE_GEMM_KERNELS / _moe_kernels(dep),
+            index_layer_floor_s=e.index_layer_floor_s,
             attention_flops_s=self.attention_flops_s(dep),
             torus=self.topology.fabric(self.interconnect_gb_s) if self.topology else None,
             **self._block_fp8_expert_terms(dep),

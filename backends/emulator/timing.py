@@ -253,6 +253,7 @@ class HbmConstants:
     scale_out: float = 0.0  # bytes/s per device per direction beyond the domain
     scale_out_latency_s: float = 0.0  # per collective step across the scale-out network
     moe_layer_floor_s: float = 0.0  # shortest routed-expert layer (its chain of small kernels)
+    moe_gemm_share: float = 0.0  # of that chain, the share its weight-reading GEMMs take (0: all)
     index_layer_floor_s: float = 0.0  # shortest sparse-attention indexer of one layer
     attention_flops_s: float = 0.0  # achieved FLOP/s of one device in attention (0: mfu · peak)
     expert_mfu_cap: float = 0.0  # ceiling on the routed experts' GEMM efficiency (0: none)
@@ -681,8 +682,9 @@ def expert_layer_bytes(
     )
 
 
-def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
-    """Routed experts of a step, one roofline per kernel, per device::
+def expert_parts(m: ModelShape, s: StepShape, c: HbmConstants) -> tuple[float, float]:
+    """Routed experts of a step, one roofline per kernel, per device, as two parts: the
+    kernels that move the routed rows (dispatch and combine) and the grouped GEMMs::
 
         t = moe_layers · (dispatch / β + max(F_gu / π, gate_up / β)
                           + max(F_down / π, down / β) + combine / β)
@@ -700,7 +702,7 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     """
     tokens = s.new_tokens
     if tokens <= 0:
-        return 0.0
+        return 0.0, 0.0
     moe_tp = c.moe_tp or c.tp
     ep = max(1, c.ep)
     local = tokens / c.dp if c.dp > 1 else None
@@ -716,13 +718,38 @@ def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     if c.expert_mfu_cap:
         eff = min(eff, c.expert_mfu_cap)
     pi = c.peak_flops * eff
-    per_layer = (
-        dispatch / beta
-        + max(2.0 * a * m.hidden * 2.0 * f / pi, gate_up / beta)
-        + max(2.0 * a * f * m.hidden / pi, down / beta)
-        + combine / beta
+    gemms = max(2.0 * a * m.hidden * 2.0 * f / pi, gate_up / beta) + max(
+        2.0 * a * f * m.hidden / pi, down / beta
     )
-    return m.moe_layers * per_layer
+    return m.moe_layers * (dispatch + combine) / beta, m.moe_layers * gemms
+
+
+def expert_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
+    """Routed experts of a step, one roofline per kernel, per device, with no launch floor:
+    the sum of :func:`expert_parts`."""
+    moves, gemms = expert_parts(m, s, c)
+    return moves + gemms
+
+
+def expert_layers_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
+    """The routed-expert layers of a step, their kernels one after the other on the stream::
+
+        t = max(moves, L · floor · (1 − g)) + max(gemms, L · floor · g)
+
+    ``moves`` and ``gemms`` are the rooflines of :func:`expert_parts` (the kernels that move
+    the routed rows, and the grouped GEMMs that read the expert weights), ``L`` the MoE
+    layers, ``floor`` the shortest a layer's chain of kernels takes (``moe_layer_floor_s``)
+    and ``g`` the share of it the GEMMs take (``moe_gemm_share``: 2 of a chain of 10). The
+    router, top-k, sort, permute, quantise, activation, unpermute and combine kernels run
+    before and after the GEMMs, so at small batches their launch-bound time adds to the
+    weight reads instead of hiding under them; at large ones they are bound by the rows they
+    move. ``g = 0`` keeps the whole chain as one floor under all the kernels."""
+    moves, gemms = expert_parts(m, s, c)
+    floor = m.moe_layers * c.moe_layer_floor_s
+    g = c.moe_gemm_share
+    if g <= 0:
+        return max(moves + gemms, floor)
+    return max(moves, floor * (1.0 - g)) + max(gemms, floor * g)
 
 
 def dense_linear_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
@@ -800,7 +827,7 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     eta_kv = c.kv_bandwidth_efficiency or c.bandwidth_efficiency
     kv_ways = c.kv_shards or c.tp
     if m.experts and m.expert_ffn and m.moe_layers:
-        t_experts = max(expert_time(m, s, c), m.moe_layers * c.moe_layer_floor_s)
+        t_experts = expert_layers_time(m, s, c)
         t_linear = dense_linear_time(m, r, c) + t_experts
     else:
         weights = weight_bytes_read(m, r.new_tokens)
