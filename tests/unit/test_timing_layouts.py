@@ -473,10 +473,9 @@ def test_small_batch_experts_are_bound_by_their_weights_not_by_idle_tiles() -> N
     assert t == pytest.approx(weights, rel=0.01)
 
 
-def test_routed_experts_take_at_least_their_kernel_chain() -> None:
-    # One token over 128 experts (4 touched): the experts' roofline is 24 us per layer (the
-    # test above), under a 100 us floor per MoE layer; ten MoE layers cost 1 ms, not 0.24.
-    m = shape(
+def ten_moe_layers() -> ModelShape:
+    """Ten MoE layers of 128 experts, top-4, 3 MB each, FP8 GEMM inputs."""
+    return shape(
         experts=128,
         top_k=4,
         expert_ffn=1000,
@@ -485,6 +484,12 @@ def test_routed_experts_take_at_least_their_kernel_chain() -> None:
         expert_weight_bytes=10 * 128 * 3e6,
         gemm_input_bytes=1.0,
     )
+
+
+def test_routed_experts_take_at_least_their_kernel_chain() -> None:
+    # One token over 128 experts (4 touched): the experts' roofline is 24 us per layer (the
+    # test above), under a 100 us floor per MoE layer; ten MoE layers cost 1 ms, not 0.24.
+    m = ten_moe_layers()
     s = StepShape.of([(1, 100)])
     free = consts(gemm_half_tokens=32.0)
     floored = consts(gemm_half_tokens=32.0, moe_layer_floor_s=100e-6)
@@ -502,15 +507,7 @@ def test_the_expert_chain_small_kernels_run_in_series_with_the_gemms() -> None:
     # The ten MoE layers above, their chain's floor 100 us a layer of which the two grouped
     # GEMMs take 2/10: 80 us of router, sort, permute, activation and combine kernels, then
     # the GEMMs at the larger of their roofline and 20 us.
-    m = shape(
-        experts=128,
-        top_k=4,
-        expert_ffn=1000,
-        moe_layers=10,
-        layers=10,
-        expert_weight_bytes=10 * 128 * 3e6,
-        gemm_input_bytes=1.0,
-    )
+    m = ten_moe_layers()
     free = consts(gemm_half_tokens=32.0)
     overlapped = consts(gemm_half_tokens=32.0, moe_layer_floor_s=100e-6)
     serial = consts(gemm_half_tokens=32.0, moe_layer_floor_s=100e-6, moe_gemm_share=0.2)
