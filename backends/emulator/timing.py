@@ -806,10 +806,10 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
 
     Mixture-of-experts models whose expert width is known split the linear term in two, the
     dense GEMMs (:func:`dense_linear_time`) and the routed experts' kernels
-    (:func:`expert_time`), each with its own roofline; the experts take at least
-    ``moe_layers · moe_layer_floor`` however few rows they get: a routed-expert layer is a
+    (:func:`expert_layers_time`), each with its own roofline; a routed-expert layer is a
     chain of about ten small kernels (router, top-k, sort, permute, quantise, two grouped
-    GEMMs, activation, unpermute, combine) that cannot run faster than they launch.
+    GEMMs, activation, unpermute, combine) that cannot run faster than they launch, and its
+    small kernels run in series with the GEMMs' weight reads.
 
     Layouts: with ``dp`` data-parallel attention ranks every term but the routed experts is
     one rank's share of the step (ranks run in parallel, each with ``tp`` devices); the experts
