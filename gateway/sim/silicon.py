@@ -760,6 +760,74 @@ def accuracy(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Ceiling:
+    """The best any predictor that reads only a row's inputs can score on a set of rows.
+
+    Rows whose inputs are identical (engine and version, model, system, weights, mode,
+    lengths, client count, benchmark recipe and layouts) but whose measurements differ are
+    runs of deployments the rows do not tell apart: a disaggregated row without worker
+    counts repeats a recorded run with one deployment and a run with another (or with a
+    speculative decoder) on the same inputs. One prediction must serve every row of such a
+    group, so at most the largest subset whose measurements share a tolerance band can be
+    hit. ``tpot_within``/``ttft_within`` are those best shares over all ``rows``.
+    """
+
+    rows: int
+    inputs: int  # distinct inputs among the rows
+    tpot_within: float
+    ttft_within: float
+
+
+def inputs_of(row: SiliconRow) -> tuple[object, ...]:
+    """Everything about a row a predictor may read: all but its id, its source's bookkeeping
+    and its measurements."""
+    return (
+        row.backend,
+        row.version,
+        row.model_path,
+        row.system,
+        row.precision,
+        row.gemm_quant,
+        row.moe_quant,
+        row.mode,
+        row.isl,
+        row.osl,
+        row.concurrency,
+        row.recipe.name,
+        row.agg,
+        row.prefill,
+        row.decode,
+        row.workers_given,
+    )
+
+
+def _most_within(measured: Sequence[float], tol: float) -> int:
+    """Most of ``measured`` one value lies within ``tol`` of: each measurement m accepts the
+    predictions in ``[m(1 − tol), m(1 + tol)]``, and the deepest overlap of intervals starts
+    at one of their lower ends."""
+    lows = [m * (1 - tol) for m in measured]
+    return max((sum(1 for m in measured if abs(p - m) <= tol * m + 1e-12) for p in lows), default=0)
+
+
+def ceiling(
+    rows: Sequence[SiliconRow],
+    tpot_tol: float = TPOT_TOLERANCE,
+    ttft_tol: float = TTFT_TOLERANCE,
+) -> Ceiling:
+    """:class:`Ceiling` of ``rows`` (rows without both measurements are left out)."""
+    groups: dict[tuple[object, ...], list[SiliconRow]] = {}
+    for row in rows:
+        if row.tpot_ms and row.ttft_ms:
+            groups.setdefault(inputs_of(row), []).append(row)
+    n = sum(len(g) for g in groups.values())
+    if not n:
+        return Ceiling(0, 0, math.nan, math.nan)
+    tpot = sum(_most_within([r.tpot_ms or 0.0 for r in g], tpot_tol) for g in groups.values())
+    ttft = sum(_most_within([r.ttft_ms or 0.0 for r in g], ttft_tol) for g in groups.values())
+    return Ceiling(n, len(groups), tpot / n, ttft / n)
+
+
 def _share(errors: Sequence[float], tol: float) -> float:
     if not errors:
         return math.nan
@@ -847,4 +915,21 @@ def summary_table(pairs: Sequence[tuple[SiliconRow, Prediction]]) -> str:
     for name, key in BREAKDOWNS.items():
         for group, acc in breakdown(pairs, key).items():
             t.add(f"{name}={group}", acc)
-    return t.text()
+    return t.text() + "\n" + ceiling_lines([row for row, _ in pairs])
+
+
+def ceiling_lines(rows: Sequence[SiliconRow]) -> str:
+    """The :func:`ceiling` of all rows and of each mode, as the summary's closing lines."""
+    lines = [
+        "ceiling (best any input-only prediction can reach; identical inputs, differing runs):"
+    ]
+    modes = sorted({r.mode for r in rows})
+    for name, part in [("all", list(rows))] + [
+        (f"mode={m}", [r for r in rows if r.mode == m]) for m in modes
+    ]:
+        c = ceiling(part)
+        lines.append(
+            f"  {name:<22} {c.rows:>5} rows, {c.inputs:>5} distinct inputs: "
+            f"TPOT±15% {_pct(c.tpot_within)}, TTFT±25% {_pct(c.ttft_within)}"
+        )
+    return "\n".join(lines)

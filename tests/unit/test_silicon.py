@@ -26,6 +26,7 @@ from gateway.sim.silicon import (
     SiliconRow,
     accuracy,
     breakdown,
+    ceiling,
     closed_loop,
     concurrency_of,
     fit_objective,
@@ -396,6 +397,32 @@ def test_accuracy_maths_hand_worked() -> None:
     line = next(x for x in table.splitlines() if x.startswith("all "))
     assert line.split()[-1] == "+0%"  # TTFT bias
     assert line.split()[-4] == "+0%"  # TPOT bias
+
+
+def test_ceiling_is_the_best_one_prediction_per_group_of_identical_inputs() -> None:
+    def row(i: int, tpot: float, ttft: float, **change: str) -> SiliconRow:
+        d = {**AGG, "id": f"r{i}", "silicon_tpot_ms": str(tpot), "silicon_ttft_ms": str(ttft)}
+        return parse_row({**d, **change})
+
+    # Three runs on the same inputs: TPOT 10, 11 and 20 ms. 10 and 11 share a band (any
+    # prediction in [9.35, 11.5] is within 15 % of both), 20 shares none: 2 of 3 at best.
+    # TTFT 100, 140 and 160 ms: their ±25 % bands [75, 125], [105, 175] and [120, 200] all
+    # hold [120, 125], so one prediction hits all three.
+    same = [row(0, 10.0, 100.0), row(1, 11.0, 140.0), row(2, 20.0, 160.0)]
+    # A fourth row on other inputs (64 clients) is its own group, always reachable.
+    other = row(3, 50.0, 900.0, silicon_data_source="db-dump; silicon_concurrency=64")
+    c = ceiling([*same, other])
+    assert (c.rows, c.inputs) == (4, 2)
+    assert c.tpot_within == pytest.approx(3 / 4)
+    assert c.ttft_within == pytest.approx(4 / 4)
+    # TTFT 100 and 200 ms: bands [75, 125] and [150, 250] are disjoint.
+    apart = ceiling([row(0, 10.0, 100.0), row(1, 10.0, 200.0)])
+    assert apart.ttft_within == pytest.approx(1 / 2)
+    assert apart.tpot_within == pytest.approx(1.0)
+    # The summary closes with it, for all rows and by mode.
+    table = summary_table([(r, Prediction(r.id, 1.0, 1.0)) for r in [*same, other]])
+    assert "ceiling" in table
+    assert "mode=agg" in table.split("ceiling")[1]
 
 
 def test_buckets_of_prompt_length_and_clients_list_in_numeric_order() -> None:
