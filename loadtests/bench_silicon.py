@@ -8,8 +8,9 @@ Usage::
 ``ROWS.csv`` is any file in the silicon-sample format (see the calibration data's
 ``silicon/README.md``). Each row is simulated (:mod:`gateway.sim.silicon_run`); the summary
 gives rows covered, the share of TPOT within ±15 % and TTFT within ±25 %, and the median
-|error| and median signed error (bias) of each, for all rows and by mode, engine, model family,
-device, prompt length and client count. ``--out`` writes
+|error| and median signed error (bias) of each, for all rows and by mode, deployment (given or
+inferred), engine, model family, device, prompt length and client count, then the ceiling any
+input-only predictor can reach on these rows. ``--out`` writes
 ``id,pred_ttft_ms,pred_tpot_ms,reason`` (blank predictions and a reason where a row is not
 supported). Rows are spread over ``--jobs`` processes. ``--explain ID`` shows how one aggregated
 row is simulated and where its TTFT goes (:func:`gateway.sim.silicon_run.explain`).

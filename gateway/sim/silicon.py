@@ -856,6 +856,9 @@ def _group_order(name: str) -> tuple[int, int, str]:
 
 BREAKDOWNS: dict[str, Callable[[SiliconRow], str]] = {
     "mode": lambda r: r.mode,
+    # A disaggregated row's deployment: as the row records it (worker counts and batch sizes)
+    # or inferred (gateway.sim.silicon_disagg); aggregated rows always give theirs.
+    "deployment": lambda r: "given" if r.workers_given else "inferred",
     "engine": lambda r: r.backend,
     "family": lambda r: r.family,
     "device": lambda r: r.system,
@@ -909,7 +912,8 @@ def _signed(x: float) -> str:
 
 
 def summary_table(pairs: Sequence[tuple[SiliconRow, Prediction]]) -> str:
-    """All rows, then by mode, engine, model family, device, prompt length and client count."""
+    """All rows, then by mode, deployment, engine, model family, device, benchmark client,
+    prompt length and client count, then the :func:`ceiling`."""
     t = Table()
     t.add("all", accuracy(pairs))
     for name, key in BREAKDOWNS.items():

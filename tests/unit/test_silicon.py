@@ -425,6 +425,17 @@ def test_ceiling_is_the_best_one_prediction_per_group_of_identical_inputs() -> N
     assert "mode=agg" in table.split("ceiling")[1]
 
 
+def test_disaggregated_rows_are_grouped_by_whether_they_give_their_deployment() -> None:
+    given = parse_row(DISAGG)
+    inferred = parse_row(
+        {**DISAGG, "id": "d2", "prefill_num_workers": "", "decode_num_workers": ""}
+    )
+    preds = [Prediction(r.id, 900.0, 40.0) for r in (given, inferred)]
+    groups = breakdown(list(zip([given, inferred], preds, strict=True)), BREAKDOWNS["deployment"])
+    assert {k: g.rows for k, g in groups.items()} == {"given": 1, "inferred": 1}
+    assert BREAKDOWNS["deployment"](parse_row(AGG)) == "given"
+
+
 def test_buckets_of_prompt_length_and_clients_list_in_numeric_order() -> None:
     rows = [
         parse_row({**AGG, "id": f"r{c}", "silicon_data_source": f"silicon_concurrency={c}"})
