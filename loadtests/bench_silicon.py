@@ -41,6 +41,7 @@ from gateway.sim.silicon import (
     parse_row,
     read_rows,
     rel_error,
+    sibling_deployments,
     summary_table,
 )
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(parse_row(d))
         except RowError as exc:
             bad.append(Prediction(d.get("id") or "?", None, None, f"unreadable row: {exc}"))
+    rows = sibling_deployments(rows)
     if args.ids:
         wanted = set(args.ids.read_text().split())
         rows = [r for r in rows if r.id in wanted]

@@ -894,6 +894,13 @@ class EngineKnobs(_Data):
     eager_layer_s: float = Field(
         0.0, ge=0, description="host time to launch one layer's kernels outside CUDA graphs"
     )
+    # The engine's multi-head latent attention (DeepSeek, Kimi) costs this much more per MLA
+    # layer per step than the modelled kernels (its projections, absorbed-weight batched GEMMs,
+    # rotary and attention): a per-step constant, whatever the batch, that one engine pays and
+    # another on the same model, devices and layout does not.
+    mla_layer_s: float = Field(
+        0.0, ge=0, description="time the engine's MLA path adds per MLA layer per step"
+    )
     mxfp4_moe_kernels: int = Field(
         0,
         ge=0,
@@ -1053,6 +1060,8 @@ class Deployment:
         if isinstance(c, HbmConstants):
             engine = self.engine
             t = hbm_step_time(m, shape, c) + engine.step_overhead_s
+            if engine.mla_layer_s and self.model.attention == "mla":
+                t += engine.mla_layer_s * self.model.layers
             host = engine.host_seq_s * shape.seqs / c.dp
             if engine.eager_layer_s and shape.new_tokens > shape.seqs:
                 host += engine.eager_layer_s * m.layers

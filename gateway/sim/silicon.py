@@ -41,7 +41,7 @@ import re
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import median
 from typing import Any, Protocol
@@ -187,6 +187,9 @@ class SiliconRow:
     # A disaggregated row that records both pools' worker counts; without them the deployment
     # is inferred (gateway.sim.silicon_disagg).
     workers_given: bool = True
+    # Where the recorded deployment came from when the row itself records none: the id of a
+    # sibling run that does (:func:`sibling_deployments`).
+    deployment_of: str | None = None
 
     @property
     def model(self) -> str | None:
@@ -331,6 +334,54 @@ def parse_row(d: Mapping[str, str]) -> SiliconRow:
         decode=_layout(d, "decode_"),
         workers_given=given,
     )
+
+
+def _run_key(row: SiliconRow) -> tuple[object, ...]:
+    """What makes two disaggregated runs the same benchmark point: engine and version, model
+    (its profile: DeepSeek-R1 and -V3 share one architecture), system, precision, lengths and
+    client count."""
+    return (
+        row.backend,
+        row.version,
+        row.model or row.model_path,
+        row.system,
+        row.precision,
+        row.isl,
+        row.osl,
+        row.concurrency,
+    )
+
+
+def sibling_deployments(rows: Sequence[SiliconRow]) -> list[SiliconRow]:
+    """``rows`` with each disaggregated row that records no worker counts given the
+    deployment a sibling records: the first row of the same benchmark point (:func:`_run_key`)
+    that records its prefill and decode workers, batches and layouts.
+
+    A benchmark pipeline deploys one configuration per point, and a results file often holds
+    the same point more than once, once with the deployment and once without (the silicon
+    sample's dated source files repeat its results-database rows). The deployment a sibling
+    records is a fact about the run; inferring one (:mod:`gateway.sim.silicon_disagg`) is the
+    fallback where no sibling records it. Measurements are never read."""
+    recorded: dict[tuple[object, ...], SiliconRow] = {}
+    for r in rows:
+        if r.mode == "disagg" and r.workers_given:
+            recorded.setdefault(_run_key(r), r)
+    out = []
+    for r in rows:
+        sib = recorded.get(_run_key(r)) if r.mode == "disagg" and not r.workers_given else None
+        if sib is None:
+            out.append(r)
+            continue
+        out.append(
+            replace(
+                r,
+                prefill=sib.prefill,
+                decode=sib.decode,
+                workers_given=True,
+                deployment_of=sib.id,
+            )
+        )
+    return out
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -858,7 +909,9 @@ BREAKDOWNS: dict[str, Callable[[SiliconRow], str]] = {
     "mode": lambda r: r.mode,
     # A disaggregated row's deployment: as the row records it (worker counts and batch sizes)
     # or inferred (gateway.sim.silicon_disagg); aggregated rows always give theirs.
-    "deployment": lambda r: "given" if r.workers_given else "inferred",
+    "deployment": lambda r: (
+        "sibling" if r.deployment_of else "given" if r.workers_given else "inferred"
+    ),
     "engine": lambda r: r.backend,
     "family": lambda r: r.family,
     "device": lambda r: r.system,

@@ -34,6 +34,7 @@ from gateway.sim.silicon import (
     parse_row,
     recipe_of,
     rel_error,
+    sibling_deployments,
     summary_table,
     weights_of,
 )
@@ -434,6 +435,28 @@ def test_disaggregated_rows_are_grouped_by_whether_they_give_their_deployment() 
     groups = breakdown(list(zip([given, inferred], preds, strict=True)), BREAKDOWNS["deployment"])
     assert {k: g.rows for k, g in groups.items()} == {"given": 1, "inferred": 1}
     assert BREAKDOWNS["deployment"](parse_row(AGG)) == "given"
+
+
+def test_a_run_without_its_deployment_takes_the_one_a_sibling_run_records() -> None:
+    given = parse_row(DISAGG)
+    blank = {"prefill_num_workers": "", "decode_num_workers": "", "decode_batch_size": ""}
+    # The same point (engine, version, model, system, lengths, 64 clients) without workers:
+    # it takes d1's 2 prefill workers of TP2 and 1 decode worker of TP4 at 32 sequences.
+    twin = parse_row({**DISAGG, **blank, "id": "d2", "decode_tp_size": "8"})
+    # 128 clients is another point, and an aggregated row is never touched.
+    other_src = {"silicon_data_source": "source_file=x.csv; silicon_concurrency=128"}
+    other = parse_row({**DISAGG, **blank, "id": "d3", **other_src})
+    agg = parse_row(AGG)
+    out = sibling_deployments([twin, given, other, agg])
+    assert [r.id for r in out] == ["d2", "d1", "d3", "r1"]
+    filled = out[0]
+    assert (filled.prefill, filled.decode) == (given.prefill, given.decode)
+    assert filled.workers_given and filled.deployment_of == "d1"
+    assert filled.ttft_ms == twin.ttft_ms  # measurements stay the row's own
+    assert out[1] == given and out[3] == agg
+    assert not out[2].workers_given and out[2].deployment_of is None
+    assert BREAKDOWNS["deployment"](filled) == "sibling"
+    assert BREAKDOWNS["deployment"](out[2]) == "inferred"
 
 
 def test_buckets_of_prompt_length_and_clients_list_in_numeric_order() -> None:

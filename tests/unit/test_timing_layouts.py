@@ -595,6 +595,22 @@ def test_a_step_with_prompt_tokens_pays_its_eager_launches(catalog: Catalog) -> 
     assert dep(eager_layer_s=1e-3).step_time(decode) == pytest.approx(dep().step_time(decode))
 
 
+def test_an_engines_mla_path_adds_its_constant_per_mla_layer(catalog: Catalog) -> None:
+    # DeepSeek-V3 has 61 MLA layers: at 59 us per layer an engine's step takes 61 x 59 us =
+    # 3.599 ms longer, at 4 sequences and at 64 alike (a constant, not a batch term). A GQA
+    # model (Llama-3.1-70B) on the same engine knobs pays nothing.
+    def step(model: str, batch: int, **knobs: object) -> float:
+        engine = EngineKnobs(**knobs)  # type: ignore[arg-type]
+        dep = catalog.deployment("h200-sxm", model, count=8, tp=8, dtype="fp8", engine=engine)
+        return dep.step_time(StepShape.of([(1, 1500)] * batch))
+
+    for batch in (4, 64):
+        base = step("deepseek-v3", batch)
+        assert step("deepseek-v3", batch, mla_layer_s=59e-6) == pytest.approx(base + 0.003599)
+    llama = step("llama-3.1-70b", 16)
+    assert step("llama-3.1-70b", 16, mla_layer_s=59e-6) == pytest.approx(llama)
+
+
 def test_attention_runs_at_the_kv_dtype_throughput(catalog: Catalog) -> None:
     # An FP8 Llama-3.1-70B with a BF16 KV cache (the engines' default for FP8 checkpoints):
     # its GEMMs run at 0.6 of the 1,979 TFLOP/s FP8 peak, its attention at 0.48 of the
