@@ -245,6 +245,7 @@ class ModelProfile(_Data):
             window=self.sliding_window or 0 if self.sliding_layers else 0,
             window_kv_bytes_per_token=self.window_kv_bytes_per_token(kv),
             state_bytes_per_seq=self.state_bytes_per_seq(kv),
+            linear_layers=self.linear_layers or 0,
             sparse_topk=self.index_topk if self.sparse else 0,
             # The indexer's logits: one multiply-add per head dim and head for each pair.
             index_pair_flops=2.0 * self.kv_layers * self.index_heads * self.index_head_dim
@@ -342,6 +343,12 @@ class HbmEfficiency(_Data):
         ge=0,
         description="shortest time of one layer's sparse-attention indexer per step (its "
         "chain of small kernels: projections, rotary, quantisation, key write, scores, top-k)",
+    )
+    linear_layer_floor_s: float = Field(
+        0.0,
+        ge=0,
+        description="time of one linear-attention layer's chain of small kernels per step "
+        "(short convolution, gating, recurrent update, gated norm), however few sequences",
     )
     block_fp8_expert_mfu: float = Field(
         0.0,
@@ -492,6 +499,7 @@ class HbmDevice(_DeviceBase):
             moe_layer_floor_s=e.moe_layer_floor_s * _moe_kernels(dep) / MOE_LAYER_KERNELS,
             moe_gemm_share=MOE_GEMM_KERNELS / _moe_kernels(dep),
             index_layer_floor_s=e.index_layer_floor_s,
+            linear_layer_floor_s=e.linear_layer_floor_s,
             attention_flops_s=self.attention_flops_s(dep),
             torus=self.topology.fabric(self.interconnect_gb_s) if self.topology else None,
             **self._block_fp8_expert_terms(dep),

@@ -127,6 +127,7 @@ class ModelShape:
     window: int = 0  # sliding window of the windowed layers (0: none)
     window_kv_bytes_per_token: float = 0.0  # KV bytes per token of the windowed layers
     state_bytes_per_seq: float = 0.0  # recurrent state per sequence (linear-attention layers)
+    linear_layers: int = 0  # linear-attention (Gated DeltaNet) layers among ``layers``
     # Sparse attention (DeepSeek sparse attention, GLM-5): a lightning indexer scores every
     # cached key for every query, then attention reads only the ``sparse_topk`` best keys.
     sparse_topk: int = 0  # keys each query attends to (0: dense attention)
@@ -255,6 +256,7 @@ class HbmConstants:
     moe_layer_floor_s: float = 0.0  # shortest routed-expert layer (its chain of small kernels)
     moe_gemm_share: float = 0.0  # of that chain, the share its weight-reading GEMMs take (0: all)
     index_layer_floor_s: float = 0.0  # shortest sparse-attention indexer of one layer
+    linear_layer_floor_s: float = 0.0  # a linear-attention layer's chain of small kernels
     attention_flops_s: float = 0.0  # achieved FLOP/s of one device in attention (0: mfu · peak)
     expert_mfu_cap: float = 0.0  # ceiling on the routed experts' GEMM efficiency (0: none)
     expert_bandwidth_share: float = 1.0  # of the achieved bandwidth, in the expert kernels
@@ -837,6 +839,10 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
     t_attention = max(f_attention / attention_peak, kv / (eta_kv * c.bandwidth * kv_ways))
     overhead = c.step_overhead_s + m.layers * c.layer_overhead_s + r.seqs * c.seq_overhead_s
     t_attention += indexer_time(m, s, c)
+    # A linear-attention layer's small kernels (short convolution, gating, the recurrent
+    # update, the gated norm) run one after another on every step, whatever the batch; the
+    # state they read and write is in the attention bytes above.
+    t_attention += m.linear_layers * c.linear_layer_floor_s
     return t_linear + t_attention + overhead + allreduce_time(m, s, c)
 
 

@@ -451,10 +451,13 @@ def test_a_run_without_its_deployment_takes_the_one_a_sibling_run_records() -> N
     assert [r.id for r in out] == ["d2", "d1", "d3", "r1"]
     filled = out[0]
     assert (filled.prefill, filled.decode) == (given.prefill, given.decode)
-    assert filled.workers_given and filled.deployment_of == "d1"
+    assert filled.workers_given
+    assert filled.deployment_of == "d1"
     assert filled.ttft_ms == twin.ttft_ms  # measurements stay the row's own
-    assert out[1] == given and out[3] == agg
-    assert not out[2].workers_given and out[2].deployment_of is None
+    assert out[1] == given
+    assert out[3] == agg
+    assert not out[2].workers_given
+    assert out[2].deployment_of is None
     assert BREAKDOWNS["deployment"](filled) == "sibling"
     assert BREAKDOWNS["deployment"](out[2]) == "inferred"
 

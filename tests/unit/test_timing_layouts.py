@@ -611,6 +611,28 @@ def test_an_engines_mla_path_adds_its_constant_per_mla_layer(catalog: Catalog) -
     assert step("llama-3.1-70b", 16, mla_layer_s=59e-6) == pytest.approx(llama)
 
 
+def test_each_linear_attention_layer_pays_its_kernel_chain(catalog: Catalog) -> None:
+    # Qwen3.5-397B has 45 Gated-DeltaNet layers among its 60: on H200 each costs a 50 us
+    # chain of small kernels per step, 45 x 50 us = 2.25 ms, at 4 sequences and at 64 alike.
+    # Llama-3.1-70B has none and pays nothing.
+    def steps(model: str, batch: int) -> tuple[float, float]:
+        dep = catalog.deployment("h200-sxm", model, count=8, tp=8, dtype="fp8")
+        c = dep._constants
+        assert isinstance(c, HbmConstants)
+        shape = StepShape.of([(1, 1500)] * batch)
+        without = replace(c, linear_layer_floor_s=0.0)
+        return hbm_step_time(dep.model_shape, shape, c), hbm_step_time(
+            dep.model_shape, shape, without
+        )
+
+    assert catalog.devices["h200-sxm"].efficiency.linear_layer_floor_s == pytest.approx(50e-6)
+    for batch in (4, 64):
+        with_chain, without = steps("qwen3.5-397b-a17b", batch)
+        assert with_chain - without == pytest.approx(45 * 50e-6)
+    with_chain, without = steps("llama-3.1-70b", 16)
+    assert with_chain == pytest.approx(without)
+
+
 def test_attention_runs_at_the_kv_dtype_throughput(catalog: Catalog) -> None:
     # An FP8 Llama-3.1-70B with a BF16 KV cache (the engines' default for FP8 checkpoints):
     # its GEMMs run at 0.6 of the 1,979 TFLOP/s FP8 peak, its attention at 0.48 of the
