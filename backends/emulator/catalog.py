@@ -979,6 +979,10 @@ class EngineProfile(_Data):
         description="max_num_batched_tokens by device where the engine derives it from the "
         "GPU (SGLang's chunked_prefill_size by memory tier)",
     )
+    mla_layer: dict[str, float] = Field(
+        default_factory=dict,
+        description="mla_layer_s by device, on the devices it was measured on",
+    )
     budget_per_rank: bool = Field(
         True,
         description="each attention data-parallel rank schedules its own token budget "
@@ -1016,6 +1020,8 @@ class EngineProfile(_Data):
             update["gpu_memory_utilization"] = self.memory_fraction[device]
         if device in self.batched_tokens:
             update["max_num_batched_tokens"] = self.batched_tokens[device]
+        if device in self.mla_layer:
+            update["mla_layer_s"] = self.mla_layer[device]
         if max_num_seqs:
             update["max_num_seqs"] = max_num_seqs
         return self.knobs.model_copy(update=update)
@@ -1329,13 +1335,14 @@ _INHERITED = (
     "knobs",
     "memory_fraction",
     "batched_tokens",
+    "mla_layer",
     "budget_per_rank",
     "cuda_graph_max_batch",
     "frontend_request_s",
     "frontend_token_s",
     "speculative",
 )
-_MERGED = ("knobs", "memory_fraction", "batched_tokens", "sources")
+_MERGED = ("knobs", "memory_fraction", "batched_tokens", "mla_layer", "sources")
 _IDENTITY_SOURCES = ("released", "fitted")
 
 

@@ -260,7 +260,10 @@ def test_an_engine_profile_that_extends_another_takes_its_behaviour_not_its_iden
     mine, theirs = dynamo.knobs.model_dump(), trt.knobs.model_dump()
     changed = {k for k in mine if mine[k] != theirs[k]}
     assert changed == {"serving_latency_s"}  # its own knob; bandwidth 1.15 is fitted alike
-    assert dynamo.knobs.mla_layer_s == trt.knobs.mla_layer_s > 0  # the engine's, inherited
+    # The engine's MLA constant is inherited, on the devices it was measured on only.
+    assert dynamo.mla_layer == trt.mla_layer
+    assert dynamo.knobs_for("h200-sxm").mla_layer_s == pytest.approx(59e-6)
+    assert dynamo.knobs_for("b200").mla_layer_s == 0.0
     assert dynamo.cuda_graph_max_batch == trt.cuda_graph_max_batch
     # Identity stays its own: no release date, not the default, its own fits and their sources.
     assert (dynamo.released, dynamo.default) == (None, False)
