@@ -366,22 +366,16 @@ def sibling_deployments(rows: Sequence[SiliconRow]) -> list[SiliconRow]:
     for r in rows:
         if r.mode == "disagg" and r.workers_given:
             recorded.setdefault(_run_key(r), r)
-    out = []
-    for r in rows:
+
+    def filled(r: SiliconRow) -> SiliconRow:
         sib = recorded.get(_run_key(r)) if r.mode == "disagg" and not r.workers_given else None
         if sib is None:
-            out.append(r)
-            continue
-        out.append(
-            replace(
-                r,
-                prefill=sib.prefill,
-                decode=sib.decode,
-                workers_given=True,
-                deployment_of=sib.id,
-            )
+            return r
+        return replace(
+            r, prefill=sib.prefill, decode=sib.decode, workers_given=True, deployment_of=sib.id
         )
-    return out
+
+    return [filled(r) for r in rows]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
