@@ -357,6 +357,13 @@ class HbmEfficiency(_Data):
         description="ceiling on the share of FP8 peak that grouped expert GEMMs over "
         "block-scaled FP8 weights reach, however many rows they get (0: none)",
     )
+    block_fp8_dense_mfu: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="ceiling on the share of FP8 peak that a dense (expert-free) model's "
+        "GEMMs over block-scaled FP8 weights reach (0: none)",
+    )
 
 
 class TorusTopology(_Data):
@@ -502,18 +509,21 @@ class HbmDevice(_DeviceBase):
             linear_layer_floor_s=e.linear_layer_floor_s,
             attention_flops_s=self.attention_flops_s(dep),
             torus=self.topology.fabric(self.interconnect_gb_s) if self.topology else None,
-            **self._block_fp8_expert_terms(dep),
+            **self._block_fp8_terms(dep),
         )
 
-    def _block_fp8_expert_terms(self, dep: Deployment) -> dict[str, float]:
-        """The ceiling on block-scaled FP8 expert GEMMs (this device's) and the share of the
-        bandwidth the engine's fused-MoE kernels reach on them; nothing for other experts."""
-        if not _block_fp8_experts(dep):
-            return {}
-        return {
-            "expert_mfu_cap": self.efficiency.block_fp8_expert_mfu,
-            "expert_bandwidth_share": dep.engine.moe_fp8_block_bandwidth,
-        }
+    def _block_fp8_terms(self, dep: Deployment) -> dict[str, float]:
+        """This device's ceilings on GEMMs over block-scaled FP8 weights: a dense model's,
+        and for block-scaled FP8 experts their ceiling and the share of the bandwidth the
+        engine's fused-MoE kernels reach on them. A MoE model's other GEMMs keep the
+        large-GEMM efficiency (the device file's ``block_fp8_dense_mfu`` source says why)."""
+        terms: dict[str, float] = {}
+        if not dep.model.experts and _block_fp8(dep, _dense_format(dep)):
+            terms["dense_mfu_cap"] = self.efficiency.block_fp8_dense_mfu
+        if _block_fp8(dep, _expert_format(dep)):
+            terms["expert_mfu_cap"] = self.efficiency.block_fp8_expert_mfu
+            terms["expert_bandwidth_share"] = dep.engine.moe_fp8_block_bandwidth
+        return terms
 
     def attention_flops_s(self, dep: Deployment) -> float:
         """Achieved FLOP/s of one device in attention. Attention kernels (FlashAttention,
@@ -534,6 +544,11 @@ def _expert_format(dep: Deployment) -> str:
     return dep.weights.experts if dep.weights is not None else dep.dtype
 
 
+def _dense_format(dep: Deployment) -> str:
+    """The other linear layers' weight format: the deployment's own, else its serving dtype."""
+    return dep.weights.dense if dep.weights is not None else dep.dtype
+
+
 def _moe_kernels(dep: Deployment) -> int:
     """Kernels one routed-expert layer of ``dep`` launches per step: the engine's fused MXFP4
     chain where it has one and the experts are MXFP4, else the usual chain."""
@@ -541,10 +556,10 @@ def _moe_kernels(dep: Deployment) -> int:
     return fused if fused and _expert_format(dep) == "mxfp4" else MOE_LAYER_KERNELS
 
 
-def _block_fp8_experts(dep: Deployment) -> bool:
-    """Whether the deployment's routed experts are block-scaled FP8 GEMMs: served at FP8, FP8
-    expert weights, from a checkpoint that scales them per block."""
-    return dep.model.fp8_block_scaled and dep.dtype == "fp8" and _expert_format(dep) == "fp8"
+def _block_fp8(dep: Deployment, weights: str) -> bool:
+    """Whether GEMMs over ``weights`` of the deployment are block-scaled FP8: served at FP8,
+    FP8 weights, from a checkpoint that scales them per block."""
+    return dep.model.fp8_block_scaled and dep.dtype == "fp8" and weights == "fp8"
 
 
 class PipelineDevice(_DeviceBase):

@@ -259,8 +259,14 @@ class HbmConstants:
     linear_layer_floor_s: float = 0.0  # a linear-attention layer's chain of small kernels
     attention_flops_s: float = 0.0  # achieved FLOP/s of one device in attention (0: mfu · peak)
     expert_mfu_cap: float = 0.0  # ceiling on the routed experts' GEMM efficiency (0: none)
+    dense_mfu_cap: float = 0.0  # ceiling on the other GEMMs' efficiency (0: none)
     expert_bandwidth_share: float = 1.0  # of the achieved bandwidth, in the expert kernels
     torus: Torus | None = None  # the chips' torus fabric (None: a switched scale-up link)
+
+
+def capped(efficiency: float, cap: float) -> float:
+    """A GEMM efficiency under a ceiling (``cap`` 0: none)."""
+    return min(efficiency, cap) if cap else efficiency
 
 
 def gemm_efficiency(mfu: float, rows: float, half: float) -> float:
@@ -276,10 +282,16 @@ def gemm_efficiency(mfu: float, rows: float, half: float) -> float:
 
 
 def linear_time(
-    m: ModelShape, s: StepShape, peak_flops: float, mfu: float, half: float, tp: int = 1
+    m: ModelShape,
+    s: StepShape,
+    peak_flops: float,
+    mfu: float,
+    half: float,
+    tp: int = 1,
+    cap: float = 0.0,
 ) -> float:
     """Compute time of the linear layers at ``peak_flops`` (all ``tp`` devices), with GEMM
-    efficiency by size.
+    efficiency by size, the dense GEMMs' at most ``cap`` (0: no ceiling).
 
     A device's share of a GEMM is ``rows × N / tp`` outputs; its efficiency is taken at the
     rows of a full-width GEMM of the same size, ``rows / tp``. Dense GEMMs have ``new_tokens``
@@ -292,7 +304,7 @@ def linear_time(
     expert_share = expert_active / (m.dense_weight_bytes + expert_active) if expert_active else 0
     f = 2.0 * m.active_params * tokens
     f_expert = f * expert_share
-    t = (f - f_expert) / (peak_flops * gemm_efficiency(mfu, tokens / tp, half))
+    t = (f - f_expert) / (peak_flops * capped(gemm_efficiency(mfu, tokens / tp, half), cap))
     if f_expert:
         rows = expert_rows(m, tokens) / tp
         t += f_expert / (peak_flops * gemm_efficiency(mfu, rows, half))
@@ -717,9 +729,7 @@ def expert_parts(m: ModelShape, s: StepShape, c: HbmConstants) -> tuple[float, f
     f = m.expert_ffn / moe_tp
     rows = a / (m.experts / ep * touched_fraction(m, tokens))
     eff = gemm_efficiency(c.mfu, rows, c.gemm_half_tokens)
-    if c.expert_mfu_cap:
-        eff = min(eff, c.expert_mfu_cap)
-    pi = c.peak_flops * eff
+    pi = c.peak_flops * capped(eff, c.expert_mfu_cap)
     gemms = max(2.0 * a * m.hidden * 2.0 * f / pi, gate_up / beta) + max(
         2.0 * a * f * m.hidden / pi, down / beta
     )
@@ -760,12 +770,14 @@ def dense_linear_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
         max(F_dense / (MFU(rows) · peak · tp), dense_weights / (η · BW · tp))
 
     ``F_dense = 2 · (P_active − P_experts) · new_tokens``, where the routed experts' share of
-    the active parameters is taken from their active weight bytes.
+    the active parameters is taken from their active weight bytes. ``MFU(rows)`` is at most
+    ``dense_mfu_cap`` (block-scaled FP8 weights on a device without per-block scales in its
+    tensor cores).
     """
     expert_active = m.expert_weight_bytes * m.top_k / m.experts
     dense_share = m.dense_weight_bytes / (m.dense_weight_bytes + expert_active)
     f = 2.0 * m.active_params * s.new_tokens * dense_share
-    eff = gemm_efficiency(c.mfu, s.new_tokens / c.tp, c.gemm_half_tokens)
+    eff = capped(gemm_efficiency(c.mfu, s.new_tokens / c.tp, c.gemm_half_tokens), c.dense_mfu_cap)
     compute = f / (c.peak_flops * c.tp * eff)
     return max(compute, m.dense_weight_bytes / (c.bandwidth_efficiency * c.bandwidth * c.tp))
 
@@ -833,7 +845,9 @@ def hbm_step_time(m: ModelShape, s: StepShape, c: HbmConstants) -> float:
         t_linear = dense_linear_time(m, r, c) + t_experts
     else:
         weights = weight_bytes_read(m, r.new_tokens)
-        compute = linear_time(m, r, c.peak_flops * c.tp, c.mfu, c.gemm_half_tokens, c.tp)
+        compute = linear_time(
+            m, r, c.peak_flops * c.tp, c.mfu, c.gemm_half_tokens, c.tp, c.dense_mfu_cap
+        )
         t_linear = max(compute, weights / (c.bandwidth_efficiency * bandwidth))
     attention_peak = c.attention_flops_s * c.tp if c.attention_flops_s else peak
     t_attention = max(f_attention / attention_peak, kv / (eta_kv * c.bandwidth * kv_ways))

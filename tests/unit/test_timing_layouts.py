@@ -697,6 +697,48 @@ def test_the_ceiling_applies_to_block_scaled_fp8_experts_on_hopper_only(catalog:
     assert cap("b200", "deepseek-v3", "fp8", fp8) == 0.0
 
 
+def test_block_fp8_dense_gemms_have_their_own_ceiling() -> None:
+    # One 4,096-token prompt through a dense 1e9-parameter model: F = 2 · 1e9 · 4096 = 8.192e12
+    # FLOPs at 0.5 · 4096 / (4096 + 32) = 0.4961 of peak, 16.51 ms; under a 0.2 ceiling,
+    # 40.96 ms. The weights (1e9 bytes at 0.5 TB/s, 2 ms) do not bind, attention is unchanged,
+    # so the step grows by exactly the difference.
+    prompt = StepShape.of([(4096, 0)])
+    eff = 0.5 * 4096 / (4096 + 32)
+    f = 2 * 1e9 * 4096
+    dense = shape()
+    free, capped = consts(gemm_half_tokens=32.0), consts(gemm_half_tokens=32.0, dense_mfu_cap=0.2)
+    grown = hbm_step_time(dense, prompt, capped) - hbm_step_time(dense, prompt, free)
+    assert grown == pytest.approx(f / 0.2e15 - f / (eff * 1e15), rel=1e-9)
+    # A MoE model: only the non-expert share of the active parameters, 1e9 / (1e9 + 6e7)
+    # (routed experts active: 2.4e8 bytes · 2 / 8), moves; the experts keep their own ceiling.
+    moe = eight_experts()
+    share = 1e9 / (1e9 + 2.4e8 * 2 / 8)
+    grown = hbm_step_time(moe, prompt, capped) - hbm_step_time(moe, prompt, free)
+    assert grown == pytest.approx(share * (f / 0.2e15 - f / (eff * 1e15)), rel=1e-9)
+    # A ceiling above the curve changes nothing (four decode rows run at 0.5 · 4 / 36).
+    few = StepShape.of([(1, 100)] * 4)
+    assert hbm_step_time(dense, few, capped) == hbm_step_time(dense, few, free)
+
+
+def test_the_dense_ceiling_applies_to_block_scaled_fp8_dense_models_on_hopper_only(
+    catalog: Catalog,
+) -> None:
+    eight = ParallelLayout(tp=8)
+
+    def cap(device: str, model: str, dtype: str, weights: WeightFormats | None = None) -> float:
+        dep = catalog.deployment(device, model, dtype=dtype, weights=weights, layout=eight)
+        return dep._constants.dense_mfu_cap  # type: ignore[union-attr]
+
+    assert cap("h100-sxm", "qwen3-32b", "fp8") == 0.4
+    assert cap("h200-sxm", "qwen3-32b", "fp8") == 0.4
+    # A MoE checkpoint's other GEMMs (its experts have their own ceiling), 16-bit weights, a
+    # checkpoint scaled per tensor (Llama), Blackwell (block scales in its tensor cores): none.
+    assert cap("h200-sxm", "deepseek-v3", "fp8", WeightFormats(dense="fp8", experts="fp8")) == 0.0
+    assert cap("h100-sxm", "qwen3-32b", "bf16") == 0.0
+    assert cap("h100-sxm", "llama-3.1-70b", "fp8") == 0.0
+    assert cap("b200", "qwen3-32b", "fp8") == 0.0
+
+
 def test_fused_moe_kernels_read_block_fp8_experts_at_their_share_of_the_bandwidth(
     catalog: Catalog,
 ) -> None:
