@@ -28,6 +28,7 @@ from backends.emulator.catalog import (
     Deployment,
     EngineKnobs,
     EngineProfile,
+    ModelProfile,
     ParallelLayout,
     WeightFormats,
 )
@@ -174,8 +175,7 @@ def deployment_for(
         raise RowError(f"no device profile for system {row.system}")
     w = weights_of(row, fp4_gemms="fp4" in getattr(cat.device(device), "peak_tflops", {}))
     engine = knobs_for(row, layout, cat, role=role)
-    if w.dense == "nvfp4":
-        # NVIDIA's NVFP4 checkpoints declare kv_cache_quant_algo FP8 (hf_quant_config.json).
+    if checkpoint_kv_fp8(row, w.dense, cat.model(model)):
         engine = engine.model_copy(update={"kv_dtype": "fp8"})
     return cat.deployment(
         device,
@@ -184,6 +184,27 @@ def deployment_for(
         engine=engine,
         layout=parallel_layout(row, layout),
         weights=WeightFormats(dense=w.dense, experts=w.experts),
+    )
+
+
+def checkpoint_kv_fp8(row: SiliconRow, dense: str, model: ModelProfile) -> bool:
+    """Whether the row's engine keeps its KV cache in FP8 because the checkpoint says so.
+
+    NVIDIA's Model Optimizer checkpoints declare ``kv_cache_quant_algo: FP8`` in their
+    ``hf_quant_config.json``: the NVFP4 ones of every model (calibration/silicon/model_configs)
+    and the per-tensor FP8 ones of dense models (NVIDIA's FP8 Llamas; the model makers' own
+    FP8 checkpoints scale per 128x128 block and declare no KV format). Every engine serves the
+    NVFP4 ones with it. Of the FP8 ones only TensorRT-LLM does: its ``KvCacheConfig.dtype``
+    ``auto`` takes the checkpoint's KV format, where vLLM's and SGLang's ``auto`` is the model's
+    16-bit dtype (calibration/engines.md).
+    """
+    if dense == "nvfp4":
+        return True
+    return (
+        row.backend == "trtllm"
+        and dense == "fp8"
+        and not model.experts
+        and not model.fp8_block_scaled
     )
 
 

@@ -641,3 +641,45 @@ def test_an_nvfp4_row_on_blackwell_runs_fp4_gemms_over_an_fp8_kv_cache() -> None
     assert dep.model_shape.expert_weight_bytes == pytest.approx(
         fp8.model_shape.expert_weight_bytes * 0.5625
     )
+
+
+def test_tensorrt_llm_keeps_an_nvidia_fp8_llamas_kv_cache_in_fp8() -> None:
+    from gateway.sim.silicon_run import catalog, deployment_for
+
+    llama = {
+        **AGG,
+        "backend_version": "",
+        "model_path": "meta-llama/Llama-3.1-70B",
+        "moe_quant_mode": "fp8",
+        "tp_size": "1",
+        "moe_tp_size": "",
+        "moe_ep_size": "",
+        "batch_size": "32",
+        "isl": "1024",
+        "osl": "8192",
+    }
+    trt = parse_row(llama)
+    assert trt.agg is not None
+    dep = deployment_for(trt, trt.agg)
+    assert dep.engine.kv_dtype == "fp8"
+    # 32 clients of 1,024 + 8,192 tokens (295k) fit one H200 beside the 70B weights at one
+    # byte per KV element, not at two: TensorRT-LLM admits a request only with KV for its
+    # whole completion, so the format decides whether the 32 queue.
+    assert dep.kv_capacity_tokens >= 32 * 9216
+    bf16 = catalog().deployment(
+        "h200-sxm",
+        "llama-3.1-70b",
+        dtype="fp8",
+        engine=dep.engine.model_copy(update={"kv_dtype": "bf16"}),
+    )
+    assert bf16.kv_capacity_tokens < 32 * 9216
+    # vLLM's auto is the model's 16-bit dtype; the model makers' block-scaled FP8 checkpoints
+    # (Qwen3-32B-FP8, DeepSeek-R1) declare no KV format.
+    for other in (
+        {**llama, "backend": "vllm", "backend_version": "0.12.0"},
+        {**llama, "model_path": "Qwen/Qwen3-32B"},
+        AGG,
+    ):
+        row = parse_row(other)
+        assert row.agg is not None
+        assert deployment_for(row, row.agg).engine.kv_dtype == "bf16"
