@@ -120,6 +120,24 @@ DEVICES: dict[str, str] = {
     "gb300_nvl72": "gb300",
 }
 
+# The GPU a system name carries, for names not in :data:`DEVICES` (``gb200_sxm``, ``H200``,
+# ``b300-nvl72``): the name lower-cased, its form factor and rack suffixes dropped.
+_SYSTEM_SUFFIX = re.compile(r"[-_ ]?(sxm\d?|nvl\d+|hgx|dgx)$")
+_GPUS = {"h100": "h100-sxm", "h200": "h200-sxm", "b200": "b200", "b300": "b300"}
+_GPUS.update({"gb200": "gb200", "gb300": "gb300"})
+
+
+def device_of(system: str) -> str | None:
+    """The device profile of a ``system`` name: :data:`DEVICES`, else the GPU its name
+    carries (``gb200_sxm`` → ``gb200``, ``H100`` → ``h100-sxm``); None for an unknown one."""
+    if system in DEVICES:
+        return DEVICES[system]
+    name = system.strip().lower()
+    while (bare := _SYSTEM_SUFFIX.sub("", name)) != name:
+        name = bare
+    return _GPUS.get(name)
+
+
 FAMILIES: dict[str, str] = {
     "deepseek-v3": "deepseek",
     "kimi-k2.5": "kimi",
@@ -206,7 +224,7 @@ class SiliconRow:
 
     @property
     def device(self) -> str | None:
-        return DEVICES.get(self.system)
+        return device_of(self.system)
 
     @property
     def measured(self) -> datetime.date | None:

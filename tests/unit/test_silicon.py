@@ -29,6 +29,7 @@ from gateway.sim.silicon import (
     ceiling,
     closed_loop,
     concurrency_of,
+    device_of,
     fit_objective,
     is_train,
     parse_row,
@@ -683,3 +684,24 @@ def test_tensorrt_llm_keeps_an_nvidia_fp8_llamas_kv_cache_in_fp8() -> None:
         row = parse_row(other)
         assert row.agg is not None
         assert deployment_for(row, row.agg).engine.kv_dtype == "bf16"
+
+
+def test_a_system_name_maps_to_the_gpu_it_carries() -> None:
+    # The sample's own names, then other spellings of the same GPUs: case, form factor and
+    # rack suffixes do not matter; another GPU (PCIe H100, A100, L40S) is not guessed.
+    assert [device_of(s) for s in ("h100_sxm", "h200_sxm", "b200_sxm", "gb200_nvl72")] == [
+        "h100-sxm",
+        "h200-sxm",
+        "b200",
+        "gb200",
+    ]
+    assert [device_of(s) for s in ("gb200_sxm", "GB300", "B300_SXM", "h200", "gb200-nvl72")] == [
+        "gb200",
+        "gb300",
+        "b300",
+        "h200-sxm",
+        "gb200",
+    ]
+    assert [device_of(s) for s in ("h100_pcie", "a100_sxm", "l40s")] == [None, None, None]
+    row = parse_row({**AGG, "system": "gb200_sxm"})
+    assert row.device == "gb200"
