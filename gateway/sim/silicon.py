@@ -123,8 +123,14 @@ DEVICES: dict[str, str] = {
 # The GPU a system name carries, for names not in :data:`DEVICES` (``gb200_sxm``, ``H200``,
 # ``b300-nvl72``): the name lower-cased, its form factor and rack suffixes dropped.
 _SYSTEM_SUFFIX = re.compile(r"[-_ ]?(sxm\d?|nvl\d+|hgx|dgx)$")
-_GPUS = {"h100": "h100-sxm", "h200": "h200-sxm", "b200": "b200", "b300": "b300"}
-_GPUS.update({"gb200": "gb200", "gb300": "gb300"})
+_GPUS = {
+    "h100": "h100-sxm",
+    "h200": "h200-sxm",
+    "b200": "b200",
+    "b300": "b300",
+    "gb200": "gb200",
+    "gb300": "gb300",
+}
 
 
 def device_of(system: str) -> str | None:

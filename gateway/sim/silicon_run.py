@@ -193,10 +193,10 @@ def checkpoint_kv_fp8(row: SiliconRow, dense: str, model: ModelProfile) -> bool:
     NVIDIA's Model Optimizer checkpoints declare ``kv_cache_quant_algo: FP8`` in their
     ``hf_quant_config.json``: the NVFP4 ones of every model (calibration/silicon/model_configs)
     and the per-tensor FP8 ones of dense models (NVIDIA's FP8 Llamas; the model makers' own
-    FP8 checkpoints scale per 128x128 block and declare no KV format). Every engine serves the
-    NVFP4 ones with it. Of the FP8 ones only TensorRT-LLM does: its ``KvCacheConfig.dtype``
-    ``auto`` takes the checkpoint's KV format, where vLLM's and SGLang's ``auto`` is the model's
-    16-bit dtype (calibration/engines.md).
+    FP8 checkpoints scale per 128x128 block and declare no KV format). NVFP4 rows run it on
+    every engine, as those checkpoints' serving recipes set it. Per-tensor FP8 rows run it on
+    TensorRT-LLM alone: its ``KvCacheConfig.dtype`` ``auto`` takes the checkpoint's KV format,
+    where vLLM's and SGLang's ``auto`` is the model's 16-bit dtype (calibration/engines.md).
     """
     if dense == "nvfp4":
         return True
