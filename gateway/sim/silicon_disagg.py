@@ -7,11 +7,18 @@ deployment did. The rows that do record their deployment show how such runs are 
 every one of them runs ``decode_batch × attention_dp × decode_workers = C``, the decode pool
 holds all ``C`` clients at once. So the missing deployment is inferred from physics:
 
-1. **Decode pool** (:func:`decode_pool`). One decode worker holds at most ``B_max`` sequences:
-   the fewer of its engine's batch cap and its KV capacity at full length (``isl + osl`` per
-   sequence: TensorRT-LLM's default admission reserves a request's whole completion, and a
-   sequence that does not fit waits outside the batch). ``y = ⌈C / B_max⌉`` workers each
-   take ``b = ⌈C / y⌉`` clients: the fewest workers that hold every client.
+1. **Decode pool.** One decode worker holds at most ``B_max`` sequences: the fewer of its
+   engine's batch cap and its KV capacity at full length (``isl + osl`` per sequence:
+   TensorRT-LLM's default admission reserves a request's whole completion, and a sequence
+   that does not fit waits outside the batch).
+
+   a. *The sweep's own pool* (:func:`sweep_pool`). A benchmark sweep keeps one deployment and
+      steps each decode rank's batch through powers of two, so ``C = y · dp · 2^k``: the odd
+      part of ``C / dp`` is the number of decode workers (26 of the 33 recorded deployments
+      read so; the TensorRT-LLM H200 1k/1k series runs nine workers at ``C`` = 36 … 576). It
+      is taken where those workers fit ``MAX_DECODE_GPUS`` and their batch fits ``B_max``.
+   b. *Otherwise the fewest workers that hold every client* (:func:`decode_pool`):
+      ``y = ⌈C / B_max⌉`` workers each take ``b = ⌈C / y⌉`` clients.
 2. **Prefill pool** (:func:`prefill_workers`, DistServe's rate matching). With every client
    decoding at the TPOT of batch ``b``, the closed loop runs at ``λ = C / (t_prefill + (osl −
    1) · TPOT(b))`` requests per second, its fastest pace (no queueing). One prefill worker
@@ -36,6 +43,10 @@ from gateway.sim.plan.sizing import decode_step, prefill_rate, prefill_time
 # The highest prefill-pool utilisation a deployment is sized to. Chosen on the train half of
 # the disaggregated rows (docs/accuracy.md, "Disaggregated rows").
 PREFILL_UTILISATION = 1.0
+
+# The largest decode pool a sweep's concurrency is read as (sixteen 8-GPU nodes); an odd part
+# of ``C / dp`` that would need more GPUs is a client count, not a worker count.
+MAX_DECODE_GPUS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +79,22 @@ def decode_pool(concurrency: int, cap: int) -> tuple[int, int]:
     return workers, math.ceil(c / workers)
 
 
+def sweep_pool(concurrency: int, dp: int, gpus: int, cap: int) -> tuple[int, int] | None:
+    """``(workers, batch per worker)`` of a sweep that steps each decode rank's batch through
+    powers of two: ``concurrency = workers · dp · 2^k`` with ``workers`` odd. ``None`` where
+    ``concurrency`` is not a multiple of ``dp``, the workers (``gpus`` each) would exceed
+    :data:`MAX_DECODE_GPUS`, or a worker's batch would exceed ``cap``."""
+    if dp < 1 or gpus < 1 or concurrency < 1 or concurrency % dp:
+        return None
+    odd = concurrency // dp
+    while odd % 2 == 0:
+        odd //= 2
+    batch = concurrency // odd
+    if odd * gpus > MAX_DECODE_GPUS or batch > cap:
+        return None
+    return odd, batch
+
+
 def prefill_workers(rate: float, worker_rate: float, utilisation: float) -> int:
     """DistServe's rate matching: prefill workers of ``worker_rate`` prompts per second each,
     run at most at ``utilisation``, to take ``rate`` prompts per second."""
@@ -89,7 +116,9 @@ def infer_pools(
     is taken to have run on (module docstring): ``prefill`` and ``decode`` are one worker of
     each role with the row's layouts."""
     cap = decode_cap(decode, isl, osl)
-    y, batch = decode_pool(concurrency, cap)
+    layout = decode.layout
+    swept = sweep_pool(concurrency, layout.dp, layout.devices, cap)
+    y, batch = swept or decode_pool(concurrency, cap)
     tpot = decode_step(decode, batch, isl + osl / 2)
     rate = concurrency / (prefill_time(prefill, isl) + (osl - 1) * tpot)
     mu = prefill_rate(prefill, isl)

@@ -12,7 +12,14 @@ import pytest
 from backends.emulator.timing import StepShape
 from gateway.sim.run import RequestRecord
 from gateway.sim.silicon import Layout, RowError, concurrency_of, parse_row
-from gateway.sim.silicon_disagg import decode_cap, decode_pool, infer_pools, prefill_workers
+from gateway.sim.silicon_disagg import (
+    MAX_DECODE_GPUS,
+    decode_cap,
+    decode_pool,
+    infer_pools,
+    prefill_workers,
+    sweep_pool,
+)
 from gateway.sim.silicon_run import disagg_layouts, disagg_settings, parallel_layout, wave_means
 
 
@@ -21,9 +28,12 @@ def _step(shape: StepShape) -> float:
     return 0.010 + 2e-4 * shape.seqs + 1e-5 * shape.new_tokens
 
 
-def fake_dep(max_num_seqs: int = 64, kv_tokens: int = 80_000) -> Any:
+def fake_dep(max_num_seqs: int = 64, kv_tokens: int = 80_000, dp: int = 1, gpus: int = 8) -> Any:
     engine = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096)
-    return SimpleNamespace(engine=engine, kv_capacity_tokens=kv_tokens, step_time=_step)
+    layout = SimpleNamespace(dp=dp, devices=gpus)
+    return SimpleNamespace(
+        engine=engine, kv_capacity_tokens=kv_tokens, step_time=_step, layout=layout
+    )
 
 
 def test_decode_cap_is_the_batch_cap_or_the_kv_capacity_at_full_length() -> None:
@@ -41,6 +51,38 @@ def test_decode_pool_is_the_fewest_workers_that_hold_every_client() -> None:
         decode_pool(10, 0)
 
 
+def test_sweep_pool_reads_the_worker_count_off_a_power_of_two_batch() -> None:
+    # 288 = 9 · 2^5: nine 8-GPU workers of 32 (the recorded TensorRT-LLM H200 1k/1k series).
+    assert sweep_pool(288, 1, 8, 350) == (9, 32)
+    assert sweep_pool(36, 1, 8, 350) == (9, 4)
+    # Attention DP: 1,152 = 9 workers · 8 ranks · 16 each; a worker's batch is 8 · 16 = 128.
+    assert sweep_pool(1152, 8, 8, 350) == (9, 128)
+    # A power of two is one worker; an odd client count is that many workers of one.
+    assert sweep_pool(64, 1, 8, 350) == (1, 64)
+    assert sweep_pool(11, 1, 8, 350) == (11, 1)
+
+
+def test_sweep_pool_declines_what_no_sweep_deployment_explains() -> None:
+    assert MAX_DECODE_GPUS == 128
+    assert sweep_pool(17, 1, 8, 350) is None  # 17 workers · 8 GPUs = 136 > 128
+    assert sweep_pool(17, 1, 4, 350) == (17, 1)  # 68 GPUs: fits
+    assert sweep_pool(9, 1, 16, 350) is None  # 9 two-node workers: 144 GPUs
+    assert sweep_pool(576, 1, 8, 32) is None  # 9 workers of 64 > a worker's 32 sequences
+    assert sweep_pool(100, 8, 8, 350) is None  # not a multiple of the DP ranks
+    assert sweep_pool(0, 1, 8, 350) is None
+
+
+def test_infer_pools_takes_the_sweep_pool_first() -> None:
+    # 288 clients: nine workers of 32 (not the fewest, five of 58 at 64 a worker).
+    s = infer_pools(concurrency=288, isl=1000, osl=101, prefill=fake_dep(), decode=fake_dep())
+    assert (s.decode_workers, s.decode_batch) == (9, 32)
+    assert s.tpot_s == pytest.approx(0.010 + 2e-4 * 32 + 1e-5 * 32)
+    # With 16-GPU workers nine would need 144 GPUs: the fewest that hold 288, 5 of 58.
+    wide = fake_dep(gpus=16)
+    s = infer_pools(concurrency=288, isl=1000, osl=101, prefill=fake_dep(), decode=wide)
+    assert (s.decode_workers, s.decode_batch) == (5, 58)
+
+
 def test_prefill_workers_match_the_rate() -> None:
     assert prefill_workers(178.7, 78.74, 1.0) == 3  # 2.27 workers' worth → 3
     assert prefill_workers(157.48, 78.74, 1.0) == 2  # exactly two workers' worth
@@ -53,9 +95,11 @@ def test_prefill_workers_match_the_rate() -> None:
 def test_infer_pools_hand_worked() -> None:
     """C = 400 clients, ISL 1,000, OSL 101.
 
-    Decode: 64 sequences a worker → 7 workers of 58. TPOT at batch 58: 10 + 11.6 + 0.58 ms
-    = 22.18 ms. Prefill alone: 10 + 0.2 + 10 ms = 20.2 ms; batched, 4 prompts (4,096-token
-    budget) a step of 10 + 0.8 + 40 = 50.8 ms → 78.74 prompts/s. Closed loop without queueing:
+    400 = 25 · 16, and 25 workers of 8 GPUs exceed the 128-GPU sweep bound, so the decode
+    pool is the fewest workers: 64 sequences a worker → 7 workers of 58. TPOT at batch 58:
+    10 + 11.6 + 0.58 ms = 22.18 ms. Prefill alone: 10 + 0.2 + 10 ms = 20.2 ms; batched, 4
+    prompts (4,096-token budget) a step of 10 + 0.8 + 40 = 50.8 ms → 78.74 prompts/s. Closed
+    loop without queueing:
     400 / (0.0202 + 100 · 0.02218) = 178.7 requests/s → ⌈178.7 / 78.74⌉ = 3 prefill workers.
     """
     s = infer_pools(concurrency=400, isl=1000, osl=101, prefill=fake_dep(), decode=fake_dep())
@@ -101,7 +145,8 @@ def test_a_row_without_worker_counts_gets_a_deployment_that_holds_every_client()
     prefill, decode = disagg_layouts(row)
     assert (prefill.tp, prefill.moe_ep, decode.tp, decode.moe_ep) == (8, 8, 8, 8)
     assert decode.batch is not None
-    assert decode.workers > 1  # one 8-GPU decode worker holds ~350 sequences of 2k, not 576
+    # 576 = 9 · 64: the sweep's nine workers of 64, as the recorded twin of this run has.
+    assert (decode.workers, decode.batch) == (9, 64)
     assert decode.batch * decode.workers >= row.concurrency
     assert decode.batch * (decode.workers - 1) < row.concurrency  # no idle decode worker
     settings = disagg_settings(row)
