@@ -255,9 +255,9 @@ def _agg(row: SiliconRow, layout: Layout, cat: Catalog | None) -> tuple[float, f
 
 def agg_replicas(row: SiliconRow, layout: Layout) -> int:
     """Identical workers an aggregated row ran on: the fewest whose batch caps hold every
-    client (as a disaggregated row's decode pool, :mod:`gateway.sim.silicon_disagg`), 1 when
-    the row records no cap. A row of 192 clients on a worker capped at 48 ran on 4 workers
-    behind a router."""
+    client (the fallback of a disaggregated row's decode pool,
+    :mod:`gateway.sim.silicon_disagg`), 1 when the row records no cap. A row of 192 clients
+    on a worker capped at 48 ran on 4 workers behind a router."""
     cap = layout.batch * layout.dp if layout.batch else 0
     if cap <= 0 or row.concurrency <= cap:
         return 1
