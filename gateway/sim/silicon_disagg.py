@@ -5,7 +5,8 @@ worker counts nor batch sizes. Simulating them as one prefill and one decode wor
 thousands of clients behind a single worker of each kind, which no benchmark of a tuned
 deployment did. The rows that do record their deployment show how such runs are set up:
 every one of them runs ``decode_batch × attention_dp × decode_workers = C``, the decode pool
-holds all ``C`` clients at once. So the missing deployment is inferred from physics:
+holds all ``C`` clients at once. So the missing deployment is inferred from how such sweeps
+are run and from physics:
 
 1. **Decode pool.** One decode worker holds at most ``B_max`` sequences: the fewer of its
    engine's batch cap and its KV capacity at full length (``isl + osl`` per sequence:
