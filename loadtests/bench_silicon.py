@@ -12,8 +12,10 @@ gives rows covered, the share of TPOT within ±15 % and TTFT within ±25 %, and 
 inferred), engine, model family, device, prompt length and client count, then the ceiling any
 input-only predictor can reach on these rows. ``--out`` writes
 ``id,pred_ttft_ms,pred_tpot_ms,reason`` (blank predictions and a reason where a row is not
-supported). Rows are spread over ``--jobs`` processes. ``--explain ID`` shows how one aggregated
-row is simulated and where its TTFT goes (:func:`gateway.sim.silicon_run.explain`).
+supported). Rows are spread over ``--jobs`` processes. ``--infer-deployments`` drops the
+worker counts and batches the disaggregated rows record, to grade the rule that infers them.
+``--explain ID`` shows how one aggregated row is simulated and where its TTFT goes
+(:func:`gateway.sim.silicon_run.explain`).
 
 ``--peer aiconfigurator`` also asks NVIDIA's AIConfigurator (optional extra
 ``pip install 'pdgate[aiconfigurator]'``) for the same rows, offline, and prints its accuracy
@@ -43,6 +45,7 @@ from gateway.sim.silicon import (
     rel_error,
     sibling_deployments,
     summary_table,
+    without_deployments,
 )
 
 
@@ -90,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fit this engine profile's two factors on the train rows of its family (its agg "
         "rows; its disagg rows where it has no agg rows)",
     )
+    p.add_argument(
+        "--infer-deployments",
+        action="store_true",
+        help="infer every disaggregated row's xPyD deployment, ignoring the worker counts and "
+        "batches it or a sibling records (how well the inference recovers recorded ones)",
+    )
     p.add_argument("--fit-rows", type=int, default=24, help="train rows per fit (at random)")
     p.add_argument(
         "--fit-grid",
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(parse_row(d))
         except RowError as exc:
             bad.append(Prediction(d.get("id") or "?", None, None, f"unreadable row: {exc}"))
-    rows = sibling_deployments(rows)
+    rows = without_deployments(rows) if args.infer_deployments else sibling_deployments(rows)
     if args.ids:
         wanted = set(args.ids.read_text().split())
         rows = [r for r in rows if r.id in wanted]

@@ -402,6 +402,28 @@ def sibling_deployments(rows: Sequence[SiliconRow]) -> list[SiliconRow]:
     return [filled(r) for r in rows]
 
 
+def without_deployments(rows: Sequence[SiliconRow]) -> list[SiliconRow]:
+    """``rows`` with each disaggregated row's recorded worker counts and batches dropped, so
+    that its deployment is inferred (:mod:`gateway.sim.silicon_disagg`): how well the inference
+    recovers the deployments that are recorded. A row whose client count is itself derived
+    from its deployment (no ``silicon_concurrency``, :func:`concurrency_of`) keeps it."""
+
+    def stripped(r: SiliconRow) -> SiliconRow:
+        if r.mode != "disagg" or r.prefill is None or r.decode is None:
+            return r
+        if not _CONCURRENCY.search(r.source):
+            return r
+        return replace(
+            r,
+            prefill=replace(r.prefill, batch=None, workers=1),
+            decode=replace(r.decode, batch=None, workers=1),
+            workers_given=False,
+            deployment_of=None,
+        )
+
+    return [stripped(r) for r in rows]
+
+
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The raw rows of a CSV file in the silicon-sample format."""
     with path.open(newline="") as f:

@@ -4,6 +4,7 @@ the parsing of the disaggregated columns it relies on."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,7 +12,13 @@ import pytest
 
 from backends.emulator.timing import StepShape
 from gateway.sim.run import RequestRecord
-from gateway.sim.silicon import Layout, RowError, concurrency_of, parse_row
+from gateway.sim.silicon import (
+    Layout,
+    RowError,
+    concurrency_of,
+    parse_row,
+    without_deployments,
+)
 from gateway.sim.silicon_disagg import (
     MAX_DECODE_GPUS,
     decode_cap,
@@ -167,6 +174,71 @@ def test_a_row_with_worker_counts_keeps_them() -> None:
     assert row.workers_given
     prefill, decode = disagg_layouts(row)
     assert (prefill.workers, decode.workers, decode.batch) == (1, 9, 64)
+
+
+def test_without_deployments_drops_what_a_row_records_but_its_client_count() -> None:
+    given = {
+        **ROW,
+        "prefill_num_workers": "1",
+        "prefill_batch_size": "1",
+        "decode_num_workers": "9",
+        "decode_batch_size": "64",
+    }
+    derived = {**given, "id": "r2", "silicon_data_source": "db-dump"}  # C = 64 · 9 from them
+    agg = {**ROW, "id": "r3", "mode": "agg", "tp_size": "8", "batch_size": "64"}
+    stripped, kept, untouched = without_deployments([parse_row(d) for d in (given, derived, agg)])
+    assert not stripped.workers_given
+    assert stripped.concurrency == 576
+    assert stripped.decode is not None
+    assert stripped.prefill is not None
+    assert (stripped.decode.workers, stripped.decode.batch, stripped.prefill.workers) == (
+        1,
+        None,
+        1,
+    )
+    assert (stripped.decode.tp, stripped.decode.moe_ep) == (8, 8)  # the layout stays
+    # Inferred again, the 576 clients get the nine workers of 64 the row recorded.
+    _, decode = disagg_layouts(stripped)
+    assert (decode.workers, decode.batch) == (9, 64)
+    assert kept.workers_given
+    assert kept.decode is not None
+    assert kept.decode.workers == 9
+    assert untouched == parse_row(agg)
+
+
+def test_bench_silicon_infer_deployments_grades_the_inference_on_recorded_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The row records one prefill worker (at the engine's default batch) and nine decode
+    workers of 64; with ``--infer-deployments`` they are dropped and inferred again, and as
+    the inference recovers them, the prediction is the same one."""
+    import csv
+
+    from loadtests import bench_silicon
+
+    given = {
+        **ROW,
+        "prefill_num_workers": "1",
+        "decode_num_workers": "9",
+        "decode_batch_size": "64",
+    }
+    rows = tmp_path / "rows.csv"
+    with rows.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(given))
+        w.writeheader()
+        w.writerow(given)
+    preds = {}
+    for flag in ([], ["--infer-deployments"]):
+        out = tmp_path / f"pred{len(flag)}.csv"
+        args = [str(rows), "--jobs", "1", "--quiet", "--out", str(out), *flag]
+        assert bench_silicon.main(args) == 0
+        with out.open() as f:
+            preds[bool(flag)] = next(csv.DictReader(f))
+        summary = capsys.readouterr().out
+        label = "deployment=inferred" if flag else "deployment=given"
+        assert any(line.startswith(label) for line in summary.splitlines())
+    assert preds[True]["pred_tpot_ms"] == preds[False]["pred_tpot_ms"]
+    assert preds[True]["pred_ttft_ms"] == preds[False]["pred_ttft_ms"]
 
 
 def test_concurrency_of_a_disagg_row_counts_decode_dp_ranks() -> None:
