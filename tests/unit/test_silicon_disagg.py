@@ -144,6 +144,9 @@ ROW = {
     "silicon_ttft_ms": "1659",
     "silicon_tpot_ms": "31.0",
 }
+# The same run as its results database records it: one prefill worker (the engine's default
+# batch) and nine decode workers of 64.
+RECORDED = {**ROW, "prefill_num_workers": "1", "decode_num_workers": "9", "decode_batch_size": "64"}
 
 
 def test_a_row_without_worker_counts_gets_a_deployment_that_holds_every_client() -> None:
@@ -163,27 +166,14 @@ def test_a_row_without_worker_counts_gets_a_deployment_that_holds_every_client()
 
 
 def test_a_row_with_worker_counts_keeps_them() -> None:
-    given = {
-        **ROW,
-        "prefill_num_workers": "1",
-        "prefill_batch_size": "1",
-        "decode_num_workers": "9",
-        "decode_batch_size": "64",
-    }
-    row = parse_row(given)
+    row = parse_row(RECORDED)
     assert row.workers_given
     prefill, decode = disagg_layouts(row)
     assert (prefill.workers, decode.workers, decode.batch) == (1, 9, 64)
 
 
 def test_without_deployments_drops_what_a_row_records_but_its_client_count() -> None:
-    given = {
-        **ROW,
-        "prefill_num_workers": "1",
-        "prefill_batch_size": "1",
-        "decode_num_workers": "9",
-        "decode_batch_size": "64",
-    }
+    given = RECORDED
     derived = {**given, "id": "r2", "silicon_data_source": "db-dump"}  # C = 64 · 9 from them
     agg = {**ROW, "id": "r3", "mode": "agg", "tp_size": "8", "batch_size": "64"}
     stripped, kept, untouched = without_deployments([parse_row(d) for d in (given, derived, agg)])
@@ -209,19 +199,13 @@ def test_without_deployments_drops_what_a_row_records_but_its_client_count() -> 
 def test_bench_silicon_infer_deployments_grades_the_inference_on_recorded_rows(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The row records one prefill worker (at the engine's default batch) and nine decode
-    workers of 64; with ``--infer-deployments`` they are dropped and inferred again, and as
-    the inference recovers them, the prediction is the same one."""
+    """The recorded run's workers are dropped with ``--infer-deployments`` and inferred
+    again; as the inference recovers them, the prediction is the same one."""
     import csv
 
     from loadtests import bench_silicon
 
-    given = {
-        **ROW,
-        "prefill_num_workers": "1",
-        "decode_num_workers": "9",
-        "decode_batch_size": "64",
-    }
+    given = RECORDED
     rows = tmp_path / "rows.csv"
     with rows.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(given))
