@@ -14,8 +14,8 @@ input-only predictor can reach on these rows. ``--out`` writes
 ``id,pred_ttft_ms,pred_tpot_ms,reason`` (blank predictions and a reason where a row is not
 supported). Rows are spread over ``--jobs`` processes. ``--infer-deployments`` drops the
 worker counts and batches the disaggregated rows record, to grade the rule that infers them.
-``--explain ID`` shows how one aggregated row is simulated and where its TTFT goes
-(:func:`gateway.sim.silicon_run.explain`).
+``--explain ID`` shows how one row is simulated and where its TTFT goes, and for a
+disaggregated row where its deployment comes from (:func:`gateway.sim.silicon_run.explain`).
 
 ``--peer aiconfigurator`` also asks NVIDIA's AIConfigurator (optional extra
 ``pip install 'pdgate[aiconfigurator]'``) for the same rows, offline, and prints its accuracy
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         "--explain",
         action="append",
         metavar="ID",
-        help="how this aggregated row is simulated and where its TTFT goes (repeatable)",
+        help="how this row is simulated, where its TTFT goes, and for a disaggregated row where "
+        "its deployment comes from (repeatable)",
     )
     p.add_argument(
         "--split", choices=["train", "check"], help="only the train or the check half of the fit"

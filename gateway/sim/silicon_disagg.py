@@ -62,6 +62,7 @@ class PoolSizing:
     tpot_s: float  # decode step at the decode batch, mean context
     rate: float  # requests per second of the closed loop without queueing
     prefill_rate: float  # prompts per second of one prefill worker
+    swept: bool  # the decode pool was read off the sweep (:func:`sweep_pool`)
 
 
 def decode_cap(dep: Deployment, isl: int, osl: int) -> int:
@@ -124,4 +125,4 @@ def infer_pools(
     rate = concurrency / (prefill_time(prefill, isl) + (osl - 1) * tpot)
     mu = prefill_rate(prefill, isl)
     x = prefill_workers(rate, mu, utilisation)
-    return PoolSizing(x, y, batch, cap, tpot, rate, mu)
+    return PoolSizing(x, y, batch, cap, tpot, rate, mu, swept is not None)

@@ -36,6 +36,7 @@ from backends.emulator.engine import Engine
 from backends.emulator.timing import StepShape
 from backends.errors import CatalogError
 from gateway.settings import EmulatedWorker, ModelConfig, PoolConfig, Settings
+from gateway.sim.plan.sizing import decode_step, prefill_time
 from gateway.sim.silicon import (
     AIPERF,
     Layout,
@@ -49,7 +50,7 @@ from gateway.sim.silicon import (
     closed_loop,
     weights_of,
 )
-from gateway.sim.silicon_disagg import infer_pools
+from gateway.sim.silicon_disagg import PoolSizing, infer_pools
 from gateway.sim.workload import RequestSpec
 
 if TYPE_CHECKING:  # the simulation is imported only when a disaggregated row runs
@@ -298,11 +299,14 @@ def agg_loop(
 
 
 def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
-    """How an aggregated row is simulated and where its TTFT goes: the deployment, one
-    prompt's prefill step alone, the closed loop's means, how synchronised its clients are, and
-    the same loop started desynchronised (``bench_silicon --explain ID``)."""
-    if row.mode != "agg" or row.agg is None:
-        raise RowError("--explain covers aggregated rows")
+    """How a row is simulated and where its TTFT goes (``bench_silicon --explain ID``). An
+    aggregated row: the deployment, one prompt's prefill step alone, the closed loop's means,
+    how synchronised its clients are, and the same loop started desynchronised. A
+    disaggregated row: :func:`explain_disagg`."""
+    if row.mode == "disagg":
+        return explain_disagg(row, cat)
+    if row.agg is None:
+        raise RowError("--explain needs an aggregated or a disaggregated row")
     dep = deployment_for(row, row.agg, cat)
     alone = dep.step_time(StepShape.of([(row.isl, 0)]))
     r = agg_loop(row, row.agg, cat)
@@ -335,6 +339,56 @@ def explain(row: SiliconRow, cat: Catalog | None = None) -> str:
             f"TPOT {d.tpot_s * ms:.2f} ms, admitted together {d.admitted_together:.1f}",
         ]
     )
+
+
+def explain_disagg(row: SiliconRow, cat: Catalog | None = None) -> str:
+    """How an xPyD row is simulated: where its deployment comes from (recorded, a sibling
+    run's, or inferred, and by which rule), each pool's workers and layout, the KV link, one
+    prompt's prefill alone and a decode step at the pool's batch, and the run's means."""
+    prefill, decode, sizing = disagg_deployment(row, cat)
+    if sizing is None:
+        origin = f"a sibling run's ({row.deployment_of})" if row.deployment_of else "recorded"
+    elif sizing.swept:
+        origin = (
+            f"inferred: the sweep's decode pool ({row.concurrency} = {sizing.decode_workers} "
+            f"workers · {decode.dp} rank{'s' if decode.dp > 1 else ''} · "
+            f"{sizing.decode_batch // decode.dp}), the prefill "
+            "pool rate-matched"
+        )
+    else:
+        origin = (
+            f"inferred: the fewest decode workers of {sizing.decode_cap} sequences that hold "
+            f"{row.concurrency} clients, the prefill pool rate-matched"
+        )
+    p_dep = deployment_for(row, replace(prefill, workers=1), cat, role="prefill")
+    d_dep = deployment_for(row, replace(decode, workers=1), cat, role="decode")
+    batch = (decode.batch or 1) * decode.dp
+    ttft, tpot = _disagg(row, cat)
+    ms = 1e3
+    return "\n".join(
+        [
+            f"{row.id}",
+            f"  {row.backend} {row.version or '(no version)'} → profile "
+            f"{engine_profile(row, cat).name}; {d_dep.device.name}; {row.concurrency} "
+            f"clients, {row.isl}/{row.osl}",
+            f"  client: {_describe(row.recipe)}",
+            f"  deployment: {origin}",
+            f"  prefill: {_pool(prefill)}; decode: {_pool(decode)}; KV over "
+            f"{disagg_link(row, prefill, decode, cat)}",
+            f"  one prompt's prefill alone: {prefill_time(p_dep, row.isl) * ms:.1f} ms; a decode "
+            f"step of {batch} at the mean context: "
+            f"{decode_step(d_dep, batch, row.isl + row.osl / 2) * ms:.2f} ms",
+            f"  TTFT {ttft * ms:.1f} ms (measured {row.ttft_ms or math.nan:.1f})",
+            f"  TPOT {tpot * ms:.2f} ms (measured {row.tpot_ms or math.nan:.2f})",
+        ]
+    )
+
+
+def _pool(layout: Layout) -> str:
+    experts = f", experts {layout.moe_tp}×{layout.moe_ep}" if layout.moe_ep > 1 else ""
+    dp = f", dp {layout.dp}" if layout.dp > 1 else ""
+    batch = f", {layout.batch} a rank" if layout.batch else ""
+    return f"{layout.workers} × {layout.gpus} GPUs (tp {layout.tp}{dp}{experts}{batch})"
 
 
 def _describe(recipe: Recipe) -> str:
@@ -391,10 +445,18 @@ def disagg_layouts(row: SiliconRow, cat: Catalog | None = None) -> tuple[Layout,
     """The prefill and decode layouts of an xPyD row, worker counts and decode batch included:
     as recorded, or inferred from the row's physics where it records no worker counts
     (:mod:`gateway.sim.silicon_disagg`)."""
+    prefill, decode, _ = disagg_deployment(row, cat)
+    return prefill, decode
+
+
+def disagg_deployment(
+    row: SiliconRow, cat: Catalog | None = None
+) -> tuple[Layout, Layout, PoolSizing | None]:
+    """:func:`disagg_layouts` and, where the deployment is inferred, how (the sizing)."""
     if row.prefill is None or row.decode is None:
         raise RowError("a disaggregated row needs prefill and decode layouts")
     if row.workers_given:
-        return row.prefill, row.decode
+        return row.prefill, row.decode, None
     one = replace(row.prefill, batch=None, workers=1)
     dec = replace(row.decode, batch=None, workers=1)
     sizing = infer_pools(
@@ -408,6 +470,7 @@ def disagg_layouts(row: SiliconRow, cat: Catalog | None = None) -> tuple[Layout,
     return (
         replace(one, workers=sizing.prefill_workers),
         replace(dec, workers=sizing.decode_workers, batch=per_rank),
+        sizing,
     )
 
 

@@ -27,7 +27,14 @@ from gateway.sim.silicon_disagg import (
     prefill_workers,
     sweep_pool,
 )
-from gateway.sim.silicon_run import disagg_layouts, disagg_settings, parallel_layout, wave_means
+from gateway.sim.silicon_run import (
+    disagg_layouts,
+    disagg_settings,
+    explain,
+    parallel_layout,
+    predict,
+    wave_means,
+)
 
 
 def _step(shape: StepShape) -> float:
@@ -223,6 +230,30 @@ def test_bench_silicon_infer_deployments_grades_the_inference_on_recorded_rows(
         assert any(line.startswith(label) for line in summary.splitlines())
     assert preds[True]["pred_tpot_ms"] == preds[False]["pred_tpot_ms"]
     assert preds[True]["pred_ttft_ms"] == preds[False]["pred_ttft_ms"]
+
+
+def test_explain_says_where_a_disaggregated_deployment_comes_from() -> None:
+    recorded = parse_row(RECORDED)
+    text = explain(recorded)
+    assert "profile dynamo-trtllm-0.8" in text
+    assert "deployment: recorded" in text
+    assert "decode: 9 × 8 GPUs (tp 8, experts 1×8, 64 a rank); KV over ib_ndr" in text
+    p = predict(recorded)
+    assert p.ttft_ms is not None
+    assert p.tpot_ms is not None
+    assert f"TTFT {p.ttft_ms:.1f} ms (measured 1659.0)" in text
+    assert f"TPOT {p.tpot_ms:.2f} ms (measured 31.00)" in text
+    # Without its workers, the 576 clients are read as the sweep's nine workers of 64.
+    inferred = explain(parse_row(ROW))
+    assert (
+        "deployment: inferred: the sweep's decode pool (576 = 9 workers · 1 rank · 64)" in inferred
+    )
+    # 768 = 3 · 256, but 256 sequences of 8,192 + 1,024 tokens overflow a worker's KV cache:
+    # the fewest workers that hold them instead.
+    long = explain(
+        parse_row({**ROW, "isl": "8192", "silicon_data_source": "silicon_concurrency=768"})
+    )
+    assert "deployment: inferred: the fewest decode workers of" in long
 
 
 def test_concurrency_of_a_disagg_row_counts_decode_dp_ranks() -> None:
