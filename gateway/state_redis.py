@@ -17,7 +17,9 @@ reconciles that view with Redis every ``sync_interval_s`` in two pipelined round
 Redis slow or down: each round trip times out after ``op_timeout_s``; the store then serves
 local state only (other replicas' counts are dropped once they are older than a lease), logs
 the outage once, counts it (:attr:`failures`), keeps retrying, and resumes sharing when Redis
-answers again. No request waits for, or fails because of, Redis.
+answers again. The prefixes and open circuits recorded meanwhile, or in a round that failed,
+are published then (the newest 10,000 prefixes), so no other replica misses one. No request
+waits for, or fails because of, Redis.
 
 Example::
 
@@ -51,6 +53,8 @@ REDIS_DOWN: tuple[type[Exception], ...] = (RedisError, OSError, TimeoutError, Ru
 log = logging.getLogger("pdgate.state")
 
 _EVENTS_MAXLEN = 100_000
+# Prefix records held for the next sync round while Redis is away (the newest are kept).
+_PENDING_MAX = 10_000
 
 
 def redis_client(url: str, op_timeout_s: float) -> aioredis.Redis:
@@ -182,11 +186,31 @@ class RedisStateStore:
         return ":".join((self._p, *parts))
 
     async def _sync(self) -> None:
+        prefix, self._pending_prefix = self._pending_prefix, []
+        circuit, self._pending_circuit = self._pending_circuit, {}
+        try:
+            others = await self._exchange(prefix, circuit)
+        except BaseException:
+            # Not known to be published (Redis down, the round trip timed out or was
+            # cancelled): kept for the next round, ahead of what was recorded since. Publishing
+            # one twice is harmless (the index is a set, a circuit key is overwritten); losing
+            # one is not: another replica would never see that prefix or open circuit. A long
+            # outage keeps the newest _PENDING_MAX prefixes.
+            self._pending_prefix[:0] = prefix
+            del self._pending_prefix[:-_PENDING_MAX]
+            for worker, seconds in circuit.items():
+                self._pending_circuit.setdefault(worker, seconds)
+            raise
+        await self._read_others(others)
+
+    async def _exchange(
+        self, prefix: list[tuple[Sequence[int], str]], circuit: dict[str, float]
+    ) -> list[str]:
+        """The first round trip: publish this replica's load, prefixes and circuits; apply the
+        others' prefixes and circuits. Returns the other live replicas."""
         now = time.time()
         lease_ms = int(self.lease_s * 1000)
         mine = {w: self._local.load(w) for w in self._known}
-        prefix, self._pending_prefix = self._pending_prefix, []
-        circuit, self._pending_circuit = self._pending_circuit, {}
         known = sorted(self._known)
         pipe = self._client.pipeline(transaction=False)
         load_key = self._key("load", self.replica_id)
@@ -221,7 +245,7 @@ class RedisStateStore:
             for w, who in zip(known, open_by, strict=True)
             if who and who.decode() != self.replica_id
         }
-        await self._read_others([r.decode() for r in live if r.decode() != self.replica_id])
+        return [r.decode() for r in live if r.decode() != self.replica_id]
 
     def _apply_events(self, events: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         for event_id, fields in events:

@@ -129,6 +129,27 @@ async def test_redis_outage_falls_back_to_local_state_and_recovers(
     await until(lambda: a.status().up and a.load("m/decode-0").requests == 6)
 
 
+async def test_prefixes_and_circuits_recorded_during_an_outage_reach_the_others(
+    server: RedisServer, replicas: Replicas
+) -> None:
+    """A round that fails keeps what it was to publish: once Redis answers again the other
+    replica sees the prefix and the open circuit recorded while it was away."""
+    a, b = replicas.a, replicas.b
+    await until(lambda: a.status().up and b.status().up)
+    server.stop()
+    await until(lambda: not a.status().up)
+    hashes = block_hashes("a prompt routed while Redis was away " * 40)
+    a.record_prefix(hashes, "m/decode-1")
+    a.set_circuit_open("m/decode-0", 3.0)
+    failures = a.status().failures
+    await until(lambda: a.status().failures >= failures + 2)  # rounds that carried them failed
+    assert b.match_prefix(hashes) == {}
+    server.start()
+    await until(lambda: b.match_prefix(hashes).get("m/decode-1") == len(hashes))
+    await until(lambda: b.circuit_open("m/decode-0"))
+    assert a.match_prefix(hashes)["m/decode-1"] == len(hashes)  # its own, served locally
+
+
 @pytest.mark.parametrize("interval", [0.0, SYNC])
 async def test_close_ends_the_sync_task_even_mid_command(
     server: RedisServer, interval: float

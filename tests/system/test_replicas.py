@@ -108,9 +108,10 @@ def test_least_loaded_on_one_replica_sees_load_from_the_other(
 
 
 async def test_prefix_aware_on_one_replica_sees_prefixes_routed_by_the_other(
-    replicas: tuple[str, str],
+    redis: RedisServer, replicas: tuple[str, str]
 ) -> None:
     a, b = replicas
+    client = redis.client()
     busy = "an unrelated long document " * 300  # ~2,000 tokens: ~1.5 s of slowed prefill
     shared = "a system prompt both replicas will see " * 40  # several whole prefix blocks
     async with httpx.AsyncClient(timeout=30, headers=auth()) as http:
@@ -125,7 +126,14 @@ async def test_prefix_aware_on_one_replica_sees_prefixes_routed_by_the_other(
             metric(metrics_a, "pdgate_routing_decisions_total", pool="prefill", worker="prefill-1")
             == 1
         )
-        await asyncio.sleep(0.3)  # both idle again; a few sync rounds
+        # A has published the prefix it routed to prefill-1; then a few of B's sync rounds.
+        wait_for(
+            lambda: any(
+                f.get(b"r") == b"gw-a" and f.get(b"w", b"").endswith(b"prefill-1")
+                for _, f in client.xrange("pdgate:prefix")
+            )
+        )
+        await asyncio.sleep(0.3)
         # On B, both prefill workers are idle: alone it would pick prefill-0; sharing A's prefix
         # index, it sends the shared conversation where its KV is.
         r = await http.post(b + "/v1/chat/completions", json=body(2, shared))
