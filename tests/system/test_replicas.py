@@ -98,7 +98,7 @@ def test_least_loaded_on_one_replica_sees_load_from_the_other(
             lines = stream.iter_lines()
             next(line for line in lines if line.startswith("data: "))
             wait_for(lambda: b"llama-3.1-8b/decode-0" in client.hgetall("pdgate:load:gw-a"))
-            time.sleep(0.1)  # a few sync rounds for B to read A's snapshot
+            time.sleep(0.3)  # sync rounds (every 20 ms) for B to read A's snapshot
             # Alone, B's least-loaded would also pick decode-0; sharing, it sees A's stream.
             r = http.post(b + "/v1/chat/completions", headers=auth(), json=body(4))
             assert r.status_code == 200
