@@ -16,6 +16,9 @@ supported). Rows are spread over ``--jobs`` processes. ``--infer-deployments`` d
 worker counts and batches the disaggregated rows record, to grade the rule that infers them.
 ``--explain ID`` shows how one row is simulated and where its TTFT goes, and for a
 disaggregated row where its deployment comes from (:func:`gateway.sim.silicon_run.explain`).
+``--audit`` finds the rows no prediction from their inputs can match
+(:mod:`gateway.sim.silicon_audit`): identical inputs with differing results, and TPOT faster
+than one sequence alone on the row's own layout.
 
 ``--peer aiconfigurator`` also asks NVIDIA's AIConfigurator (optional extra
 ``pip install 'pdgate[aiconfigurator]'``) for the same rows, offline, and prints its accuracy
@@ -53,6 +56,13 @@ def _predict(row: SiliconRow) -> Prediction:
     from gateway.sim.silicon_run import predict
 
     return predict(row)
+
+
+def _predict_alone(row: SiliconRow) -> Prediction:
+    from gateway.sim.silicon_audit import single_client
+    from gateway.sim.silicon_run import predict
+
+    return predict(single_client(row))
 
 
 def _peer(row: SiliconRow) -> Prediction:
@@ -100,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         help="infer every disaggregated row's xPyD deployment, ignoring the worker counts and "
         "batches it or a sibling records (how well the inference recovers recorded ones)",
     )
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help="find the rows no prediction from their inputs can match: identical inputs with "
+        "differing results, and TPOT faster than one sequence alone on the row's layout",
+    )
     p.add_argument("--fit-rows", type=int, default=24, help="train rows per fit (at random)")
     p.add_argument(
         "--fit-grid",
@@ -146,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = random.Random(args.seed).sample(rows, min(args.sample, len(rows)))
     if args.limit:
         rows = rows[: args.limit]
+
+    if args.audit:
+        from gateway.sim.silicon_audit import audit_table
+
+        print(audit_table(rows, _run(_predict_alone, rows, args.jobs)))
+        return 0
 
     wall = time.perf_counter()
     preds = _run(_predict, rows, args.jobs) if not args.peer_only else []

@@ -987,16 +987,16 @@ class Table:
 
     def add(self, name: str, a: Accuracy) -> None:
         self.lines.append(
-            f"{name:<24} {a.rows:>5} {_pct(a.coverage):>6} {_pct(a.tpot_within):>9} "
-            f"{_pct(a.tpot_median):>9} {_signed(a.tpot_bias):>9} {_pct(a.ttft_within):>9} "
-            f"{_pct(a.ttft_median):>9} {_signed(a.ttft_bias):>9}"
+            f"{name:<24} {a.rows:>5} {percent(a.coverage):>6} {percent(a.tpot_within):>9} "
+            f"{percent(a.tpot_median):>9} {_signed(a.tpot_bias):>9} {percent(a.ttft_within):>9} "
+            f"{percent(a.ttft_median):>9} {_signed(a.ttft_bias):>9}"
         )
 
     def text(self) -> str:
         return "\n".join([self.HEADER, *self.lines])
 
 
-def _pct(x: float) -> str:
+def percent(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.0f}%"
 
 
@@ -1027,6 +1027,6 @@ def ceiling_lines(rows: Sequence[SiliconRow]) -> str:
         c = ceiling(part)
         lines.append(
             f"  {name:<22} {c.rows:>5} rows, {c.inputs:>5} distinct inputs: "
-            f"TPOT±15% {_pct(c.tpot_within)}, TTFT±25% {_pct(c.ttft_within)}"
+            f"TPOT±15% {percent(c.tpot_within)}, TTFT±25% {percent(c.ttft_within)}"
         )
     return "\n".join(lines)
