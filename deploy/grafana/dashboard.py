@@ -4,8 +4,8 @@
     python deploy/grafana/dashboard.py --check  # exit 1 if the JSON is out of date
 
 Panels are data: a title, a one-line description (shown as the panel's tooltip and in
-docs/observability.md), a unit and PromQL targets. Every query filters by the ``$model`` and ``$pool``
-variables where the metric has those labels; ``$datasource`` picks the Prometheus.
+docs/observability.md), a unit and PromQL targets. Every query filters by the ``$model`` and
+``$pool`` variables where the metric has those labels; ``$datasource`` picks the Prometheus.
 """
 
 from __future__ import annotations
