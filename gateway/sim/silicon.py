@@ -893,12 +893,15 @@ def inputs_of(row: SiliconRow) -> tuple[object, ...]:
     )
 
 
-def _most_within(measured: Sequence[float], tol: float) -> int:
-    """Most of ``measured`` one value lies within ``tol`` of: each measurement m accepts the
-    predictions in ``[m(1 − tol), m(1 + tol)]``, and the deepest overlap of intervals starts
-    at one of their lower ends."""
-    lows = [m * (1 - tol) for m in measured]
-    return max((sum(1 for m in measured if abs(p - m) <= tol * m + 1e-12) for p in lows), default=0)
+def most_within(measured: Sequence[float], tol: float, floor: float = 0.0) -> int:
+    """Most of ``measured`` one prediction ``p ≥ floor`` lies within ``tol`` of: each
+    measurement m accepts the predictions in ``[m(1 − tol), m(1 + tol)]``, and the deepest
+    overlap of those intervals at or above ``floor`` starts at one of their lower ends or at
+    ``floor``."""
+    starts = [max(floor, m * (1 - tol)) for m in measured] + [floor]
+    return max(
+        (sum(1 for m in measured if abs(p - m) <= tol * m + 1e-12) for p in starts), default=0
+    )
 
 
 def ceiling(
@@ -914,8 +917,8 @@ def ceiling(
     n = sum(len(g) for g in groups.values())
     if not n:
         return Ceiling(0, 0, math.nan, math.nan)
-    tpot = sum(_most_within([r.tpot_ms or 0.0 for r in g], tpot_tol) for g in groups.values())
-    ttft = sum(_most_within([r.ttft_ms or 0.0 for r in g], ttft_tol) for g in groups.values())
+    tpot = sum(most_within([r.tpot_ms or 0.0 for r in g], tpot_tol) for g in groups.values())
+    ttft = sum(most_within([r.ttft_ms or 0.0 for r in g], ttft_tol) for g in groups.values())
     return Ceiling(n, len(groups), tpot / n, ttft / n)
 
 

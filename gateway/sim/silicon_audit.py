@@ -17,7 +17,8 @@ is the model's and how much the data's:
 
 The floor is the emulation's single-sequence step, so it is as good as that step, which the
 aggregated rows at one to eight clients grade (``docs/accuracy.md``). Both checks together give
-:func:`attainable`: the best share any prediction no faster than one sequence alone can reach.
+:attr:`Audit.tpot_attainable`: the best TPOT share any prediction no faster than one sequence
+alone can reach.
 
 Example::
 
@@ -37,6 +38,7 @@ from gateway.sim.silicon import (
     SiliconRow,
     ceiling,
     inputs_of,
+    most_within,
     percent,
 )
 
@@ -51,17 +53,6 @@ def faster_than_alone(measured_ms: float, alone_ms: float, tol: float = TPOT_TOL
     """Whether a measured TPOT is out of reach of every prediction at or above the
     single-sequence TPOT ``alone_ms``: ``measured · (1 + tol) < alone``."""
     return measured_ms * (1 + tol) < alone_ms
-
-
-def most_within_above(measured: Sequence[float], tol: float, floor: float) -> int:
-    """Most of ``measured`` one prediction ``p ≥ floor`` lies within ``tol`` of. Measurement
-    ``m`` accepts ``p`` in ``[m(1 − tol), m(1 + tol)]``; the deepest overlap of those intervals
-    above ``floor`` starts at one of their lower ends or at ``floor``."""
-    candidates = [max(floor, m * (1 - tol)) for m in measured] + [floor]
-    return max(
-        (sum(1 for m in measured if abs(p - m) <= tol * m + 1e-12) for p in candidates),
-        default=0,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +86,7 @@ def audit(
         groups.setdefault(inputs_of(r), []).append((r.tpot_ms or 0.0, t1))
     # Identical inputs give the same single-sequence prediction; min() only guards rounding.
     reach = sum(
-        most_within_above([m for m, _ in g], tol, min(t1 for _, t1 in g)) for g in groups.values()
+        most_within([m for m, _ in g], tol, min(t1 for _, t1 in g)) for g in groups.values()
     )
     c = ceiling([r for r, _ in graded], tpot_tol=tol)
     return Audit(

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sim.silicon import Prediction, parse_row
+from gateway.sim.silicon import Prediction, most_within, parse_row
 from gateway.sim.silicon_audit import (
     audit,
     audit_table,
     faster_than_alone,
-    most_within_above,
     single_client,
 )
 from gateway.sim.silicon_run import predict
@@ -32,14 +31,14 @@ def test_faster_than_alone_is_out_of_reach_of_every_prediction_at_the_floor() ->
     assert not faster_than_alone(12.0, 10.8)  # slower than alone is never flagged
 
 
-def test_most_within_above_counts_the_deepest_band_at_or_above_the_floor() -> None:
+def test_most_within_counts_the_deepest_band_at_or_above_the_floor() -> None:
     # No floor in the way: one prediction in [7.225, 9.2] takes 8.0 and 8.5.
-    assert most_within_above([8.0, 8.5, 12.0], 0.15, 0.0) == 2
+    assert most_within([8.0, 8.5, 12.0], 0.15, 0.0) == 2
     # At 11 ms or more only 12.0 (which accepts [10.2, 13.8]) can be hit; 8.5 stops at 9.775.
-    assert most_within_above([8.0, 8.5, 12.0], 0.15, 11.0) == 1
+    assert most_within([8.0, 8.5, 12.0], 0.15, 11.0) == 1
     # A floor above every band hits nothing.
-    assert most_within_above([8.0, 8.5], 0.15, 20.0) == 0
-    assert most_within_above([], 0.15, 1.0) == 0
+    assert most_within([8.0, 8.5], 0.15, 20.0) == 0
+    assert most_within([], 0.15, 1.0) == 0
 
 
 def _row(rid: str, tpot_ms: float, clients: int = 16):  # type: ignore[no-untyped-def]
