@@ -1000,8 +1000,8 @@ class EngineProfile(_Data):
     )
     budget_per_rank: bool = Field(
         True,
-        description="each attention data-parallel rank schedules its own token budget "
-        "(TensorRT-LLM, vLLM); False: the ranks split one (SGLang)",
+        description="each attention data-parallel rank schedules its own token budget and "
+        "batch cap (TensorRT-LLM, vLLM); False: the ranks split one of each (SGLang)",
     )
     cuda_graph_max_batch: int = Field(0, ge=0, description="largest captured decode batch")
     frontend_request_s: float = Field(
@@ -1042,12 +1042,18 @@ class EngineProfile(_Data):
         return self.knobs.model_copy(update=update)
 
     def worker_knobs(self, knobs: EngineKnobs, ranks: int) -> EngineKnobs:
-        """``knobs`` for a worker of ``ranks`` attention data-parallel ranks: ``ranks`` token
-        budgets where each rank schedules its own (``budget_per_rank``), else one."""
+        """``knobs`` for a worker of ``ranks`` attention data-parallel ranks. Where each rank
+        runs its own scheduler (``budget_per_rank``: TensorRT-LLM's attention-DP ranks and vLLM's
+        data-parallel engine cores each take the configured token budget and batch cap), the
+        worker has ``ranks`` of each; else the ranks split one of each (SGLang)."""
         if ranks <= 1 or not self.budget_per_rank:
             return knobs
-        budget = knobs.max_num_batched_tokens * ranks
-        return knobs.model_copy(update={"max_num_batched_tokens": budget})
+        return knobs.model_copy(
+            update={
+                "max_num_batched_tokens": knobs.max_num_batched_tokens * ranks,
+                "max_num_seqs": knobs.max_num_seqs * ranks,
+            }
+        )
 
 
 @dataclass(frozen=True)

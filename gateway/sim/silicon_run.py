@@ -111,7 +111,8 @@ def knobs_for(
     the row's batch cap (per attention data-parallel rank, so ``batch × dp`` per worker) and
     the token budget its recipe's deployment generator writes (:func:`recipe_budget`), also
     per rank: each of ``dp`` ranks of TensorRT-LLM or vLLM schedules its own steps, so the
-    worker's is ``dp`` times it (SGLang splits one budget among its ranks).
+    worker's budget, and its default batch cap where the row records none, are ``dp`` times
+    the rank's (SGLang splits one of each among its ranks).
 
     An engine that admits only whole prompts (TensorRT-LLM without chunked prefill) needs a
     token budget that holds a prompt beside its running batch: with the default 8,192 tokens an
@@ -122,7 +123,7 @@ def knobs_for(
     """
     profile = engine_profile(row, cat)
     batch = layout.batch * layout.dp if layout.batch else None
-    knobs = profile.knobs_for(row.device or "", max_num_seqs=batch)
+    knobs = profile.knobs_for(row.device or "")
     budget = recipe_budget(row, batch or row.concurrency, role)
     if budget is not None:
         knobs = knobs.model_copy(update={"max_num_batched_tokens": budget})
@@ -131,6 +132,8 @@ def knobs_for(
         if knobs.max_num_batched_tokens < need:
             knobs = knobs.model_copy(update={"max_num_batched_tokens": need})
     knobs = profile.worker_knobs(knobs, parallel_layout(row, layout).dp)
+    if batch:  # the deployment's cap is the whole worker's, over its ranks
+        knobs = knobs.model_copy(update={"max_num_seqs": batch})
     if profile.name in _overrides:
         knobs = knobs.model_copy(update=_overrides[profile.name])
     return knobs

@@ -390,3 +390,20 @@ def test_each_attention_rank_schedules_its_own_token_budget() -> None:
     assert knobs_for(sgl, Layout(dp=8, moe_ep=8), role="prefill").max_num_batched_tokens == (
         knobs_for(sgl, Layout(tp=8, moe_ep=8), role="prefill").max_num_batched_tokens
     )
+
+
+def test_each_attention_rank_takes_the_default_batch_cap() -> None:
+    from gateway.sim.silicon_run import knobs_for
+
+    # TensorRT-LLM's max_batch_size (2,048) applies to each of the 8 attention ranks.
+    row = parse_row(ROW)
+    tp8 = knobs_for(row, Layout(tp=8, moe_ep=8), role="decode")
+    dep8 = knobs_for(row, Layout(dp=8, moe_ep=8), role="decode")
+    assert tp8.max_num_seqs == 2048
+    assert dep8.max_num_seqs == 8 * 2048
+    # A recorded batch of 16 a rank is 128 for the worker, not scaled again.
+    assert knobs_for(row, Layout(dp=8, moe_ep=8, batch=16), role="decode").max_num_seqs == 128
+    # SGLang's ranks split one cap.
+    sgl = parse_row({**ROW, "backend": "sglang", "backend_version": "0.5.9"})
+    one = knobs_for(sgl, Layout(tp=8, moe_ep=8), role="decode").max_num_seqs
+    assert knobs_for(sgl, Layout(dp=8, moe_ep=8), role="decode").max_num_seqs == one
