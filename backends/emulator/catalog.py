@@ -1028,8 +1028,9 @@ class EngineProfile(_Data):
     def covers(self, version: str) -> bool:
         return any(version.startswith(v) for v in self.versions)
 
-    def knobs_for(self, device: str, *, max_num_seqs: int | None = None) -> EngineKnobs:
-        """The engine's knobs on ``device``, with a deployment's batch cap if it sets one."""
+    def knobs_for(self, device: str) -> EngineKnobs:
+        """The engine's knobs on ``device`` (its per-device memory fraction, token budget and
+        MLA layer cost where it has them)."""
         update: dict[str, object] = {}
         if device in self.memory_fraction:
             update["gpu_memory_utilization"] = self.memory_fraction[device]
@@ -1037,8 +1038,6 @@ class EngineProfile(_Data):
             update["max_num_batched_tokens"] = self.batched_tokens[device]
         if device in self.mla_layer:
             update["mla_layer_s"] = self.mla_layer[device]
-        if max_num_seqs:
-            update["max_num_seqs"] = max_num_seqs
         return self.knobs.model_copy(update=update)
 
     def worker_knobs(self, knobs: EngineKnobs, ranks: int) -> EngineKnobs:
